@@ -1,0 +1,16 @@
+"""lightning-dopt: Lightning strategies that communicate less.
+
+``import lightning_dopt`` registers the strategy names ``gossip_local``, ``gossip_local_spawn``, ``local_sgd`` and
+``local_sgd_spawn`` with Lightning (idempotent), so ``Trainer(strategy="gossip_local")`` works.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_dopt.comm import CommStats
+from lightning_dopt.strategy import EVAL_MODELS, GossipLocalStrategy, sidecar_path
+from lightning_dopt.topology import TOPOLOGIES
+
+GossipLocalStrategy.register_strategies(StrategyRegistry)
+
+__version__ = "0.1.0"
+__all__ = ["CommStats", "EVAL_MODELS", "GossipLocalStrategy", "TOPOLOGIES", "sidecar_path", "__version__"]

@@ -1,0 +1,206 @@
+"""What happens at a synchronization round, and the exact averages around it.
+
+A rank's *replica state* is every floating-point parameter and (by default) every floating-point buffer
+of the module, e.g. BatchNorm running statistics; integer buffers (``num_batches_tracked``) are *counters*.
+Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` the consensus model and
+``P`` the state's size in bytes.
+
+* :meth:`ReplicaSync.gossip_round` applies one round of the topology's mixing matrix ``W``
+  (:mod:`lightning_dopt.topology`): ``x_i ← W_ii x_i + Σ_j W_ij x_j``. ``W`` is doubly stochastic, so
+  ``x̄`` is preserved (exactly for ½/½ pairs: both ends compute the same sum of the same two halves, so
+  they end bitwise equal). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
+  ``complete`` uses one all-reduce instead (``2(n-1)/n · P``).
+* :meth:`ReplicaSync.average_` sets every replica to ``x̄`` (all-reduce) and counters to their maximum;
+  :meth:`ReplicaSync.average_buffers_` does it for the floating-point buffers alone.
+* :meth:`ReplicaSync.swap_in_average` / :meth:`ReplicaSync.restore_local` put ``x̄`` into the module for
+  evaluation or export and put the local replica back afterwards, returning the consensus distance
+  ``mean_i ||x_i − x̄||² / ||x̄||²`` (one extra 8-byte all-reduce).
+* :class:`GradientAverager` is DDP's step, used during warm-up: the mean of all ranks' gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_dopt.comm import Communicator, FlatState
+from lightning_dopt.topology import mixing_row
+
+
+def _is_averaged(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+class ReplicaSync:
+    """Keeps the replicas of one module close together: gossip rounds, exact averages, evaluation swaps.
+
+    Buffers are allocated once here (outside any inference-mode context, so they stay writable).
+    Memory: two copies of the replica state, plus one per in-neighbour once a gossip round has run.
+    """
+
+    def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
+                 average_buffers: bool = True) -> None:
+        averaged = [p for p in module.parameters() if _is_averaged(p)]
+        if average_buffers:
+            averaged += [b for b in module.buffers() if _is_averaged(b)]
+        self.state = FlatState(averaged)
+        self.float_buffers = FlatState([b for b in module.buffers() if _is_averaged(b)])
+        self.counters = FlatState([b for b in module.buffers() if not _is_averaged(b)])
+        self.everything = FlatState(list(module.parameters()) + list(module.buffers()))
+        self.comm = comm
+        self.topology = topology
+        self.seed = seed
+        self._work = self.state.new_buffers()
+        self._backup = self.state.new_buffers()
+        self._received: list[list[Tensor]] = []
+        self.swapped = False
+
+    @torch.no_grad()
+    def broadcast_(self, src: int = 0) -> None:
+        """Give every rank the source rank's parameters and buffers (all dtypes): the common start."""
+        buffers = self.everything.pack(self.everything.new_buffers())
+        self.comm.broadcast_(buffers, src=src, purpose="start")
+        self.everything.unpack(buffers)
+
+    @torch.no_grad()
+    def gossip_round(self, round_index: int) -> None:
+        """One synchronization round of the configured topology (see the module docstring)."""
+        comm = self.comm
+        if self.topology == "complete":
+            comm.all_reduce_(self.state.pack(self._work), purpose="round", op="mean")
+            self.state.unpack(self._work)
+        else:
+            row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
+            if row.send_to or row.recv_from:
+                sent = self.state.pack(self._work)
+                received = self._receive_buffers(len(row.recv_from))
+                comm.exchange(sent, row.send_to, received, row.recv_from, purpose="round")
+                for group, target in enumerate(sent):
+                    _mix_(target, row.self_weight, [r[group] for r in received], row.recv_weights)
+                self.state.unpack(sent)
+        comm.stats.rounds += 1
+
+    def _receive_buffers(self, count: int) -> list[list[Tensor]]:
+        while len(self._received) < count:
+            self._received.append(self.state.new_buffers())
+        return self._received[:count]
+
+    @torch.no_grad()
+    def average_(self, purpose: str) -> None:
+        """Set every replica to the exact average and every counter to its maximum over ranks."""
+        self.comm.all_reduce_(self.state.pack(self._work), purpose=purpose, op="mean")
+        self.state.unpack(self._work)
+        if self.counters.tensors:
+            counters = self.counters.pack(self.counters.new_buffers())
+            self.comm.all_reduce_(counters, purpose=purpose, op="max")
+            self.counters.unpack(counters)
+
+    @torch.no_grad()
+    def average_buffers_(self, purpose: str) -> None:
+        """Average only the floating-point buffers (used while gradients are averaged during warm-up)."""
+        if self.float_buffers.tensors:
+            buffers = self.float_buffers.pack(self.float_buffers.new_buffers())
+            self.comm.all_reduce_(buffers, purpose=purpose, op="mean")
+            self.float_buffers.unpack(buffers)
+
+    @torch.no_grad()
+    def consensus_distance(self, purpose: str = "monitor") -> float:
+        """``mean_i ||x_i − x̄||² / ||x̄||²`` without changing the module (one all-reduce of the state)."""
+        if self.swapped:
+            raise RuntimeError("consensus_distance() needs the local replica; the average is swapped in")
+        self.state.pack(self._backup)
+        self.comm.all_reduce_(self.state.pack(self._work), purpose=purpose, op="mean")
+        return self._distance(local=self._backup, average=self._work, purpose=purpose)
+
+    @torch.no_grad()
+    def swap_in_average(self, purpose: str = "eval") -> float:
+        """Keep the local replica aside and load ``x̄`` into the module; returns the consensus distance."""
+        if self.swapped:
+            raise RuntimeError("the average is already swapped in")
+        distance = self.consensus_distance(purpose)
+        self.state.unpack(self._work)
+        self.swapped = True
+        return distance
+
+    @torch.no_grad()
+    def restore_local(self) -> None:
+        """Put the local replica kept by :meth:`swap_in_average` back into the module."""
+        if not self.swapped:
+            raise RuntimeError("restore_local() without swap_in_average()")
+        self.state.unpack(self._backup)
+        self.swapped = False
+
+    @torch.no_grad()
+    def toggle(self) -> None:
+        """While swapped: exchange the module's content (``x̄``) and the kept local replica. Calling it twice
+        restores the previous situation; no communication."""
+        if not self.swapped:
+            raise RuntimeError("toggle() is only meaningful while the average is swapped in")
+        self.state.pack(self._work)
+        self.state.unpack(self._backup)
+        self._work, self._backup = self._backup, self._work
+
+    def _distance(self, local: Sequence[Tensor], average: Sequence[Tensor], purpose: str) -> float:
+        spread = torch.zeros((), dtype=torch.float64, device=local[0].device) if local else torch.zeros(())
+        norm = spread.clone()
+        for mine, mean in zip(local, average):
+            spread += torch.linalg.vector_norm(mine - mean, dtype=torch.float64) ** 2
+            norm += torch.linalg.vector_norm(mean, dtype=torch.float64) ** 2
+        self.comm.all_reduce_([spread], purpose=purpose, op="mean")
+        spread_value, norm_value = spread.item(), norm.item()
+        if norm_value > 0:
+            return spread_value / norm_value
+        return 0.0 if spread_value == 0 else math.inf
+
+
+@torch.no_grad()
+def _mix_(target: Tensor, self_weight: float, others: Sequence[Tensor], weights: Sequence[float]) -> None:
+    """``target ← self_weight·target + Σ_k weights[k]·others[k]``, accumulated in at least fp32."""
+    accumulator = target if target.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) \
+        else target.float()
+    accumulator.mul_(self_weight)
+    for other, weight in zip(others, weights):
+        accumulator.add_(other.to(accumulator.dtype), alpha=weight)
+    if accumulator is not target:
+        target.copy_(accumulator)
+
+
+class GradientAverager:
+    """DDP's gradient step for the parameters of one optimizer: ``g ← (1/n) Σ_i g_i``.
+
+    One fp32 all-reduce of ``P + m`` floats for ``P`` gradient entries and ``m`` parameters: the ``m``
+    trailing entries count the ranks that produced a gradient, so a parameter no rank touched keeps
+    ``grad = None`` (a missing gradient on some ranks counts as zero, as in DDP).
+    """
+
+    def __init__(self, params: Iterable[Tensor], comm: Communicator) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"warm-up gradient averaging needs one device per rank; parameters are on {devices}")
+        device = devices.pop() if devices else torch.device("cpu")
+        sizes = [p.numel() for p in self.params]
+        self._buffer = torch.zeros(sum(sizes) + len(self.params), dtype=torch.float32, device=device)
+        *self._views, self._present = self._buffer.split(sizes + [len(self.params)])
+        self.comm = comm
+
+    @torch.no_grad()
+    def average_(self) -> None:
+        for index, (param, view) in enumerate(zip(self.params, self._views)):
+            if param.grad is None:
+                view.zero_()
+                self._present[index] = 0.0
+            else:
+                view.copy_(param.grad.reshape(-1))
+                self._present[index] = 1.0
+        self.comm.all_reduce_([self._buffer], purpose="warmup", op="sum")
+        self._buffer[: -len(self.params) or None].div_(self.comm.world_size)
+        for param, view, present in zip(self.params, self._views, self._present.tolist()):
+            if present == 0.0:
+                continue
+            if param.grad is None:
+                param.grad = torch.empty_like(param)
+            param.grad.copy_(view.view_as(param))

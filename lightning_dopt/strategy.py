@@ -1,0 +1,453 @@
+"""``GossipLocalStrategy``: the only module that knows Lightning.
+
+Each rank trains its own replica with its own optimizer (no DDP wrapper, no per-step gradient
+all-reduce). After every ``local_steps`` optimizer steps, a synchronization round pulls the replicas
+together with the topology's mixing matrix (:mod:`lightning_dopt.rounds`). The first ``warmup_steps``
+steps average gradients like DDP. Validation, test and predict run on the exact global average, which is
+swapped in and swapped back out; checkpoints hold the average in the main file (loadable by plain
+Lightning) and each rank's replica, optimizer state, counters and RNG in a per-rank sidecar file.
+
+Communication per rank and optimizer step, for a model of ``P`` bytes on ``n`` ranks:
+DDP ``2(n-1)/n · P``; ``complete`` ``2(n-1)/n · P / H``; ``random`` and ``one_peer_exponential``
+``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H`` (plus Lightning's own 1-element
+SIGTERM broadcast per batch, which is not counted).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.fabric.utilities.types import _PATH
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from lightning_dopt.comm import CommStats, Communicator
+from lightning_dopt.rounds import GradientAverager, ReplicaSync
+from lightning_dopt.topology import TOPOLOGIES, validate_topology
+
+EVAL_MODELS = ("average", "local")
+SIDECAR_FORMAT = "lightning_dopt.sidecar/1"
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+def sidecar_path(checkpoint_path: _PATH, rank: int) -> str:
+    """Where rank ``rank`` keeps its replica next to the main checkpoint file."""
+    return f"{checkpoint_path}.dopt-rank{rank}"
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _check_no_ddp_wrapper(model: Any) -> None:
+    if isinstance(model, nn.Module):
+        for name, submodule in model.named_modules():
+            if isinstance(submodule, DistributedDataParallel):
+                where = f"submodule '{name}'" if name else "the model"
+                raise ValueError(f"{where} is wrapped in DistributedDataParallel; GossipLocalStrategy manages "
+                                 "communication itself: pass the plain module (valid: an unwrapped LightningModule)")
+
+
+class _CheckedSubprocessLauncher(_SubprocessScriptLauncher):
+    """Lightning's popen launcher that validates the model before any process starts."""
+
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        _check_no_ddp_wrapper(args[0] if args else None)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class _CheckedMultiProcessingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn/fork launcher that validates the model before any process starts."""
+
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        _check_no_ddp_wrapper(args[0] if args else None)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class GossipLocalStrategy(DDPStrategy):
+    """Data parallelism with local steps and gossip (or all-reduce) averaging of replicas.
+
+    Update, for rank ``i`` with replica ``x_i`` and its own optimizer:
+
+    * every optimizer step: ``x_i ← opt_i(x_i, g_i)`` with the rank's local gradient ``g_i``
+      (during the first ``warmup_steps`` steps ``g_i`` is replaced by ``(1/n) Σ_j g_j``, as in DDP);
+    * after every ``local_steps``-th step past warm-up, round ``r``: ``x_i ← Σ_j W_ij(r) x_j`` with the
+      mixing matrix of ``topology`` for round ``r`` (a pure function of ``(seed, r, n)``).
+
+    Args:
+        local_steps: H ≥ 1, optimizer steps between synchronization rounds.
+        topology: one of :data:`~lightning_dopt.topology.TOPOLOGIES`. ``complete`` is Local SGD (exact mean
+            by all-reduce); ``random`` is SwarmSGD's random pairwise matching.
+        warmup_steps: number of initial optimizer steps that average gradients every step (DDP-equivalent).
+        average_buffers: also average floating-point buffers (BatchNorm running statistics) at rounds.
+        eval_model: ``"average"`` evaluates validation/test/predict on the exact global average,
+            ``"local"`` on each rank's replica.
+        consensus_interval: if set, log the consensus distance every this many optimizer steps
+            (one extra all-reduce of the model each time). It is always logged at validation.
+        seed: seed of the round schedule (the same on every rank).
+        timeout: bound on every collective and point-to-point wait (default 10 minutes).
+        start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
+    """
+
+    strategy_name = "gossip_local"
+
+    def __init__(
+        self,
+        local_steps: int = 1,
+        topology: str = "random",
+        warmup_steps: int = 0,
+        average_buffers: bool = True,
+        eval_model: str = "average",
+        consensus_interval: int | None = None,
+        seed: int = 0,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
+        start_method: str = "popen",
+    ) -> None:
+        _check_int("local_steps", local_steps, 1)
+        validate_topology(topology)
+        _check_int("warmup_steps", warmup_steps, 0)
+        if eval_model not in EVAL_MODELS:
+            raise ValueError(f"unknown eval_model {eval_model!r}; valid choices: {', '.join(EVAL_MODELS)}")
+        if consensus_interval is not None:
+            _check_int("consensus_interval", consensus_interval, 1)
+        _check_int("seed", seed, 0)
+        if start_method not in ("popen", "spawn", "fork", "forkserver"):
+            raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
+        super().__init__(
+            accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
+        )
+        self.local_steps = local_steps
+        self.topology = topology
+        self.warmup_steps = warmup_steps
+        self.average_buffers = average_buffers
+        self.eval_model = eval_model
+        self.consensus_interval = consensus_interval
+        self.seed = seed
+        # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
+        self._steps = 0
+        self._round = 0
+        self._sync: ReplicaSync | None = None
+        self._comm: Communicator | None = None
+        self._grad_averagers: dict[int, GradientAverager] = {}
+        self._restored: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------------- launch
+    def _configure_launcher(self) -> None:
+        validate_topology(self.topology, self.world_size)
+        assert self.cluster_environment is not None
+        if self._start_method == "popen":
+            self._launcher = _CheckedSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+        else:
+            self._launcher = _CheckedMultiProcessingLauncher(self, start_method=self._start_method)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: Any) -> None:
+        """DDPStrategy.setup without the DDP wrapper: common start from rank 0, then local optimizers."""
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync:
+            self.model = self._layer_sync.apply(self.model)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        if self.world_size > 1:
+            self._comm = Communicator()
+            self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers)
+            if not (fitting and self._restored and self._restored.get("sidecar")):
+                self._sync.broadcast_(src=0)
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._steps, self._round = 0, 0
+            self._grad_averagers = {}
+            if self._restored:
+                self._steps, self._round = self._restored["steps"], self._restored["round"]
+                if self._comm is not None and self._restored.get("sidecar"):
+                    self._comm.stats.load_state_dict(self._restored["sidecar"]["comm_stats"])
+
+    def configure_ddp(self) -> None:
+        """Never wrap in DDP: :meth:`setup` handles the model (kept for callers of the DDP API)."""
+
+    @property
+    def comm_stats(self) -> CommStats:
+        """This rank's communication counters (all zero when running on a single process)."""
+        return self._comm.stats if self._comm is not None else CommStats()
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken in this fit (counted once per batch, at the last optimizer)."""
+        return self._steps
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._restored and self._restored.get("sidecar"):
+            _set_rng_states(self._restored["sidecar"]["rng"])
+        self._restored = None
+        if self._comm is not None:
+            self._check_equal_batches()
+
+    def _check_equal_batches(self) -> None:
+        """Ranks that run different numbers of batches would deadlock at a round: fail early instead."""
+        batches = self.lightning_module.trainer.num_training_batches
+        if not math.isfinite(batches):
+            return
+        bounds = torch.tensor([batches, -batches], dtype=torch.float64, device=self.root_device)
+        assert self._comm is not None
+        self._comm.all_reduce_([bounds], purpose="control", op="max")
+        most, fewest = int(bounds[0].item()), int(-bounds[1].item())
+        if most != fewest:
+            raise RuntimeError(
+                f"ranks have different numbers of training batches per epoch (between {fewest} and {most}; "
+                f"rank {self.global_rank} has {int(batches)}). Every rank must take the same optimizer steps, or "
+                "the synchronization rounds deadlock. Use Lightning's DistributedSampler (the default), give every "
+                "rank equally long data, or set limit_train_batches / max_steps.")
+
+    # ----------------------------------------------------------------------------------- optimization
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
+                       **kwargs: Any) -> Any:
+        if self._comm is not None and self._steps < self.warmup_steps:
+            closure = self._averaging_gradients(optimizer, closure)
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if optimizer is self.optimizers[-1]:
+            self._after_step()
+        return output
+
+    def _averaging_gradients(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """Wrap the closure so gradients are averaged after backward and before clipping and the update."""
+        key = id(optimizer)
+        if key not in self._grad_averagers:
+            assert self._comm is not None
+            params = (p for group in optimizer.param_groups for p in group["params"])
+            self._grad_averagers[key] = GradientAverager(params, self._comm)
+        averager = self._grad_averagers[key]
+
+        def averaged_closure() -> Any:
+            output = closure()
+            averager.average_()
+            return output
+
+        return averaged_closure
+
+    def _after_step(self) -> None:
+        self._steps += 1
+        sync = self._sync
+        if sync is None:
+            return
+        if self._steps <= self.warmup_steps:
+            if self.average_buffers:
+                sync.average_buffers_("warmup")
+        elif (self._steps - self.warmup_steps) % self.local_steps == 0:
+            sync.gossip_round(self._round)
+            self._round += 1
+        logged = {f"comm/{key}": float(value) for key, value in self._log_counters().items()}
+        if self.consensus_interval and self._steps % self.consensus_interval == 0:
+            logged["dopt/consensus_distance"] = sync.consensus_distance()
+        self._log(logged, on_step=True, on_epoch=False)
+
+    def _log_counters(self) -> dict[str, float]:
+        stats = self.comm_stats
+        return {"bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "rounds": stats.rounds,
+                "seconds": stats.seconds}
+
+    def _log(self, metrics: Mapping[str, float], on_step: bool, on_epoch: bool) -> None:
+        module = self.lightning_module
+        if module is None or module._current_fx_name is None:
+            return
+        module.log_dict(dict(metrics), on_step=on_step, on_epoch=on_epoch, rank_zero_only=True, batch_size=1)
+
+    def on_train_end(self) -> None:
+        """After fit every rank (and the spawn launcher's main process) holds the exact average."""
+        super().on_train_end()
+        if self._sync is not None:
+            self._sync.average_("final")
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def _evaluating_on_average(self) -> bool:
+        trainer = self.lightning_module.trainer
+        return self._sync is not None and trainer.state.fn == TrainerFn.FITTING
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if not self._evaluating_on_average():
+            return
+        assert self._sync is not None
+        if self.eval_model == "average":
+            distance = self._sync.swap_in_average("eval")
+        else:
+            distance = self._sync.consensus_distance("eval")
+        self._log({"dopt/consensus_distance": distance}, on_step=False, on_epoch=True)
+
+    def on_validation_end(self) -> None:
+        if self._sync is not None and self._sync.swapped:
+            self._sync.restore_local()
+        super().on_validation_end()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        if self._evaluating_on_average() and self.eval_model == "average":
+            assert self._sync is not None
+            self._sync.swap_in_average("eval")
+
+    def on_test_end(self) -> None:
+        if self._sync is not None and self._sync.swapped:
+            self._sync.restore_local()
+        super().on_test_end()
+
+    on_predict_start = on_test_start
+    on_predict_end = on_test_end
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    @contextmanager
+    def _module_holding(self, replica: str) -> Iterator[None]:
+        """Temporarily make the module hold ``replica`` ("average" or "local")."""
+        sync = self._sync
+        if sync is None:
+            yield
+        elif replica == "average" and not sync.swapped:
+            sync.swap_in_average("checkpoint")
+            try:
+                yield
+            finally:
+                sync.restore_local()
+        elif replica == "local" and sync.swapped:
+            sync.toggle()
+            try:
+                yield
+            finally:
+                sync.toggle()
+        else:
+            yield
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The main checkpoint holds the exact average (collective: every rank runs it)."""
+        with self._module_holding("average"):
+            return {key: value.clone() for key, value in self.lightning_module.state_dict().items()}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
+                        storage_options: Any | None = None) -> None:
+        """Every rank writes its sidecar atomically, then rank 0 writes the main file atomically."""
+        if self._sync is None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        filepath, save_id = self.broadcast((str(filepath), uuid.uuid4().hex))
+        checkpoint["lightning_dopt"] = {
+            "world_size": self.world_size, "steps": self._steps, "round": self._round, "save_id": save_id,
+            "topology": self.topology, "local_steps": self.local_steps,
+        }
+        with self._module_holding("local"):
+            local_state = self.lightning_module.state_dict()
+            sidecar = {
+                "format": SIDECAR_FORMAT, "rank": self.global_rank, "world_size": self.world_size,
+                "save_id": save_id, "state_dict": local_state,
+                "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
+                "comm_stats": self.comm_stats.state_dict(), "rng": _collect_rng_states(),
+            }
+            fs = get_filesystem(filepath)
+            fs.makedirs(os.path.dirname(filepath) or ".", exist_ok=True)
+            _atomic_save(sidecar, sidecar_path(filepath, self.global_rank))
+        return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        path = sidecar_path(filepath, self.global_rank)
+        fs = get_filesystem(path)
+        if fs.exists(path):
+            fs.rm(path)
+        super().remove_checkpoint(filepath)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Read the main file and, when fitting on as many ranks as wrote it, this rank's sidecar.
+
+        Validation, test and predict use the main file's averaged model."""
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        meta = checkpoint.get("lightning_dopt")
+        if meta is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            self._restored = None
+            return checkpoint
+        self._restored = {"steps": int(meta["steps"]), "round": int(meta["round"]), "sidecar": None}
+        if meta["world_size"] != self.world_size:
+            rank_zero_warn(
+                f"{checkpoint_path} was written by {meta['world_size']} ranks and is resumed on {self.world_size}: "
+                "every rank starts from the averaged model with rank 0's optimizer state; per-rank replicas, "
+                "optimizer states and RNG are not restored.")
+            return checkpoint
+        self._restored["sidecar"] = self._read_sidecar(checkpoint_path, meta["save_id"])
+        return checkpoint
+
+    def _read_sidecar(self, checkpoint_path: _PATH, save_id: str) -> dict[str, Any]:
+        path = sidecar_path(checkpoint_path, self.global_rank)
+        if not get_filesystem(path).exists(path):
+            raise FileNotFoundError(
+                f"rank {self.global_rank}: missing per-rank checkpoint file {path}. Resuming {checkpoint_path} "
+                f"exactly needs every rank's '.dopt-rank<r>' file next to it; copy them there, or load only the "
+                "averaged weights with LightningModule.load_from_checkpoint.")
+        try:
+            fs = get_filesystem(path)
+            with fs.open(path, "rb") as handle:
+                sidecar = torch.load(handle, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise RuntimeError(f"rank {self.global_rank}: per-rank checkpoint file {path} is unreadable "
+                               f"(truncated or corrupt): {error}") from error
+        if sidecar.get("format") != SIDECAR_FORMAT or sidecar.get("save_id") != save_id:
+            raise RuntimeError(f"rank {self.global_rank}: {path} does not belong to {checkpoint_path} (it was "
+                               "written by another save); refusing to mix replicas from different saves.")
+        return sidecar
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        sidecar = self._restored.get("sidecar") if self._restored else None
+        if sidecar is None:
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        self.lightning_module.load_state_dict(sidecar["state_dict"], strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        sidecar = self._restored.get("sidecar") if self._restored else None
+        super().load_optimizer_state_dict(checkpoint if sidecar is None else sidecar)
+
+    def teardown(self) -> None:
+        self._sync = None
+        self._grad_averagers = {}
+        super().teardown()
+
+    # ----------------------------------------------------------------------------------- registration
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        presets = {
+            "gossip_local": ({}, "local steps + random pairwise gossip"),
+            "gossip_local_spawn": ({"start_method": "spawn"}, "gossip_local with the spawn launcher"),
+            "local_sgd": ({"topology": "complete"}, "local steps + exact all-reduce averaging (Local SGD)"),
+            "local_sgd_spawn": ({"topology": "complete", "start_method": "spawn"},
+                                "local_sgd with the spawn launcher"),
+        }
+        for name, (init_params, description) in presets.items():
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=f"lightning_dopt: {description}", **init_params)
+
+
+__all__ = ["GossipLocalStrategy", "EVAL_MODELS", "TOPOLOGIES", "sidecar_path"]
