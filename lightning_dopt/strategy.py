@@ -282,7 +282,10 @@ class GossipLocalStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None or module._current_fx_name is None:
             return
-        module.log_dict(dict(metrics), on_step=on_step, on_epoch=on_epoch, rank_zero_only=True, batch_size=1)
+        # Step values come from rank 0 (no extra collective); epoch values are identical on every rank, and
+        # sync_dist makes Lightning's epoch aggregation aware of that (one scalar all-reduce per epoch).
+        module.log_dict(dict(metrics), on_step=on_step, on_epoch=on_epoch, batch_size=1,
+                        rank_zero_only=not on_epoch, sync_dist=on_epoch)
 
     def on_train_end(self) -> None:
         """After fit every rank (and the spawn launcher's main process) holds the exact average."""
