@@ -31,6 +31,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+PURPOSES = ("start", "warmup", "round", "eval", "monitor", "checkpoint", "control", "final")
+"""What a payload was for: ``start`` (initial broadcast), ``warmup`` (DDP-style gradient averaging),
+``round`` (synchronization rounds), ``eval`` (consensus model for evaluation), ``monitor`` (consensus distance),
+``checkpoint`` (averaged model for the main checkpoint file), ``control`` (small bookkeeping messages),
+``final`` (the exact average at the end of fit)."""
+
+
 @dataclass
 class CommStats:
     """Cumulative communication counters of one rank."""
@@ -43,11 +50,24 @@ class CommStats:
     bytes_sent_by_purpose: dict[str, int] = field(default_factory=dict)
 
     def record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
+        if purpose not in PURPOSES:
+            raise ValueError(f"unknown purpose {purpose!r}; valid choices: {', '.join(PURPOSES)}")
         self.bytes_sent += sent
         self.bytes_received += received
         self.messages += messages
         self.seconds += seconds
         self.bytes_sent_by_purpose[purpose] = self.bytes_sent_by_purpose.get(purpose, 0) + sent
+
+    def as_vector(self) -> list[float]:
+        """Fixed-length numeric form (the same layout on every rank), for gathering."""
+        return [float(self.bytes_sent), float(self.bytes_received), float(self.messages), float(self.rounds),
+                self.seconds] + [float(self.bytes_sent_by_purpose.get(p, 0)) for p in PURPOSES]
+
+    @classmethod
+    def from_vector(cls, vector: Sequence[float]) -> CommStats:
+        sent, received, messages, rounds, seconds, *by_purpose = vector
+        return cls(int(sent), int(received), int(messages), int(rounds), float(seconds),
+                   {p: int(v) for p, v in zip(PURPOSES, by_purpose) if v})
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +80,10 @@ class CommStats:
 def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
     """Bytes one rank sends (and receives) in a ring all-reduce of ``payload_bytes``: ``2(n-1)/n * b``."""
     return 2 * (world_size - 1) * payload_bytes // world_size if world_size > 1 else 0
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 class FlatState:
@@ -112,10 +136,6 @@ class FlatState:
         """Copy the buffers ``source`` back into the tensors, in place."""
         for tensors, views in self._views(source):
             torch._foreach_copy_(tensors, views)
-
-
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 class Communicator:
@@ -177,3 +197,14 @@ class Communicator:
         sent = len(send_to) * sum(_nbytes(t) for t in send)
         received = sum(_nbytes(t) for tensors in recv for t in tensors)
         self.stats.record(purpose, sent, received, len(operations), time.perf_counter() - start)
+
+    def gather_stats(self) -> list[CommStats]:
+        """Every rank's :class:`CommStats`, in rank order (one small all-reduce, counted as ``control``)."""
+        table = torch.zeros(self.world_size, 5 + len(PURPOSES), dtype=torch.float64, device=self._device())
+        table[self.rank] = torch.tensor(self.stats.as_vector(), dtype=torch.float64)
+        self.all_reduce_([table], purpose="control", op="sum")
+        return [CommStats.from_vector(row) for row in table.tolist()]
+
+    def _device(self) -> torch.device:
+        backend = dist.get_backend(self.group)
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

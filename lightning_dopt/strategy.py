@@ -202,6 +202,10 @@ class GossipLocalStrategy(DDPStrategy):
         """This rank's communication counters (all zero when running on a single process)."""
         return self._comm.stats if self._comm is not None else CommStats()
 
+    def gather_comm_stats(self) -> list[CommStats]:
+        """Every rank's counters, in rank order. Collective: call it on every rank."""
+        return self._comm.gather_stats() if self._comm is not None else [self.comm_stats]
+
     @property
     def steps(self) -> int:
         """Optimizer steps taken in this fit (counted once per batch, at the last optimizer)."""

@@ -1,0 +1,131 @@
+"""Small LightningModules and a recording callback for the integration tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def regression_data(samples: int = 64, features: int = 16, seed: int = 0) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(samples, features, generator=generator)
+    targets = inputs @ torch.randn(features, 1, generator=generator) / features**0.5 + 0.1 * torch.randn(samples, 1,
+                                                                                          generator=generator)
+    return TensorDataset(inputs, targets)
+
+
+class RegressionModel(L.LightningModule):
+    """MLP regression with SGD + momentum; ``batch_norm`` adds BatchNorm float buffers."""
+
+    def __init__(self, batch_norm: bool = False, lr: float = 0.02, momentum: float = 0.9, batch_size: int = 4,
+                 samples: int = 64) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        layers: list[nn.Module] = [nn.Linear(16, 32)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(32))
+        layers += [nn.ReLU(), nn.Linear(32, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.mse_loss(self(inputs), targets)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.log("val_loss", nn.functional.mse_loss(self(inputs), targets), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(regression_data(self.hparams.samples), batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(regression_data(16, seed=1), batch_size=8)
+
+
+class ManualTwoOptimizerModel(RegressionModel):
+    """Manual optimization with one optimizer per layer, both stepped every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        first, second = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+        return loss
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.05), torch.optim.Adam(self.net[2].parameters())]
+
+
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+
+class Recorder(L.Callback):
+    """Saves each rank's module state at chosen moments to ``<out_dir>/<event>-rank<r>.pt``.
+
+    ``local``: at on_validation_start (callbacks run before the strategy swaps the average in);
+    ``eval``: at on_validation_epoch_start (the model being evaluated);
+    ``after_eval``: at the first training batch after a validation;
+    ``train_end``: at on_train_end (before the strategy's final average);
+    ``stats``: the strategy's step and communication counters at on_train_end.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self._validated = False
+
+    def _save(self, trainer: L.Trainer, event: str, payload: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        torch.save(payload, os.path.join(self.out_dir, f"{event}-rank{trainer.global_rank}.pt"))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, "local", state_snapshot(pl_module))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, "eval", state_snapshot(pl_module))
+        self._validated = not trainer.sanity_checking
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._validated:
+            self._save(trainer, "after_eval", state_snapshot(pl_module))
+            self._validated = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, "train_end", state_snapshot(pl_module))
+        strategy = trainer.strategy
+        self._save(trainer, "stats", {"steps": getattr(strategy, "steps", None),
+                                      "comm": strategy.comm_stats.state_dict() if hasattr(strategy, "comm_stats")
+                                      else None, "global_step": trainer.global_step})
+
+
+def load_ranks(out_dir: str, event: str, world_size: int) -> list[Any]:
+    return [torch.load(os.path.join(out_dir, f"{event}-rank{rank}.pt"), weights_only=False)
+            for rank in range(world_size)]
+
+
+class ScheduledModel(RegressionModel):
+    """RegressionModel with a step-wise LR scheduler."""
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

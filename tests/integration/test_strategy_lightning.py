@@ -1,0 +1,251 @@
+"""Lightning integration of GossipLocalStrategy on CPU/gloo with the spawn launcher (2 ranks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import nn
+
+import lightning_dopt
+from lightning_dopt import GossipLocalStrategy, sidecar_path
+from lightning_models import (ManualTwoOptimizerModel, Recorder, RegressionModel, ScheduledModel, load_ranks,
+                              state_snapshot)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def make_trainer(root: Path, strategy: Any, devices: int = 2, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = dict(default_root_dir=root, accelerator="cpu", devices=devices, strategy=strategy,
+                                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def spawn(**options: Any) -> GossipLocalStrategy:
+    return GossipLocalStrategy(start_method="spawn", **options)
+
+
+def fitted_state(root: Path, strategy: Any, steps: int = 20, **model_options: Any) -> dict[str, torch.Tensor]:
+    L.seed_everything(1)
+    model = RegressionModel(**model_options)
+    make_trainer(root, strategy, max_steps=steps).fit(model)
+    return state_snapshot(model)
+
+
+def max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
+    assert first.keys() == second.keys()
+    return max((first[key].double() - second[key].double()).abs().max().item() for key in first)
+
+
+def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key].double() for s in states]).mean(0) for key in states[0]}
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_import_registers_all_names_idempotently() -> None:
+    for name in ("gossip_local", "gossip_local_spawn", "local_sgd", "local_sgd_spawn"):
+        assert StrategyRegistry[name]["strategy"] is GossipLocalStrategy
+    assert StrategyRegistry["local_sgd"]["init_params"] == {"topology": "complete"}
+    assert StrategyRegistry["gossip_local_spawn"]["init_params"] == {"start_method": "spawn"}
+    GossipLocalStrategy.register_strategies(StrategyRegistry)  # a second import must not raise
+    trainer = L.Trainer(strategy="local_sgd", accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, GossipLocalStrategy) and trainer.strategy.topology == "complete"
+    assert lightning_dopt.TOPOLOGIES == ("random", "ring", "torus", "exponential", "one_peer_exponential", "complete")
+
+
+# ------------------------------------------------------------------------------------- bad configuration
+@pytest.mark.parametrize("options, message", [
+    ({"topology": "rign"}, "valid choices: random, ring, torus, exponential, one_peer_exponential, complete"),
+    ({"local_steps": 0}, "local_steps must be an integer >= 1"),
+    ({"local_steps": 2.5}, "local_steps must be an integer >= 1"),
+    ({"local_steps": True}, "local_steps must be an integer >= 1"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+    ({"eval_model": "best"}, "valid choices: average, local"),
+    ({"consensus_interval": 0}, "consensus_interval must be an integer >= 1"),
+    ({"start_method": "thread"}, "valid choices: popen, spawn, fork, forkserver"),
+])
+def test_bad_options_raise_value_error_naming_valid_choices(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GossipLocalStrategy(**options)
+
+
+def test_torus_on_non_square_world_fails_when_the_trainer_is_built() -> None:
+    with pytest.raises(ValueError, match="torus needs a square world size"):
+        L.Trainer(strategy=spawn(topology="torus"), accelerator="cpu", devices=2, logger=False)
+
+
+def test_ddp_wrapped_module_is_rejected_before_processes_start(tmp_path: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = RegressionModel()
+        model.net[2] = nn.parallel.DistributedDataParallel(model.net[2])
+        with pytest.raises(ValueError, match="wrapped in DistributedDataParallel"):
+            make_trainer(tmp_path, spawn(), max_steps=1).fit(model)
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------- DDP parity
+@pytest.fixture(scope="module")
+def ddp_state(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    return fitted_state(tmp_path_factory.mktemp("ddp"), "ddp_spawn")
+
+
+def test_local_sgd_with_one_local_step_equals_ddp(tmp_path: Path, ddp_state: dict[str, torch.Tensor]) -> None:
+    ours = fitted_state(tmp_path, spawn(local_steps=1, topology="complete"))
+    assert max_difference(ours, ddp_state) <= 1e-5
+
+
+@pytest.mark.parametrize("topology", ["random", "ring"])
+def test_warmup_covering_the_run_equals_ddp(tmp_path: Path, ddp_state: dict[str, torch.Tensor],
+                                            topology: str) -> None:
+    ours = fitted_state(tmp_path, spawn(local_steps=4, topology=topology, warmup_steps=20))
+    assert max_difference(ours, ddp_state) <= 1e-5
+
+
+def test_gossip_without_warmup_differs_from_ddp(tmp_path: Path, ddp_state: dict[str, torch.Tensor]) -> None:
+    """Guards the parity tests against passing vacuously."""
+    ours = fitted_state(tmp_path, spawn(local_steps=4, topology="random"))
+    assert max_difference(ours, ddp_state) > 1e-4
+
+
+# ------------------------------------------------------------------------------ evaluation and buffers
+def test_validation_runs_on_the_exact_average_and_restores_the_replica(tmp_path: Path) -> None:
+    L.seed_everything(1)
+    model = RegressionModel(batch_norm=True)
+    trainer = make_trainer(tmp_path, spawn(local_steps=1000, consensus_interval=2), max_steps=6,
+                           limit_val_batches=2, val_check_interval=4, callbacks=[Recorder(str(tmp_path))])
+    trainer.fit(model)
+    local, evaluated = load_ranks(str(tmp_path), "local", 2), load_ranks(str(tmp_path), "eval", 2)
+    after, final = load_ranks(str(tmp_path), "after_eval", 2), load_ranks(str(tmp_path), "train_end", 2)
+    assert max_difference(local[0], local[1]) > 1e-3, "replicas should differ: no round ran"
+    average = {k: v for k, v in mean_state(local).items() if local[0][k].is_floating_point()}
+    for rank in range(2):
+        assert max_difference({k: evaluated[rank][k] for k in average}, average) <= 1e-6
+        assert all(torch.equal(after[rank][key], local[rank][key]) for key in local[rank])
+    assert "net.1.running_mean" in average, "BatchNorm statistics are part of the averaged state"
+    # after fit every rank holds the exact average; the spawn main process receives rank 0's copy
+    expected = mean_state(final)
+    assert max_difference({k: v for k, v in state_snapshot(model).items() if k in average},
+                          {k: v for k, v in expected.items() if k in average}) <= 1e-6
+    assert trainer.callback_metrics["dopt/consensus_distance"] > 0
+    assert "comm/bytes_sent" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("average_buffers", [True, False])
+def test_batchnorm_statistics_are_averaged_at_rounds(tmp_path: Path, average_buffers: bool) -> None:
+    L.seed_everything(1)
+    trainer = make_trainer(tmp_path, spawn(local_steps=1, topology="complete", average_buffers=average_buffers),
+                           max_steps=3, callbacks=[Recorder(str(tmp_path))])
+    trainer.fit(RegressionModel(batch_norm=True))
+    final = load_ranks(str(tmp_path), "train_end", 2)
+    gap = (final[0]["net.1.running_mean"] - final[1]["net.1.running_mean"]).abs().max().item()
+    assert torch.equal(final[0]["net.0.weight"], final[1]["net.0.weight"])
+    assert (gap == 0.0) if average_buffers else (gap > 1e-4)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path) -> None:
+    def run(out: Path, ckpt_path: str | None = None) -> None:
+        out.mkdir()
+        L.seed_everything(1)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1,
+                                     save_on_train_epoch_end=True)
+        trainer = make_trainer(tmp_path, spawn(local_steps=3, topology="random"), max_epochs=2,
+                               enable_checkpointing=True, callbacks=[checkpoint, Recorder(str(out))])
+        trainer.fit(RegressionModel(), ckpt_path=ckpt_path)
+
+    run(tmp_path / "uninterrupted")
+    first_epoch = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
+    for rank in range(2):
+        assert os.path.exists(sidecar_path(first_epoch, rank))
+    (tmp_path / "ckpt" / "epoch=1-step=16.ckpt").unlink()
+    run(tmp_path / "resumed", ckpt_path=str(first_epoch))
+
+    uninterrupted = load_ranks(str(tmp_path / "uninterrupted"), "train_end", 2)
+    resumed = load_ranks(str(tmp_path / "resumed"), "train_end", 2)
+    assert max_difference(uninterrupted[0], uninterrupted[1]) > 1e-4, "replicas differ at the end"
+    for rank in range(2):
+        assert all(torch.equal(resumed[rank][key], uninterrupted[rank][key]) for key in resumed[rank])
+    stats = load_ranks(str(tmp_path / "resumed"), "stats", 2)
+    assert [s["steps"] for s in stats] == [16, 16]
+
+    # the main file holds the average of the replicas, and loads without lightning_dopt installed
+    main = torch.load(first_epoch, weights_only=False)
+    sidecars = [torch.load(sidecar_path(first_epoch, r), weights_only=False)["state_dict"] for r in range(2)]
+    assert max_difference(main["state_dict"], mean_state(sidecars)) <= 1e-6
+    script = ("import sys; sys.modules['lightning_dopt'] = None; sys.path.insert(0, sys.argv[1]);"
+              "from lightning_models import RegressionModel;"
+              "model = RegressionModel.load_from_checkpoint(sys.argv[2]); print(float(model.net[0].weight.sum()))")
+    result = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(first_epoch)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert abs(float(result.stdout.split()[-1]) - float(main["state_dict"]["net.0.weight"].sum())) < 1e-5
+
+
+def test_missing_or_truncated_sidecar_is_a_clear_error(tmp_path: Path) -> None:
+    L.seed_everything(1)
+    trainer = make_trainer(tmp_path, spawn(local_steps=2), max_steps=4, enable_checkpointing=False)
+    trainer.fit(RegressionModel())
+    # save from inside the ranks: the spawn main process has no process group left
+    path = tmp_path / "model.ckpt"
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="model", every_n_train_steps=4)
+    make_trainer(tmp_path, spawn(local_steps=2), max_steps=4, enable_checkpointing=True,
+                 callbacks=[checkpoint]).fit(RegressionModel())
+    assert path.exists()
+    with open(sidecar_path(path, 0), "r+b") as handle:
+        handle.truncate(100)
+    with open(sidecar_path(path, 1), "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(Exception, match="is unreadable"):
+        make_trainer(tmp_path, spawn(local_steps=2), max_steps=6).fit(RegressionModel(), ckpt_path=str(path))
+    for rank in range(2):
+        os.remove(sidecar_path(path, rank))
+    with pytest.raises(Exception, match="missing per-rank checkpoint file"):
+        make_trainer(tmp_path, spawn(local_steps=2), max_steps=6).fit(RegressionModel(), ckpt_path=str(path))
+
+
+# ---------------------------------------------------------------------------------- training features
+def test_accumulation_clipping_scheduler_and_bf16(tmp_path: Path) -> None:
+    L.seed_everything(1)
+    trainer = make_trainer(tmp_path, spawn(local_steps=2, topology="ring"), max_steps=4, accumulate_grad_batches=2,
+                           gradient_clip_val=0.5, precision="bf16-mixed", callbacks=[Recorder(str(tmp_path))])
+    trainer.fit(ScheduledModel())
+    stats = load_ranks(str(tmp_path), "stats", 2)
+    for rank_stats in stats:
+        assert rank_stats["steps"] == 4 and rank_stats["global_step"] == 4
+        assert rank_stats["comm"]["rounds"] == 2
+
+
+def test_manual_optimization_with_two_optimizers_rounds_once_per_batch(tmp_path: Path) -> None:
+    L.seed_everything(1)
+    trainer = make_trainer(tmp_path, spawn(local_steps=1, topology="complete"), max_steps=8,
+                           callbacks=[Recorder(str(tmp_path))])
+    trainer.fit(ManualTwoOptimizerModel())
+    stats = load_ranks(str(tmp_path), "stats", 2)
+    final = load_ranks(str(tmp_path), "train_end", 2)
+    assert [s["steps"] for s in stats] == [4, 4] and [s["comm"]["rounds"] for s in stats] == [4, 4]
+    assert max_difference(final[0], final[1]) <= 1e-7
+
+
+def test_single_process_world_trains_without_communication(tmp_path: Path) -> None:
+    strategy = GossipLocalStrategy(local_steps=2)
+    trainer = make_trainer(tmp_path, strategy, devices=1, max_steps=4)
+    try:
+        trainer.fit(RegressionModel())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert strategy.steps == 4
+    assert strategy.comm_stats.bytes_sent == 0 and strategy.comm_stats.rounds == 0
