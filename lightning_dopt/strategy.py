@@ -298,6 +298,9 @@ class GossipLocalStrategy(DDPStrategy):
             self._sync.average_("final")
 
     # ------------------------------------------------------------------------------------- evaluation
+    # Validation inside fit swaps the exact average in and the replica back out. Test, predict and standalone
+    # validate are stages of their own: setup() broadcasts rank 0's weights, which are the average after fit
+    # (every rank ends fit holding it) and after loading a checkpoint (the main file holds it).
     def _evaluating_on_average(self) -> bool:
         trainer = self.lightning_module.trainer
         return self._sync is not None and trainer.state.fn == TrainerFn.FITTING
@@ -317,20 +320,6 @@ class GossipLocalStrategy(DDPStrategy):
         if self._sync is not None and self._sync.swapped:
             self._sync.restore_local()
         super().on_validation_end()
-
-    def on_test_start(self) -> None:
-        super().on_test_start()
-        if self._evaluating_on_average() and self.eval_model == "average":
-            assert self._sync is not None
-            self._sync.swap_in_average("eval")
-
-    def on_test_end(self) -> None:
-        if self._sync is not None and self._sync.swapped:
-            self._sync.restore_local()
-        super().on_test_end()
-
-    on_predict_start = on_test_start
-    on_predict_end = on_test_end
 
     # ------------------------------------------------------------------------------------ checkpoints
     @contextmanager
