@@ -53,7 +53,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
               light_packages: Sequence[str] = ("lightning_dopt",)) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size - 1, world_size, *args)]``, each run on its own gloo rank."""
     module = sys.modules.get(fn.__module__)
-    if fn.__module__ == "__main__" or module is None or "<locals>" in fn.__qualname__:
+    if module is None or "<locals>" in fn.__qualname__:
         raise ValueError(f"run_ranks needs a module-level function of an importable module; got {fn!r}")
     fn_ref = (fn.__module__, fn.__qualname__, getattr(module, "__file__", None))
     payload = pickle.dumps(args)
@@ -102,9 +102,11 @@ def _run_once(fn_ref: tuple[str, str, str | None], payload: bytes, world_size: i
                 continue
             if status == "init" and "address already in use" in message.lower():
                 raise _PortInUse()
-            others = _drain_errors(results_queue)
-            note = f"\n(also failed afterwards: ranks {sorted(others)})" if others else ""
-            raise AssertionError(f"rank {rank} of {world_size} raised in {fn_ref[1]}:\n{message}{note}")
+            errors = {rank: message, **_drain_errors(results_queue)}
+            rank = next((r for r, m in errors.items() if not _is_secondary(m)), rank)
+            note = "".join(f"\n(rank {other} failed too: {_last_line(text)})"
+                           for other, text in sorted(errors.items()) if other != rank)
+            raise AssertionError(f"rank {rank} of {world_size} raised in {fn_ref[1]}:\n{errors[rank]}{note}")
         return [results[rank] for rank in range(world_size)]
     finally:
         _reap(processes, grace=min(5.0, max(0.5, deadline - time.monotonic())) if len(results) == world_size else 0.0)
@@ -122,17 +124,28 @@ def _check_dead(processes: Sequence[Any], results: dict[int, Any], dead_since: d
             raise AssertionError(f"rank {rank} exited with code {process.exitcode} without returning a result")
 
 
-def _drain_errors(results_queue: Any) -> set[int]:
-    failed = set()
+def _drain_errors(results_queue: Any) -> dict[int, str]:
+    """Tracebacks of the other ranks that report a failure within half a second."""
+    failed = {}
     end = time.monotonic() + 0.5
     while time.monotonic() < end:
         try:
-            rank, status, _ = results_queue.get(timeout=0.1)
+            rank, status, message = results_queue.get(timeout=0.1)
         except queue_module.Empty:
             break
         if status != "ok":
-            failed.add(rank)
+            failed[rank] = message
     return failed
+
+
+def _is_secondary(message: str) -> bool:
+    """A rank that failed because a peer went away first (gloo reports the closed connection)."""
+    return any(text in _last_line(message) for text in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def _last_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[-1] if lines else "?"
 
 
 def _reap(processes: Sequence[Any], grace: float) -> None:
@@ -170,6 +183,10 @@ def _child(rank: int, world_size: int, port: int, fn_ref: tuple[str, str, str | 
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results_queue.put((rank, phase, traceback.format_exc()))
     finally:
+        # Flush the message before closing the group: a peer that fails because this rank's connections closed
+        # must not report first and hide this rank's error.
+        results_queue.close()
+        results_queue.join_thread()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
