@@ -7,10 +7,11 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dopt.comm import CommStats
+from lightning_dopt.compress import CODECS, Codec, make_codec
 from lightning_dopt.strategy import EVAL_MODELS, GossipLocalStrategy, sidecar_path
 from lightning_dopt.topology import TOPOLOGIES
 
 GossipLocalStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
-__all__ = ["CommStats", "EVAL_MODELS", "GossipLocalStrategy", "TOPOLOGIES", "sidecar_path", "__version__"]
+__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "GossipLocalStrategy", "TOPOLOGIES", "make_codec", "sidecar_path", "__version__"]

@@ -178,24 +178,30 @@ class Communicator:
 
     def exchange(self, send: Sequence[Tensor], send_to: Sequence[int], recv: Sequence[Sequence[Tensor]],
                  recv_from: Sequence[int], purpose: str) -> None:
-        """Send ``send`` to every rank in ``send_to`` and receive ``recv[k]`` from ``recv_from[k]``.
-
-        All messages of the round go in one ``batch_isend_irecv`` call and are waited for before returning.
-        Cost: exactly ``len(send_to) * bytes(send)`` sent and ``sum(bytes(recv[k]))`` received.
-        """
+        """Send the same tensors ``send`` to every rank in ``send_to``; receive ``recv[k]`` from ``recv_from[k]``."""
         if len(recv) != len(recv_from):
             raise ValueError(f"got {len(recv)} receive buffers for {len(recv_from)} sources")
+        self.exchange_each([(peer, send) for peer in send_to], list(zip(recv_from, recv)), purpose)
+
+    def exchange_each(self, outgoing: Sequence[tuple[int, Sequence[Tensor]]],
+                      incoming: Sequence[tuple[int, Sequence[Tensor]]], purpose: str) -> None:
+        """Point-to-point round: send each ``(peer, tensors)`` of ``outgoing``, fill each of ``incoming``.
+
+        All messages go in one ``batch_isend_irecv`` call and are waited for before returning. Messages between
+        the same two ranks are matched in posting order, so both sides must list their tensors in the same order.
+        Cost: exactly the bytes of the outgoing tensors sent and of the incoming tensors received.
+        """
         operations = [dist.P2POp(dist.isend, tensor, self._global_rank(peer), self.group)
-                      for peer in send_to for tensor in send]
+                      for peer, tensors in outgoing for tensor in tensors if tensor.numel()]
         operations += [dist.P2POp(dist.irecv, tensor, self._global_rank(peer), self.group)
-                       for peer, tensors in zip(recv_from, recv) for tensor in tensors]
+                       for peer, tensors in incoming for tensor in tensors if tensor.numel()]
         if not operations:
             return
         start = time.perf_counter()
         for request in dist.batch_isend_irecv(operations):
             request.wait()
-        sent = len(send_to) * sum(_nbytes(t) for t in send)
-        received = sum(_nbytes(t) for tensors in recv for t in tensors)
+        sent = sum(_nbytes(t) for _, tensors in outgoing for t in tensors)
+        received = sum(_nbytes(t) for _, tensors in incoming for t in tensors)
         self.stats.record(purpose, sent, received, len(operations), time.perf_counter() - start)
 
     def gather_stats(self) -> list[CommStats]:

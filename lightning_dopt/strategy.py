@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_dopt.comm import CommStats, Communicator
+from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.rounds import GradientAverager, ReplicaSync
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
@@ -104,6 +105,13 @@ class GossipLocalStrategy(DDPStrategy):
         consensus_interval: if set, log the consensus distance every this many optimizer steps
             (one extra all-reduce of the model each time). It is always logged at validation.
         seed: seed of the round schedule (the same on every rank).
+        compression: what crosses the wire at rounds: ``None`` (fp32), one of
+            :data:`~lightning_dopt.compress.CODECS` (``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"``) or a
+            :class:`~lightning_dopt.compress.Codec`. Ranks send the difference from a shared anchor, so the error
+            shrinks as replicas agree (:class:`~lightning_dopt.rounds.AnchoredCompression`).
+        block_size: values per quantization block (one scale and offset each) for ``int8``/``int4``.
+        anchor_interval: with compression, every this many rounds is a compressed exact-mean round that
+            refreshes the shared anchor (every round for ``complete``).
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -119,6 +127,9 @@ class GossipLocalStrategy(DDPStrategy):
         eval_model: str = "average",
         consensus_interval: int | None = None,
         seed: int = 0,
+        compression: str | Codec | None = None,
+        block_size: int = 256,
+        anchor_interval: int = 16,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -136,6 +147,8 @@ class GossipLocalStrategy(DDPStrategy):
         if consensus_interval is not None:
             _check_int("consensus_interval", consensus_interval, 1)
         _check_int("seed", seed, 0)
+        _check_int("anchor_interval", anchor_interval, 1)
+        codec = make_codec(compression, block_size=block_size)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -150,6 +163,10 @@ class GossipLocalStrategy(DDPStrategy):
         self.eval_model = eval_model
         self.consensus_interval = consensus_interval
         self.seed = seed
+        self.compression = compression
+        self.block_size = block_size
+        self.anchor_interval = anchor_interval
+        self._codec = codec
         # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
         self._steps = 0
         self._round = 0
@@ -179,9 +196,13 @@ class GossipLocalStrategy(DDPStrategy):
         self.model_to_device()
         if self.world_size > 1:
             self._comm = Communicator()
-            self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers)
-            if not (fitting and self._restored and self._restored.get("sidecar")):
+            self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
+                                     codec=self._codec, anchor_interval=self.anchor_interval)
+            sidecar = self._restored.get("sidecar") if fitting and self._restored else None
+            if sidecar is None:
                 self._sync.broadcast_(src=0)
+            elif self._sync.compression is not None:
+                self._sync.compression.load_state_dict(sidecar["compression"])
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
@@ -365,6 +386,7 @@ class GossipLocalStrategy(DDPStrategy):
                 "save_id": save_id, "state_dict": local_state,
                 "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
                 "comm_stats": self.comm_stats.state_dict(), "rng": _collect_rng_states(),
+                "compression": self._sync.compression.state_dict() if self._sync.compression else None,
             }
             fs = get_filesystem(filepath)
             fs.makedirs(os.path.dirname(filepath) or ".", exist_ok=True)

@@ -74,6 +74,9 @@ def test_import_registers_all_names_idempotently() -> None:
     ({"eval_model": "best"}, "valid choices: average, local"),
     ({"consensus_interval": 0}, "consensus_interval must be an integer >= 1"),
     ({"start_method": "thread"}, "valid choices: popen, spawn, fork, forkserver"),
+    ({"compression": "int3"}, "valid choices: None, bf16, fp16, int8, int4"),
+    ({"compression": "int8", "block_size": 3}, "block_size"),
+    ({"compression": "int8", "anchor_interval": 0}, "anchor_interval must be an integer >= 1"),
 ])
 def test_bad_options_raise_value_error_naming_valid_choices(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -156,13 +159,17 @@ def test_batchnorm_statistics_are_averaged_at_rounds(tmp_path: Path, average_buf
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", [None, "int8", "bf16"])
+def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, compression: str | None) -> None:
+    """With compression the sidecar also carries the anchor, the rounding RNG and the error-feedback residual."""
+
     def run(out: Path, ckpt_path: str | None = None) -> None:
         out.mkdir()
         L.seed_everything(1)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1,
                                      save_on_train_epoch_end=True)
-        trainer = make_trainer(tmp_path, spawn(local_steps=3, topology="random"), max_epochs=2,
+        strategy = spawn(local_steps=3, topology="random", compression=compression, anchor_interval=2)
+        trainer = make_trainer(tmp_path, strategy, max_epochs=2,
                                enable_checkpointing=True, callbacks=[checkpoint, Recorder(str(out))])
         trainer.fit(RegressionModel(), ckpt_path=ckpt_path)
 

@@ -1,0 +1,277 @@
+"""Codecs for what crosses the wire at a synchronization round, and error feedback. Pure tensor functions.
+
+A codec turns a flat fp32 tensor of ``n`` values into ONE flat ``torch.uint8`` payload and back; the receiver knows
+``n``. Everything runs on the input's device with torch ops only (no ``.item()``, no host copies, no Python loop over
+elements or blocks), so a CUDA encode/decode launches kernels and synchronizes at most once: the finiteness check.
+
+What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
+
+* ``bf16`` / ``fp16`` (:class:`CastCodec`): ``x.to(dtype)`` viewed as bytes, ``2n`` bytes (0.5 of fp32). Rounding is
+  to nearest, so the error is at most half an ulp of the value: ``|decode(x) − x| ≤ 2^-9·|x|`` for bf16 (8 significant
+  bits) and ``≤ 2^-11·|x|`` for fp16 (11 significant bits; fp16 also flushes magnitudes below ``2^-14`` to subnormals
+  with absolute error ``≤ 2^-25`` and cannot represent ``|x| > 65504``, which encode refuses). It is deterministic,
+  hence biased (``unbiased = False``): the caller applies error feedback (:func:`error_feedback_encode`).
+* ``int8`` / ``int4`` (:class:`BlockQuantCodec`): blockwise asymmetric quantization with stochastic rounding. The
+  input is cut into ``B = ceil(n / block_size)`` blocks (the last one padded with its own last value, so padding never
+  widens a block's range). Per block, with ``levels = 2^bits − 1``::
+
+      lo = min(block),   step = (max(block) − lo) / levels                     # fp32
+      q  = clamp(floor((x − lo) / step + u), 0, levels),   u ~ U[0, 1)        # q = 0 where step == 0
+      decode = lo + q · step
+
+  Payload layout: the codes (one byte each for int8; two per byte for int4, the first in the low nibble), then the
+  ``B`` values of ``lo`` as fp32 bytes, then the ``B`` values of ``step`` as fp32 bytes::
+
+      payload_bytes(n) = B · block_size · bits / 8 + 8 · B
+
+  At ``block_size = 256``: int8 sends 264 bytes per 256 values (0.2578 of fp32), int4 136 (0.1328).
+  Error bound, per element: ``|decode(x) − x| < step`` of the element's own block (in exact arithmetic; fp32 rounding
+  adds a few ulps of ``max(|lo|, |max|)``); a constant block (``step = 0``) decodes exactly. Unbiased:
+  ``E[q] = (x − lo) / step`` because ``q = floor(t) + 1`` with probability ``t − floor(t)``, hence
+  ``E[decode(x)] = x``, with per-element variance ``≤ step² / 4``.
+
+Why the caller encodes differences from an anchor: the strategy sends ``Q(x_i − a)`` where ``a`` is an anchor every
+rank holds identically, and receivers add ``a`` back. The quantization error is proportional to each block's *range*
+of the differences, which shrinks as the replicas agree, so compression error vanishes at consensus. Quantizing raw
+weights instead would leave an error proportional to the weights' own range (∝ ``‖x‖``) that never vanishes, however
+close the replicas are (see ``research/algorithms.md`` §1.5 and §4.7). Error feedback (§4.8) makes a biased codec's
+errors cancel over rounds: what was not sent this round is added to the next round's input.
+"""
+
+from __future__ import annotations
+
+import operator
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+CODECS: tuple[str, ...] = ("bf16", "fp16", "int8", "int4")
+"""Codec names accepted by :func:`make_codec` (besides ``None`` and a :class:`Codec` instance)."""
+
+_CAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _extremes(x: Tensor) -> Tensor:
+    """``[min(x), max(x)]``: both finite iff every element is (NaN propagates through min/max; ±Inf is an extreme).
+    One fused reduction, several times cheaper on CPU than ``torch.isfinite(x).all()``."""
+    return torch.stack(torch.aminmax(x))
+
+
+def check_finite(x: Tensor, what: str) -> None:
+    """Raise ``ValueError`` if the floating-point tensor ``x`` holds NaN or ±Inf (one device reduction, one host sync)."""
+    if x.numel() and not bool(torch.isfinite(_extremes(x)).all()):
+        bad = (~torch.isfinite(x)).flatten().nonzero().flatten()  # error path only: extra syncs are fine here
+        raise ValueError(f"{what} contains NaN or Inf: {bad.numel()} of {x.numel()} elements, first at flat index "
+                         f"{int(bad[0])}; non-finite values are never encoded (they would corrupt every replica)")
+
+
+def _check_encode_input(x: Tensor, codec: str) -> None:
+    """Type, dtype, shape and emptiness checks (no device sync)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{codec} encode expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{codec} encode expects a float32 tensor, got {x.dtype}; convert it first")
+    if x.dim() != 1:
+        raise ValueError(f"{codec} encode expects a flat 1-D tensor, got shape {tuple(x.shape)}; flatten it first")
+    if x.numel() == 0:
+        raise ValueError(f"{codec} encode got an empty tensor; there is nothing to send")
+
+
+def _check_numel(numel: int) -> int:
+    numel = operator.index(numel)
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    return numel
+
+
+def _bytes_as(payload: Tensor, dtype: torch.dtype) -> Tensor:
+    """Reinterpret a flat uint8 tensor as ``dtype`` (copying only when its offset is misaligned for ``dtype``)."""
+    if not payload.is_contiguous() or payload.storage_offset() % dtype.itemsize:
+        payload = payload.clone()
+    return payload.view(dtype)
+
+
+def _check_block_size(block_size: int) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
+        raise ValueError(f"block_size must be a positive multiple of 2 (int4 packs two codes per byte), "
+                         f"got {block_size!r}")
+    return block_size
+
+
+class Codec(ABC):
+    """Encodes a flat fp32 tensor into one flat uint8 payload; decodes it back given the element count."""
+
+    name: str
+    unbiased: bool
+    """True if ``E[decode(encode(x))] == x`` (stochastic rounding); False: the caller uses error feedback."""
+
+    @abstractmethod
+    def payload_bytes(self, numel: int) -> int:
+        """Exact size in bytes of :meth:`encode`'s output for ``numel`` input values."""
+
+    @abstractmethod
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """1-D float32 ``x`` -> 1-D uint8 payload on ``x.device``. Raises ``ValueError`` on NaN/Inf."""
+
+    @abstractmethod
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        """Payload of ``numel`` encoded values -> 1-D float32 tensor on ``payload.device``."""
+
+    def _check_payload(self, payload: Tensor, numel: int) -> int:
+        if not isinstance(payload, Tensor):
+            raise TypeError(f"{self.name} decode expects a torch.Tensor payload, got {type(payload).__name__}")
+        numel = _check_numel(numel)
+        if numel == 0:
+            raise ValueError(f"{self.name} decode got numel=0; encode never produces an empty payload")
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"{self.name} payload must be a 1-D torch.uint8 tensor, got {payload.dtype} with shape "
+                             f"{tuple(payload.shape)}")
+        expected = self.payload_bytes(numel)
+        if payload.numel() != expected:
+            raise ValueError(f"{self.name} payload has {payload.numel()} bytes; expected {expected} for "
+                             f"numel={numel}")
+        return numel
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class CastCodec(Codec):
+    """Sends ``x.to(dtype)`` (bf16 or fp16) as bytes: ``2n`` bytes, round-to-nearest, biased."""
+
+    unbiased = False
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        if dtype not in _CAST_NAMES:
+            raise ValueError(f"CastCodec supports torch.bfloat16 and torch.float16, got {dtype}")
+        self.dtype = dtype
+        self.name = _CAST_NAMES[dtype]
+
+    def payload_bytes(self, numel: int) -> int:
+        return _check_numel(numel) * self.dtype.itemsize
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``generator`` is accepted for a uniform interface and ignored (the cast is deterministic)."""
+        _check_encode_input(x, self.name)
+        # Rounding is monotonic: the cast is finite everywhere iff the cast of x's min and max is (this also catches
+        # NaN/Inf in x). Queued before the cast, read on the host after it: the one sync of encode.
+        finite = torch.isfinite(_extremes(x).to(self.dtype)).all()
+        cast = x.to(self.dtype)
+        if not bool(finite):
+            check_finite(x, f"{self.name} encode input")
+            raise ValueError(f"{self.name} encode input has magnitudes up to {float(x.abs().max()):.4g}, beyond the "
+                             f"{self.name} range (±{torch.finfo(self.dtype).max:.4g}); use bf16 or int8 instead")
+        return cast.view(torch.uint8)
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        self._check_payload(payload, numel)
+        return _bytes_as(payload, self.dtype).to(torch.float32)
+
+
+class BlockQuantCodec(Codec):
+    """Blockwise asymmetric ``bits``-bit quantization with stochastic rounding (unbiased); see the module docstring."""
+
+    unbiased = True
+
+    def __init__(self, bits: int = 8, block_size: int = 256) -> None:
+        if bits not in (4, 8):
+            raise ValueError(f"BlockQuantCodec supports bits=4 or bits=8, got {bits!r}")
+        self.bits = bits
+        self.block_size = _check_block_size(block_size)
+        self.levels = 2**bits - 1
+        self.name = f"int{bits}"
+
+    def __repr__(self) -> str:
+        return f"BlockQuantCodec(bits={self.bits}, block_size={self.block_size})"
+
+    def _num_blocks(self, numel: int) -> int:
+        return -(-numel // self.block_size)
+
+    def _code_bytes(self, num_blocks: int) -> int:
+        return num_blocks * self.block_size * self.bits // 8
+
+    def payload_bytes(self, numel: int) -> int:
+        num_blocks = self._num_blocks(_check_numel(numel))
+        return self._code_bytes(num_blocks) + 8 * num_blocks
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Codes, then per-block ``lo`` and ``step`` (fp32 bytes). ``generator`` must live on ``x.device``."""
+        _check_encode_input(x, self.name)
+        if generator is not None and generator.device.type != x.device.type:
+            raise ValueError(f"{self.name} encode: generator is on {generator.device} but the input is on "
+                             f"{x.device}; pass a generator created on the input's device")
+        num_blocks = self._num_blocks(x.numel())
+        pad = num_blocks * self.block_size - x.numel()
+        # Pad by repeating the last real value: the last block's min/max stay those of its real elements.
+        padded = torch.cat([x, x[-1:].expand(pad)]) if pad else x
+        blocks = padded.view(num_blocks, self.block_size)
+        lo, hi = torch.aminmax(blocks, dim=1)
+        step = (hi - lo) / self.levels
+        # NaN/Inf anywhere in a block makes its step NaN or Inf, and so does a range beyond fp32 (max − min
+        # overflowing): one reduction over the blocks' steps, read on the host only after every kernel is queued.
+        finite = torch.isfinite(step * self.levels).all()
+
+        t = blocks - lo[:, None]
+        t.div_(torch.where(step > 0, step, 1.0)[:, None])  # constant block: t = 0 / 1 = 0, so its codes are 0
+        codes = t.floor()
+        t.sub_(codes)  # fractional part, in [0, 1)
+        u = torch.rand(t.shape, generator=generator, device=t.device, dtype=torch.float32)
+        codes.add_(u.lt_(t)).clamp_(0, self.levels)  # floor(t) + 1 with probability frac(t): E[codes] = t
+        codes = codes.to(torch.uint8).view(-1)
+        if self.bits == 4:
+            pairs = codes.view(-1, 2)
+            codes = pairs[:, 0] | (pairs[:, 1] << 4)
+        payload = torch.cat([codes, lo.view(torch.uint8), step.view(torch.uint8)])
+
+        if not bool(finite):  # the one host sync of encode
+            check_finite(x, f"{self.name} encode input")
+            raise ValueError(f"{self.name} encode input has a block whose range (max − min) overflows fp32; "
+                             f"values must span less than {torch.finfo(torch.float32).max:.4g} within a block")
+        return payload
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        numel = self._check_payload(payload, numel)
+        num_blocks = self._num_blocks(numel)
+        code_bytes = self._code_bytes(num_blocks)
+        codes = payload[:code_bytes]
+        if self.bits == 4:
+            codes = torch.stack([codes & 0x0F, codes >> 4], dim=1)
+        lo, step = _bytes_as(payload[code_bytes:], torch.float32).view(2, num_blocks)
+        values = torch.addcmul(lo[:, None], codes.reshape(num_blocks, self.block_size).to(torch.float32),
+                               step[:, None])
+        return values.view(-1)[:numel]
+
+
+def make_codec(spec: str | Codec | None, block_size: int = 256) -> Codec | None:
+    """``None`` -> ``None``; a :class:`Codec` -> itself; a name in :data:`CODECS` -> that codec (int8/int4 with
+    ``block_size`` values per block)."""
+    _check_block_size(block_size)
+    if spec is None or isinstance(spec, Codec):
+        return spec
+    if spec == "bf16":
+        return CastCodec(torch.bfloat16)
+    if spec == "fp16":
+        return CastCodec(torch.float16)
+    if spec == "int8":
+        return BlockQuantCodec(8, block_size)
+    if spec == "int4":
+        return BlockQuantCodec(4, block_size)
+    raise ValueError(f"unknown compression {spec!r}; valid choices: None, {', '.join(CODECS)}, or a Codec instance")
+
+
+def error_feedback_encode(codec: Codec, x: Tensor, residual: Tensor,
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Encode ``x + residual``; return ``(payload, new_residual)`` with ``new_residual = x + residual − decode``.
+
+    Summed over rounds, what is decoded equals what was meant to be sent minus the last residual, so a biased codec's
+    rounding errors do not accumulate (EF, ``research/algorithms.md`` §4.8). Pure: neither input is modified.
+    """
+    if not isinstance(residual, Tensor) or not isinstance(x, Tensor):
+        raise TypeError("error_feedback_encode expects torch.Tensor x and residual")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual must match x in shape, dtype and device: x is {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}, residual is {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    target = x + residual
+    payload = codec.encode(target, generator)
+    return payload, target - codec.decode(payload, target.numel())
