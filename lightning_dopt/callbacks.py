@@ -34,7 +34,7 @@ class CommReport(L.Callback):
         ddp_bytes = strategy.steps * ring_allreduce_bytes(gradient_bytes, trainer.world_size)
         self.rows = []
         for rank, stats in enumerate(strategy.gather_comm_stats()):
-            training = sum(stats.bytes_sent_by_purpose.get(p, 0) for p in ("warmup", "round"))
+            training = sum(stats.bytes_sent_by_purpose.get(p, 0) for p in ("warmup", "aggregate", "round"))
             self.rows.append({"rank": rank, "bytes_sent": stats.bytes_sent, "training_bytes_sent": training,
                               "by_purpose": dict(stats.bytes_sent_by_purpose), "rounds": stats.rounds,
                               "seconds": stats.seconds, "ddp_bytes_sent": ddp_bytes})
@@ -45,6 +45,6 @@ class CommReport(L.Callback):
             ratio = row["training_bytes_sent"] / ddp_bytes if ddp_bytes else float("nan")
             lines.append(f"{row['rank']:>4}  {_megabytes(row['training_bytes_sent']):>16}  "
                          f"{_megabytes(row['bytes_sent']):>14}  {_megabytes(ddp_bytes):>15}  {ratio:>7.3f}")
-        lines.append("'training' counts warm-up and round traffic; 'all' adds the start broadcast, evaluation on the "
+        lines.append("'training' counts warm-up, gradient-aggregation and round traffic; 'all' adds the start broadcast, evaluation on the "
                      "average and bookkeeping.")
         rank_zero_info("\n".join(lines))

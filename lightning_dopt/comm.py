@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-PURPOSES = ("start", "warmup", "round", "eval", "monitor", "checkpoint", "control", "final")
+PURPOSES = ("start", "warmup", "aggregate", "round", "eval", "monitor", "checkpoint", "control", "final")
 """What a payload was for: ``start`` (initial broadcast), ``warmup`` (DDP-style gradient averaging),
+``aggregate`` (AdaCons gradient combination),
 ``round`` (synchronization rounds), ``eval`` (consensus model for evaluation), ``monitor`` (consensus distance),
 ``checkpoint`` (averaged model for the main checkpoint file), ``control`` (small bookkeeping messages),
 ``final`` (the exact average at the end of fit)."""

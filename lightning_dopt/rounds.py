@@ -15,13 +15,12 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
 * :meth:`ReplicaSync.swap_in_average` / :meth:`ReplicaSync.restore_local` put ``x̄`` into the module for
   evaluation or export and put the local replica back afterwards, returning the consensus distance
   ``mean_i ||x_i − x̄||² / ||x̄||²`` (one extra 8-byte all-reduce).
-* :class:`GradientAverager` is DDP's step, used during warm-up: the mean of all ranks' gradients.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -184,44 +183,6 @@ def _mix_(target: Tensor, self_weight: float, others: Sequence[Tensor], weights:
         accumulator.add_(other.to(accumulator.dtype), alpha=weight)
     if accumulator is not target:
         target.copy_(accumulator)
-
-
-class GradientAverager:
-    """DDP's gradient step for the parameters of one optimizer: ``g ← (1/n) Σ_i g_i``.
-
-    One fp32 all-reduce of ``P + m`` floats for ``P`` gradient entries and ``m`` parameters: the ``m``
-    trailing entries count the ranks that produced a gradient, so a parameter no rank touched keeps
-    ``grad = None`` (a missing gradient on some ranks counts as zero, as in DDP).
-    """
-
-    def __init__(self, params: Iterable[Tensor], comm: Communicator) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        devices = {p.device for p in self.params}
-        if len(devices) > 1:
-            raise ValueError(f"warm-up gradient averaging needs one device per rank; parameters are on {devices}")
-        device = devices.pop() if devices else torch.device("cpu")
-        sizes = [p.numel() for p in self.params]
-        self._buffer = torch.zeros(sum(sizes) + len(self.params), dtype=torch.float32, device=device)
-        *self._views, self._present = self._buffer.split(sizes + [len(self.params)])
-        self.comm = comm
-
-    @torch.no_grad()
-    def average_(self) -> None:
-        for index, (param, view) in enumerate(zip(self.params, self._views)):
-            if param.grad is None:
-                view.zero_()
-                self._present[index] = 0.0
-            else:
-                view.copy_(param.grad.reshape(-1))
-                self._present[index] = 1.0
-        self.comm.all_reduce_([self._buffer], purpose="warmup", op="sum")
-        self._buffer[: -len(self.params) or None].div_(self.comm.world_size)
-        for param, view, present in zip(self.params, self._views, self._present.tolist()):
-            if present == 0.0:
-                continue
-            if param.grad is None:
-                param.grad = torch.empty_like(param)
-            param.grad.copy_(view.view_as(param))
 
 
 class AnchoredCompression:

@@ -41,10 +41,13 @@ from torch.optim import Optimizer
 
 from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec, make_codec
-from lightning_dopt.rounds import GradientAverager, ReplicaSync
+from lightning_dopt.aggregate import GUARDS
+from lightning_dopt.gradients import AdaConsGradients, GradientAverager
+from lightning_dopt.rounds import ReplicaSync
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 EVAL_MODELS = ("average", "local")
+AGGREGATIONS = ("mean", "adacons")
 SIDECAR_FORMAT = "lightning_dopt.sidecar/1"
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
@@ -66,6 +69,25 @@ def _check_no_ddp_wrapper(model: Any) -> None:
                 where = f"submodule '{name}'" if name else "the model"
                 raise ValueError(f"{where} is wrapped in DistributedDataParallel; GossipLocalStrategy manages "
                                  "communication itself: pass the plain module (valid: an unwrapped LightningModule)")
+
+
+def _check_aggregation(aggregation: str, topology: str, local_steps: int, codec: Codec | None, momentum: float,
+                       guard: str, preserve_scale: bool, stale_weights: bool) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid choices: {', '.join(AGGREGATIONS)}")
+    if aggregation == "mean":
+        return
+    if topology != "complete" or local_steps != 1 or codec is not None:
+        raise ValueError("aggregation='adacons' combines every rank's gradient at every step: it needs "
+                         f"topology='complete', local_steps=1 and no compression (got topology={topology!r}, "
+                         f"local_steps={local_steps}, compression={codec!r})")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise ValueError(f"adacons_momentum must be a number in [0, 1); got {momentum!r}")
+    if guard not in GUARDS:
+        raise ValueError(f"unknown adacons_guard {guard!r}; valid choices: {', '.join(GUARDS)}")
+    if stale_weights and preserve_scale:
+        raise ValueError("stale_weights=True cannot preserve the mean gradient's scale (the mean is never computed "
+                         "in that mode): use preserve_scale=False with a scale-invariant optimizer such as Adam")
 
 
 class _CheckedSubprocessLauncher(_SubprocessScriptLauncher):
@@ -112,6 +134,14 @@ class GossipLocalStrategy(DDPStrategy):
         block_size: values per quantization block (one scale and offset each) for ``int8``/``int4``.
         anchor_interval: with compression, every this many rounds is a compressed exact-mean round that
             refreshes the shared anchor (every round for ``complete``).
+        aggregation: ``"mean"``, or ``"adacons"`` (with ``topology="complete"`` and ``local_steps=1``): every
+            step's gradient is the AdaCons combination of all ranks' gradients instead of their mean
+            (:mod:`lightning_dopt.gradients`).
+        adacons_momentum: β of AdaCons' subspace momentum (0 disables it).
+        adacons_layerwise: one weight per rank and parameter tensor instead of one per rank.
+        adacons_guard: ``"shift"`` or ``"mean"``: what to do with negative coefficients or a sum ≤ eps.
+        preserve_scale: rescale the AdaCons gradient to the norm of the mean gradient (use it with plain SGD).
+        stale_weights: reuse the previous step's AdaCons weights: one gradient all-reduce per step instead of two.
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -130,6 +160,12 @@ class GossipLocalStrategy(DDPStrategy):
         compression: str | Codec | None = None,
         block_size: int = 256,
         anchor_interval: int = 16,
+        aggregation: str = "mean",
+        adacons_momentum: float = 0.0,
+        adacons_layerwise: bool = False,
+        adacons_guard: str = "shift",
+        preserve_scale: bool = False,
+        stale_weights: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -149,6 +185,8 @@ class GossipLocalStrategy(DDPStrategy):
         _check_int("seed", seed, 0)
         _check_int("anchor_interval", anchor_interval, 1)
         codec = make_codec(compression, block_size=block_size)
+        _check_aggregation(aggregation, topology, local_steps, codec, adacons_momentum, adacons_guard,
+                           preserve_scale, stale_weights)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -167,12 +205,20 @@ class GossipLocalStrategy(DDPStrategy):
         self.block_size = block_size
         self.anchor_interval = anchor_interval
         self._codec = codec
+        self.aggregation = aggregation
+        self.adacons_momentum = adacons_momentum
+        self.adacons_layerwise = adacons_layerwise
+        self.adacons_guard = adacons_guard
+        self.preserve_scale = preserve_scale
+        self.stale_weights = stale_weights
         # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
         self._steps = 0
         self._round = 0
         self._sync: ReplicaSync | None = None
         self._comm: Communicator | None = None
         self._grad_averagers: dict[int, GradientAverager] = {}
+        self._grad_combiners: dict[int, AdaConsGradients] = {}
+        self._restored_combiners: dict[int, dict[str, Any]] = {}
         self._restored: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------- launch
@@ -194,6 +240,7 @@ class GossipLocalStrategy(DDPStrategy):
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        self._restored_combiners = {}
         if self.world_size > 1:
             self._comm = Communicator()
             self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
@@ -203,13 +250,15 @@ class GossipLocalStrategy(DDPStrategy):
                 self._sync.broadcast_(src=0)
             elif self._sync.compression is not None:
                 self._sync.compression.load_state_dict(sidecar["compression"])
+            if sidecar is not None:
+                self._restored_combiners = dict(sidecar["aggregation"])
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self._steps, self._round = 0, 0
-            self._grad_averagers = {}
+            self._grad_averagers, self._grad_combiners = {}, {}
             if self._restored:
                 self._steps, self._round = self._restored["steps"], self._restored["round"]
                 if self._comm is not None and self._restored.get("sidecar"):
@@ -261,6 +310,8 @@ class GossipLocalStrategy(DDPStrategy):
                        **kwargs: Any) -> Any:
         if self._comm is not None and self._steps < self.warmup_steps:
             closure = self._averaging_gradients(optimizer, closure)
+        elif self._comm is not None and self._combines_gradients:
+            closure = self._combining_gradients(optimizer, closure)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if optimizer is self.optimizers[-1]:
             self._after_step()
@@ -282,14 +333,40 @@ class GossipLocalStrategy(DDPStrategy):
 
         return averaged_closure
 
+    @property
+    def _combines_gradients(self) -> bool:
+        """Synchronous AdaCons: every step combines gradients, so replicas never diverge and need no rounds."""
+        return self.aggregation == "adacons" and self.local_steps == 1
+
+    def _combining_gradients(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """Wrap the closure so gradients are replaced by their AdaCons combination before clipping and update."""
+        index = self.optimizers.index(optimizer)
+        if index not in self._grad_combiners:
+            assert self._comm is not None
+            params = (p for group in optimizer.param_groups for p in group["params"])
+            combiner = AdaConsGradients(params, self._comm, momentum=self.adacons_momentum,
+                                        layerwise=self.adacons_layerwise, guard=self.adacons_guard,
+                                        preserve_scale=self.preserve_scale, stale_weights=self.stale_weights)
+            pending = self._restored_combiners.pop(index, None)
+            if pending is not None:
+                combiner.combiner.load_state_dict(pending)
+            self._grad_combiners[index] = combiner
+
+        def combined_closure() -> Any:
+            output = closure()
+            self._grad_combiners[index].combine_()
+            return output
+
+        return combined_closure
+
     def _after_step(self) -> None:
         self._steps += 1
         sync = self._sync
         if sync is None:
             return
-        if self._steps <= self.warmup_steps:
+        if self._steps <= self.warmup_steps or self._combines_gradients:
             if self.average_buffers:
-                sync.average_buffers_("warmup")
+                sync.average_buffers_("warmup" if self._steps <= self.warmup_steps else "aggregate")
         elif (self._steps - self.warmup_steps) % self.local_steps == 0:
             sync.gossip_round(self._round)
             self._round += 1
@@ -387,6 +464,8 @@ class GossipLocalStrategy(DDPStrategy):
                 "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
                 "comm_stats": self.comm_stats.state_dict(), "rng": _collect_rng_states(),
                 "compression": self._sync.compression.state_dict() if self._sync.compression else None,
+                "aggregation": {index: combiner.combiner.state_dict()
+                                for index, combiner in self._grad_combiners.items()},
             }
             fs = get_filesystem(filepath)
             fs.makedirs(os.path.dirname(filepath) or ".", exist_ok=True)
@@ -462,10 +541,14 @@ class GossipLocalStrategy(DDPStrategy):
             "local_sgd": ({"topology": "complete"}, "local steps + exact all-reduce averaging (Local SGD)"),
             "local_sgd_spawn": ({"topology": "complete", "start_method": "spawn"},
                                 "local_sgd with the spawn launcher"),
+            "adacons": ({"topology": "complete", "aggregation": "adacons"},
+                        "synchronous training with AdaCons gradient aggregation"),
+            "adacons_spawn": ({"topology": "complete", "aggregation": "adacons", "start_method": "spawn"},
+                              "adacons with the spawn launcher"),
         }
         for name, (init_params, description) in presets.items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=f"lightning_dopt: {description}", **init_params)
 
 
-__all__ = ["GossipLocalStrategy", "EVAL_MODELS", "TOPOLOGIES", "sidecar_path"]
+__all__ = ["AGGREGATIONS", "GossipLocalStrategy", "EVAL_MODELS", "TOPOLOGIES", "sidecar_path"]

@@ -24,7 +24,8 @@ from torch import nn
 
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator, ring_allreduce_bytes
-from lightning_dopt.rounds import GradientAverager, ReplicaSync
+from lightning_dopt.gradients import GradientAverager
+from lightning_dopt.rounds import ReplicaSync
 from lightning_dopt.topology import mixing_matrix, mixing_row, random_matching
 
 SEED = 0  # the topology seed of every ReplicaSync here

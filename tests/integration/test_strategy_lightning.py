@@ -18,6 +18,7 @@ from torch import nn
 
 import lightning_dopt
 from lightning_dopt import GossipLocalStrategy, sidecar_path
+from lightning_dopt.comm import ring_allreduce_bytes
 from lightning_models import (ManualTwoOptimizerModel, Recorder, RegressionModel, ScheduledModel, load_ranks,
                               state_snapshot)
 
@@ -54,7 +55,7 @@ def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------------------------- registry
 def test_import_registers_all_names_idempotently() -> None:
-    for name in ("gossip_local", "gossip_local_spawn", "local_sgd", "local_sgd_spawn"):
+    for name in ("gossip_local", "gossip_local_spawn", "local_sgd", "local_sgd_spawn", "adacons", "adacons_spawn"):
         assert StrategyRegistry[name]["strategy"] is GossipLocalStrategy
     assert StrategyRegistry["local_sgd"]["init_params"] == {"topology": "complete"}
     assert StrategyRegistry["gossip_local_spawn"]["init_params"] == {"start_method": "spawn"}
@@ -77,6 +78,13 @@ def test_import_registers_all_names_idempotently() -> None:
     ({"compression": "int3"}, "valid choices: None, bf16, fp16, int8, int4"),
     ({"compression": "int8", "block_size": 3}, "block_size"),
     ({"compression": "int8", "anchor_interval": 0}, "anchor_interval must be an integer >= 1"),
+    ({"aggregation": "median"}, "valid choices: mean, adacons"),
+    ({"aggregation": "adacons"}, "needs topology='complete', local_steps=1"),
+    ({"aggregation": "adacons", "topology": "complete", "local_steps": 4}, "needs topology='complete', local_steps=1"),
+    ({"aggregation": "adacons", "topology": "complete", "adacons_guard": "clip"}, "valid choices: shift, mean"),
+    ({"aggregation": "adacons", "topology": "complete", "adacons_momentum": 1.0}, r"in \[0, 1\)"),
+    ({"aggregation": "adacons", "topology": "complete", "stale_weights": True, "preserve_scale": True},
+     "cannot preserve"),
 ])
 def test_bad_options_raise_value_error_naming_valid_choices(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -256,3 +264,21 @@ def test_single_process_world_trains_without_communication(tmp_path: Path) -> No
             dist.destroy_process_group()
     assert strategy.steps == 4
     assert strategy.comm_stats.bytes_sent == 0 and strategy.comm_stats.rounds == 0
+
+
+def test_adacons_combines_gradients_once_per_real_step_and_keeps_replicas_identical(tmp_path: Path) -> None:
+    L.seed_everything(1)
+    strategy = spawn(topology="complete", aggregation="adacons", adacons_momentum=0.5, preserve_scale=True)
+    trainer = make_trainer(tmp_path, strategy, max_steps=4, accumulate_grad_batches=2,
+                           callbacks=[Recorder(str(tmp_path))])
+    trainer.fit(RegressionModel(batch_norm=True))
+    final = load_ranks(str(tmp_path), "train_end", 2)
+    stats = load_ranks(str(tmp_path), "stats", 2)
+    assert all(torch.equal(final[0][key], final[1][key]) for key in final[0]), "no rounds needed: replicas agree"
+    assert [s["steps"] for s in stats] == [4, 4] and [s["comm"]["rounds"] for s in stats] == [0, 0]
+    gradient_bytes = sum(v.numel() * 4 for k, v in final[0].items() if k.endswith(("weight", "bias")))
+    buffer_bytes = sum(v.numel() * 4 for k, v in final[0].items() if k.endswith(("running_mean", "running_var")))
+    # per real step: two gradient all-reduces, one of the 2 coefficients, and the BatchNorm buffers' average
+    per_step = 2 * ring_allreduce_bytes(gradient_bytes, 2) + ring_allreduce_bytes(8, 2) + \
+        ring_allreduce_bytes(buffer_bytes, 2)
+    assert stats[0]["comm"]["bytes_sent_by_purpose"]["aggregate"] == 4 * per_step
