@@ -7,7 +7,7 @@ elements or blocks), so a CUDA encode/decode launches kernels and synchronizes a
 What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
 
 * ``bf16`` / ``fp16`` (:class:`CastCodec`): ``x.to(dtype)`` viewed as bytes, ``2n`` bytes (0.5 of fp32). Rounding is
-  to nearest, so the error is at most half an ulp of the value: ``|decode(x) − x| ≤ 2^-9·|x|`` for bf16 (8 significant
+  to nearest, so the error is at most half an ulp of the value: ``|decode(x) − x| ≤ 2^-8·|x|`` for bf16 (8 significant
   bits) and ``≤ 2^-11·|x|`` for fp16 (11 significant bits; fp16 also flushes magnitudes below ``2^-14`` to subnormals
   with absolute error ``≤ 2^-25`` and cannot represent ``|x| > 65504``, which encode refuses). It is deterministic,
   hence biased (``unbiased = False``): the caller applies error feedback (:func:`error_feedback_encode`).

@@ -10,6 +10,8 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
   ``x̄`` is preserved (exactly for ½/½ pairs: both ends compute the same sum of the same two halves, so
   they end bitwise equal). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
   ``complete`` uses one all-reduce instead (``2(n-1)/n · P``).
+* With AdaCons rounds (:class:`PseudoGradientRounds`, ``complete`` only) a round combines the pseudo-gradients
+  ``Δ_i = a − x_i`` with AdaCons weights instead of averaging them.
 * :meth:`ReplicaSync.average_` sets every replica to ``x̄`` (all-reduce) and counters to their maximum;
   :meth:`ReplicaSync.average_buffers_` does it for the floating-point buffers alone.
 * :meth:`ReplicaSync.swap_in_average` / :meth:`ReplicaSync.restore_local` put ``x̄`` into the module for
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_dopt.comm import Communicator, FlatState
 from lightning_dopt.compress import Codec, error_feedback_encode
+from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.topology import mixing_row
 
 
@@ -43,7 +46,8 @@ class ReplicaSync:
     """
 
     def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
-                 average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16) -> None:
+                 average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
+                 round_combiner: AdaConsCombiner | None = None) -> None:
         averaged = [p for p in module.parameters() if _is_averaged(p)]
         if average_buffers:
             averaged += [b for b in module.buffers() if _is_averaged(b)]
@@ -61,6 +65,10 @@ class ReplicaSync:
         self._toggled = False
         self.anchor_interval = anchor_interval
         self.compression = AnchoredCompression(self.state, comm, codec, seed) if codec is not None else None
+        if round_combiner is not None and (codec is not None or topology != "complete"):
+            raise ValueError("AdaCons rounds combine pseudo-gradients of all ranks: they need topology='complete' "
+                             "and no compression")
+        self.pseudo_gradients = PseudoGradientRounds(module, round_combiner) if round_combiner is not None else None
 
     @torch.no_grad()
     def broadcast_(self, src: int = 0) -> None:
@@ -71,6 +79,8 @@ class ReplicaSync:
         self.everything.unpack(buffers)
         if self.compression is not None:
             self.compression.reset_anchor_()
+        if self.pseudo_gradients is not None:
+            self.pseudo_gradients.reset_anchor_()
 
     @torch.no_grad()
     def gossip_round(self, round_index: int) -> None:
@@ -78,7 +88,10 @@ class ReplicaSync:
         comm = self.comm
         compression = self.compression
         refresh = self.topology == "complete" or round_index % self.anchor_interval == self.anchor_interval - 1
-        if compression is not None and refresh:
+        if self.pseudo_gradients is not None:
+            self.pseudo_gradients.round_()
+            self.average_buffers_("round")
+        elif compression is not None and refresh:
             compression.average_round(self.state.pack(self._work))
             self.state.unpack(self._work)
         elif self.topology == "complete":
@@ -201,8 +214,10 @@ class AnchoredCompression:
     Error: each decoded value is within one quantization step of the block's range of ``x − a``, which shrinks as
     replicas agree and the anchor is refreshed; stochastic rounding makes it zero-mean, so the global mean is
     preserved in expectation (biased codecs carry the rest in an error-feedback residual). Bytes per rank and round
-    for ``P`` fp32 bytes and payload ratio ``c`` (0.258 for int8, 0.133 for int4 at block 256, 0.5 for bf16/fp16):
-    graph rounds ``c · P`` per neighbour; average rounds ``2(n−1)/n · c · P``.
+    for ``P`` fp32 bytes and payload ratio ``c`` (0.258 for int8, 0.133 for int4 at block 256, 0.5 for bf16/fp16;
+    a little more when a tensor group is not a multiple of ``n`` blocks, from padding): graph rounds ``c · P`` per
+    neighbour; average rounds ``2(n−1)/n · c · P``. With a refresh every 16 rounds of ``random`` gossip at
+    ``n = 4`` the mix is ``c · (15 + 1.5)/16`` (0.266 × fp32 gossip for int8, 0.137 for int4).
     """
 
     def __init__(self, state: FlatState, comm: Communicator, codec: Codec, seed: int) -> None:
@@ -210,6 +225,7 @@ class AnchoredCompression:
         self.comm = comm
         self.codec = codec
         self.anchor = state.new_buffers()
+        self.reset_anchor_()  # this rank's state until the common start (broadcast_) or a restore sets it
         device = self.anchor[0].device if self.anchor else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed * 65_537 + comm.rank)
         self.residual: list[Tensor] | None = None if codec.unbiased else [
@@ -223,8 +239,11 @@ class AnchoredCompression:
         self.state.pack(self.anchor)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": [a.clone() for a in self.anchor], "generator": self.generator.get_state(),
-                "residual": self.residual, "mean_residual": self.mean_residual}
+        def copies(tensors: list[Tensor] | None) -> list[Tensor] | None:
+            return None if tensors is None else [t.clone() for t in tensors]
+
+        return {"anchor": copies(self.anchor), "generator": self.generator.get_state(),
+                "residual": copies(self.residual), "mean_residual": copies(self.mean_residual)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for mine, saved in zip(self.anchor, state["anchor"]):
@@ -323,3 +342,48 @@ class AnchoredCompression:
         per_rank = -(-blocks // self.comm.world_size)
         return [(min(k * per_rank * align, numel), min((k + 1) * per_rank * align, numel))
                 for k in range(self.comm.world_size)]
+
+
+class PseudoGradientRounds:
+    """Local SGD rounds that combine pseudo-gradients with AdaCons instead of averaging the replicas.
+
+    With ``a`` the parameters after the previous round (identical on every rank) and ``Δ_i = a − x_i`` rank
+    ``i``'s pseudo-gradient (its progress since then, negated)::
+
+        Δ̂ = AdaCons(Δ_1, …, Δ_n) · ‖Δ̄‖ / ‖AdaCons(…)‖,    x_i ← a − Δ̂,    a ← x_i
+
+    The rescaling (the combiner's ``preserve_scale``) is required here: a pseudo-gradient's length is how far the
+    replicas moved, and AdaCons alone returns a vector of norm ≤ 1. Plain averaging is ``Δ̂ = Δ̄``. Cost per
+    round: two ring all-reduces of the parameters and one of ``n·T`` coefficients (floating buffers are averaged
+    separately by the caller).
+    """
+
+    def __init__(self, module: nn.Module, combiner: AdaConsCombiner) -> None:
+        if not combiner.preserve_scale or combiner.stale_weights:
+            raise ValueError("AdaCons rounds need preserve_scale=True and stale_weights=False")
+        self.params = [p for p in module.parameters() if p.is_floating_point()]
+        self.combiner = combiner
+        self.anchor = self._flat()
+
+    def _flat(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    @torch.no_grad()
+    def reset_anchor_(self) -> None:
+        """Anchor ← the current parameters (call only when every rank holds the same parameters)."""
+        self.anchor.copy_(self._flat())
+
+    @torch.no_grad()
+    def round_(self) -> None:
+        pseudo_gradient = self.anchor - self._flat()
+        self.combiner.combine_(pseudo_gradient)
+        self.anchor.sub_(pseudo_gradient)
+        for param, value in zip(self.params, self.anchor.split([p.numel() for p in self.params])):
+            param.copy_(value.view_as(param))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor.clone(), "combiner": self.combiner.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.anchor.copy_(state["anchor"])
+        self.combiner.load_state_dict(state["combiner"])

@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
-from lightning_dopt.gradients import AdaConsGradients, GradientAverager
+from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
 from lightning_dopt.rounds import ReplicaSync
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
@@ -77,10 +77,13 @@ def _check_aggregation(aggregation: str, topology: str, local_steps: int, codec:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid choices: {', '.join(AGGREGATIONS)}")
     if aggregation == "mean":
         return
-    if topology != "complete" or local_steps != 1 or codec is not None:
-        raise ValueError("aggregation='adacons' combines every rank's gradient at every step: it needs "
-                         f"topology='complete', local_steps=1 and no compression (got topology={topology!r}, "
-                         f"local_steps={local_steps}, compression={codec!r})")
+    if topology != "complete" or codec is not None:
+        raise ValueError("aggregation='adacons' combines the gradients (local_steps=1) or pseudo-gradients "
+                         "(local_steps>1) of every rank: it needs topology='complete' and no compression "
+                         f"(got topology={topology!r}, compression={codec!r})")
+    if local_steps > 1 and stale_weights:
+        raise ValueError("stale_weights applies to per-step gradients (local_steps=1); AdaCons rounds always "
+                         "compute fresh weights")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"adacons_momentum must be a number in [0, 1); got {momentum!r}")
     if guard not in GUARDS:
@@ -134,9 +137,11 @@ class GossipLocalStrategy(DDPStrategy):
         block_size: values per quantization block (one scale and offset each) for ``int8``/``int4``.
         anchor_interval: with compression, every this many rounds is a compressed exact-mean round that
             refreshes the shared anchor (every round for ``complete``).
-        aggregation: ``"mean"``, or ``"adacons"`` (with ``topology="complete"`` and ``local_steps=1``): every
+        aggregation: ``"mean"``, or ``"adacons"`` (with ``topology="complete"``): with ``local_steps=1`` every
             step's gradient is the AdaCons combination of all ranks' gradients instead of their mean
-            (:mod:`lightning_dopt.gradients`).
+            (:mod:`lightning_dopt.gradients`); with ``local_steps > 1`` each round combines the pseudo-gradients
+            ``anchor − x_i`` with AdaCons weights, keeping the mean pseudo-gradient's norm
+            (:class:`~lightning_dopt.rounds.PseudoGradientRounds`).
         adacons_momentum: β of AdaCons' subspace momentum (0 disables it).
         adacons_layerwise: one weight per rank and parameter tensor instead of one per rank.
         adacons_guard: ``"shift"`` or ``"mean"``: what to do with negative coefficients or a sum ≤ eps.
@@ -244,12 +249,16 @@ class GossipLocalStrategy(DDPStrategy):
         if self.world_size > 1:
             self._comm = Communicator()
             self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
-                                     codec=self._codec, anchor_interval=self.anchor_interval)
+                                     codec=self._codec, anchor_interval=self.anchor_interval,
+                                     round_combiner=self._round_combiner())
             sidecar = self._restored.get("sidecar") if fitting and self._restored else None
             if sidecar is None:
                 self._sync.broadcast_(src=0)
-            elif self._sync.compression is not None:
-                self._sync.compression.load_state_dict(sidecar["compression"])
+            else:
+                if self._sync.compression is not None:
+                    self._sync.compression.load_state_dict(sidecar["compression"])
+                if self._sync.pseudo_gradients is not None:
+                    self._sync.pseudo_gradients.load_state_dict(sidecar["pseudo_gradients"])
             if sidecar is not None:
                 self._restored_combiners = dict(sidecar["aggregation"])
         if fitting:
@@ -263,6 +272,15 @@ class GossipLocalStrategy(DDPStrategy):
                 self._steps, self._round = self._restored["steps"], self._restored["round"]
                 if self._comm is not None and self._restored.get("sidecar"):
                     self._comm.stats.load_state_dict(self._restored["sidecar"]["comm_stats"])
+
+    def _round_combiner(self) -> AdaConsCombiner | None:
+        """AdaCons on pseudo-gradients at rounds (``aggregation="adacons"`` with ``local_steps > 1``)."""
+        if self.aggregation != "adacons" or self.local_steps == 1:
+            return None
+        assert self._comm is not None and self.model is not None
+        sizes = [p.numel() for p in self.model.parameters() if p.is_floating_point()]
+        return AdaConsCombiner(self._comm, sizes if self.adacons_layerwise else None, self.adacons_momentum,
+                               self.adacons_guard, preserve_scale=True, stale_weights=False, purpose="round")
 
     def configure_ddp(self) -> None:
         """Never wrap in DDP: :meth:`setup` handles the model (kept for callers of the DDP API)."""
@@ -466,6 +484,8 @@ class GossipLocalStrategy(DDPStrategy):
                 "compression": self._sync.compression.state_dict() if self._sync.compression else None,
                 "aggregation": {index: combiner.combiner.state_dict()
                                 for index, combiner in self._grad_combiners.items()},
+                "pseudo_gradients": self._sync.pseudo_gradients.state_dict() if self._sync.pseudo_gradients
+                else None,
             }
             fs = get_filesystem(filepath)
             fs.makedirs(os.path.dirname(filepath) or ".", exist_ok=True)

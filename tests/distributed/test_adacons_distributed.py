@@ -123,3 +123,37 @@ def test_bytes_per_step_are_two_gradient_allreduces_or_one_with_stale_weights(
     stale = records[0]["stale/False"]["outputs"][1][1]
     assert full == 2 * ring_allreduce_bytes(gradient_bytes, world_size) + ring_allreduce_bytes(table, world_size)
     assert stale == ring_allreduce_bytes(gradient_bytes, world_size) + ring_allreduce_bytes(table, world_size)
+
+
+def _pseudo_gradient_round(rank: int, world_size: int, layerwise: bool) -> dict[str, Any]:
+    from lightning_dopt.gradients import AdaConsCombiner
+    from lightning_dopt.rounds import ReplicaSync
+
+    model = _model()
+    comm = Communicator()
+    sizes = [p.numel() for p in model.parameters()] if layerwise else None
+    combiner = AdaConsCombiner(comm, sizes, momentum=0.0, guard="shift", preserve_scale=True, stale_weights=False,
+                               purpose="round")
+    sync = ReplicaSync(model, comm, "complete", seed=0, round_combiner=combiner)
+    sync.broadcast_()
+    anchor = torch.cat([p.detach().flatten() for p in model.parameters()])
+    with torch.no_grad():
+        for param, step in zip(model.parameters(), _gradients(0, rank, anti_aligned=False)):
+            param.sub_(0.1 * step)  # local progress since the anchor
+    local = torch.cat([p.detach().flatten() for p in model.parameters()])
+    sync.gossip_round(0)
+    return {"anchor": anchor, "local": local, "after": torch.cat([p.detach().flatten() for p in model.parameters()])}
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_adacons_round_combines_pseudo_gradients_like_the_reference(layerwise: bool) -> None:
+    records = run_ranks(_pseudo_gradient_round, 3, layerwise, timeout=150)
+    anchor = records[0]["anchor"]
+    pseudo_gradients = torch.stack([anchor - record["local"] for record in records])
+    expected = anchor - adacons_reference(pseudo_gradients, layer_sizes=[35, 5, 15, 3] if layerwise else None,
+                                          preserve_scale=True)
+    for record in records:
+        assert torch.allclose(record["after"], expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(record["after"], records[0]["after"])
+    mean_step = pseudo_gradients.mean(0).norm()
+    assert torch.isclose((anchor - records[0]["after"]).norm(), mean_step, rtol=1e-5)

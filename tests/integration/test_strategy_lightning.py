@@ -79,8 +79,9 @@ def test_import_registers_all_names_idempotently() -> None:
     ({"compression": "int8", "block_size": 3}, "block_size"),
     ({"compression": "int8", "anchor_interval": 0}, "anchor_interval must be an integer >= 1"),
     ({"aggregation": "median"}, "valid choices: mean, adacons"),
-    ({"aggregation": "adacons"}, "needs topology='complete', local_steps=1"),
-    ({"aggregation": "adacons", "topology": "complete", "local_steps": 4}, "needs topology='complete', local_steps=1"),
+    ({"aggregation": "adacons"}, "needs topology='complete' and no compression"),
+    ({"aggregation": "adacons", "topology": "complete", "local_steps": 4, "stale_weights": True},
+     "stale_weights applies to per-step gradients"),
     ({"aggregation": "adacons", "topology": "complete", "adacons_guard": "clip"}, "valid choices: shift, mean"),
     ({"aggregation": "adacons", "topology": "complete", "adacons_momentum": 1.0}, r"in \[0, 1\)"),
     ({"aggregation": "adacons", "topology": "complete", "stale_weights": True, "preserve_scale": True},
@@ -167,16 +168,22 @@ def test_batchnorm_statistics_are_averaged_at_rounds(tmp_path: Path, average_buf
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("compression", [None, "int8", "bf16"])
-def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, compression: str | None) -> None:
-    """With compression the sidecar also carries the anchor, the rounding RNG and the error-feedback residual."""
+@pytest.mark.parametrize("options", [
+    {"topology": "random"},
+    {"topology": "random", "compression": "int8", "anchor_interval": 2},
+    {"topology": "random", "compression": "bf16", "anchor_interval": 2},
+    {"topology": "complete", "aggregation": "adacons", "adacons_momentum": 0.5},
+], ids=["fp32", "int8", "bf16", "adacons_rounds"])
+def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, options: dict[str, Any]) -> None:
+    """The sidecar also carries the compression anchor, rounding RNG and error-feedback residual, and the AdaCons
+    round anchor and momentum."""
 
     def run(out: Path, ckpt_path: str | None = None) -> None:
         out.mkdir()
         L.seed_everything(1)
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1,
                                      save_on_train_epoch_end=True)
-        strategy = spawn(local_steps=3, topology="random", compression=compression, anchor_interval=2)
+        strategy = spawn(local_steps=3, **options)
         trainer = make_trainer(tmp_path, strategy, max_epochs=2,
                                enable_checkpointing=True, callbacks=[checkpoint, Recorder(str(out))])
         trainer.fit(RegressionModel(), ckpt_path=ckpt_path)
