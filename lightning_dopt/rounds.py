@@ -10,8 +10,8 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
   ``x̄`` is preserved (exactly for ½/½ pairs: both ends compute the same sum of the same two halves, so
   they end bitwise equal). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
   ``complete`` uses one all-reduce instead (``2(n-1)/n · P``).
-* With AdaCons rounds (:class:`PseudoGradientRounds`, ``complete`` only) a round combines the pseudo-gradients
-  ``Δ_i = a − x_i`` with AdaCons weights instead of averaging them.
+* With AdaCons rounds or an outer optimizer (:class:`PseudoGradientRounds`, ``complete`` only) a round combines
+  the pseudo-gradients ``Δ_i = a − x_i`` (mean or AdaCons) and steps the shared anchor ``a`` with them.
 * :meth:`ReplicaSync.average_` sets every replica to ``x̄`` (all-reduce) and counters to their maximum;
   :meth:`ReplicaSync.average_buffers_` does it for the floating-point buffers alone.
 * :meth:`ReplicaSync.swap_in_average` / :meth:`ReplicaSync.restore_local` put ``x̄`` into the module for
@@ -22,7 +22,7 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -47,7 +47,8 @@ class ReplicaSync:
 
     def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
-                 round_combiner: AdaConsCombiner | None = None) -> None:
+                 round_combiner: AdaConsCombiner | None = None,
+                 outer_optimizer: OuterOptimizerFactory | None = None) -> None:
         averaged = [p for p in module.parameters() if _is_averaged(p)]
         if average_buffers:
             averaged += [b for b in module.buffers() if _is_averaged(b)]
@@ -65,10 +66,12 @@ class ReplicaSync:
         self._toggled = False
         self.anchor_interval = anchor_interval
         self.compression = AnchoredCompression(self.state, comm, codec, seed) if codec is not None else None
-        if round_combiner is not None and (codec is not None or topology != "complete"):
-            raise ValueError("AdaCons rounds combine pseudo-gradients of all ranks: they need topology='complete' "
-                             "and no compression")
-        self.pseudo_gradients = PseudoGradientRounds(module, round_combiner) if round_combiner is not None else None
+        self.pseudo_gradients: PseudoGradientRounds | None = None
+        if round_combiner is not None or outer_optimizer is not None:
+            if codec is not None or topology != "complete":
+                raise ValueError("AdaCons rounds and outer optimizers combine the pseudo-gradients of all ranks: "
+                                 "they need topology='complete' and no compression")
+            self.pseudo_gradients = PseudoGradientRounds(module, comm, round_combiner, outer_optimizer)
 
     @torch.no_grad()
     def broadcast_(self, src: int = 0) -> None:
@@ -344,26 +347,40 @@ class AnchoredCompression:
                 for k in range(self.comm.world_size)]
 
 
+OuterOptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
+
+
+def diloco_outer_optimizer(params: list[Tensor]) -> torch.optim.Optimizer:
+    """DiLoCo's published outer optimizer (Douillard et al., 2023): SGD, Nesterov momentum 0.9, learning rate 0.7."""
+    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+
+
 class PseudoGradientRounds:
-    """Local SGD rounds that combine pseudo-gradients with AdaCons instead of averaging the replicas.
+    """Rounds that combine pseudo-gradients and step the shared anchor (``complete`` topology only).
 
-    With ``a`` the parameters after the previous round (identical on every rank) and ``Δ_i = a − x_i`` rank
-    ``i``'s pseudo-gradient (its progress since then, negated)::
+    With ``a`` the parameters after the previous round (identical on every rank) and ``Δ_i = a − x_i`` rank ``i``'s
+    pseudo-gradient (its progress since then, negated)::
 
-        Δ̂ = AdaCons(Δ_1, …, Δ_n) · ‖Δ̄‖ / ‖AdaCons(…)‖,    x_i ← a − Δ̂,    a ← x_i
+        Δ̂ = mean_i Δ_i                         (one all-reduce)   or
+        Δ̂ = AdaCons(Δ_1, …, Δ_n) · ‖Δ̄‖ / ‖AdaCons(…)‖     (two all-reduces and n·T coefficients)
+        a ← a − Δ̂                               without an outer optimizer (Local SGD when Δ̂ is the mean), or
+        a ← outer_step(a, grad=Δ̂)               e.g. DiLoCo: Nesterov SGD, lr 0.7, momentum 0.9
+        x_i ← a
 
-    The rescaling (the combiner's ``preserve_scale``) is required here: a pseudo-gradient's length is how far the
-    replicas moved, and AdaCons alone returns a vector of norm ≤ 1. Plain averaging is ``Δ̂ = Δ̄``. Cost per
-    round: two ring all-reduces of the parameters and one of ``n·T`` coefficients (floating buffers are averaged
-    separately by the caller).
+    The AdaCons rescaling (the combiner's ``preserve_scale``) is required: a pseudo-gradient's length is how far the
+    replicas moved, and AdaCons alone returns a vector of norm ≤ 1. The outer optimizer acts on one flat fp32 copy
+    of the parameters, so its state is as large as the model. Floating buffers are averaged by the caller.
     """
 
-    def __init__(self, module: nn.Module, combiner: AdaConsCombiner) -> None:
-        if not combiner.preserve_scale or combiner.stale_weights:
+    def __init__(self, module: nn.Module, comm: Communicator, combiner: AdaConsCombiner | None = None,
+                 outer_optimizer: OuterOptimizerFactory | None = None) -> None:
+        if combiner is not None and (not combiner.preserve_scale or combiner.stale_weights):
             raise ValueError("AdaCons rounds need preserve_scale=True and stale_weights=False")
         self.params = [p for p in module.parameters() if p.is_floating_point()]
+        self.comm = comm
         self.combiner = combiner
         self.anchor = self._flat()
+        self.outer = outer_optimizer([self.anchor]) if outer_optimizer is not None else None
 
     def _flat(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1).float() for p in self.params])
@@ -376,14 +393,27 @@ class PseudoGradientRounds:
     @torch.no_grad()
     def round_(self) -> None:
         pseudo_gradient = self.anchor - self._flat()
-        self.combiner.combine_(pseudo_gradient)
-        self.anchor.sub_(pseudo_gradient)
+        if self.combiner is not None:
+            self.combiner.combine_(pseudo_gradient)
+        else:
+            self.comm.all_reduce_([pseudo_gradient], purpose="round", op="mean")
+        if self.outer is None:
+            self.anchor.sub_(pseudo_gradient)
+        else:
+            self.anchor.grad = pseudo_gradient
+            self.outer.step()
+            self.anchor.grad = None
         for param, value in zip(self.params, self.anchor.split([p.numel() for p in self.params])):
             param.copy_(value.view_as(param))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor.clone(), "combiner": self.combiner.state_dict()}
+        return {"anchor": self.anchor.clone(),
+                "combiner": self.combiner.state_dict() if self.combiner is not None else None,
+                "outer": self.outer.state_dict() if self.outer is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchor.copy_(state["anchor"])
-        self.combiner.load_state_dict(state["combiner"])
+        if self.combiner is not None:
+            self.combiner.load_state_dict(state["combiner"])
+        if self.outer is not None:
+            self.outer.load_state_dict(state["outer"])

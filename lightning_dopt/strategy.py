@@ -43,7 +43,7 @@ from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
-from lightning_dopt.rounds import ReplicaSync
+from lightning_dopt.rounds import OuterOptimizerFactory, ReplicaSync, diloco_outer_optimizer
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -91,6 +91,28 @@ def _check_aggregation(aggregation: str, topology: str, local_steps: int, codec:
     if stale_weights and preserve_scale:
         raise ValueError("stale_weights=True cannot preserve the mean gradient's scale (the mean is never computed "
                          "in that mode): use preserve_scale=False with a scale-invariant optimizer such as Adam")
+
+
+def _outer_optimizer_factory(outer_optimizer: str | OuterOptimizerFactory | None, topology: str,
+                             codec: Codec | None, aggregation: str, local_steps: int) -> OuterOptimizerFactory | None:
+    if outer_optimizer is None:
+        return None
+    if isinstance(outer_optimizer, str):
+        if outer_optimizer != "diloco":
+            raise ValueError(f"unknown outer_optimizer {outer_optimizer!r}; valid choices: None, 'diloco', or a "
+                             "callable that builds a torch.optim.Optimizer from a list of tensors")
+        factory: OuterOptimizerFactory = diloco_outer_optimizer
+    elif callable(outer_optimizer):
+        factory = outer_optimizer
+    else:
+        raise ValueError(f"outer_optimizer must be None, 'diloco' or a callable; got {outer_optimizer!r}")
+    if topology != "complete" or codec is not None:
+        raise ValueError("an outer optimizer steps on the average pseudo-gradient of all ranks: it needs "
+                         f"topology='complete' and no compression (got topology={topology!r}, compression={codec!r})")
+    if aggregation == "adacons" and local_steps == 1:
+        raise ValueError("aggregation='adacons' with local_steps=1 combines gradients every step and has no rounds "
+                         "for an outer optimizer to act on: use local_steps > 1")
+    return factory
 
 
 class _CheckedSubprocessLauncher(_SubprocessScriptLauncher):
@@ -147,6 +169,10 @@ class GossipLocalStrategy(DDPStrategy):
         adacons_guard: ``"shift"`` or ``"mean"``: what to do with negative coefficients or a sum ≤ eps.
         preserve_scale: rescale the AdaCons gradient to the norm of the mean gradient (use it with plain SGD).
         stale_weights: reuse the previous step's AdaCons weights: one gradient all-reduce per step instead of two.
+        outer_optimizer: with ``topology="complete"``: ``"diloco"`` (SGD, Nesterov momentum 0.9, lr 0.7) or a
+            factory ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=1.0)``;
+            picklable for the spawn launcher). Each round then steps a shared anchor with the pseudo-gradient
+            ``anchor − mean_i x_i`` (DiLoCo) and sets every replica to it.
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -171,6 +197,7 @@ class GossipLocalStrategy(DDPStrategy):
         adacons_guard: str = "shift",
         preserve_scale: bool = False,
         stale_weights: bool = False,
+        outer_optimizer: str | OuterOptimizerFactory | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -192,6 +219,7 @@ class GossipLocalStrategy(DDPStrategy):
         codec = make_codec(compression, block_size=block_size)
         _check_aggregation(aggregation, topology, local_steps, codec, adacons_momentum, adacons_guard,
                            preserve_scale, stale_weights)
+        outer_factory = _outer_optimizer_factory(outer_optimizer, topology, codec, aggregation, local_steps)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -216,6 +244,8 @@ class GossipLocalStrategy(DDPStrategy):
         self.adacons_guard = adacons_guard
         self.preserve_scale = preserve_scale
         self.stale_weights = stale_weights
+        self.outer_optimizer = outer_optimizer
+        self._outer_factory = outer_factory
         # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
         self._steps = 0
         self._round = 0
@@ -250,7 +280,7 @@ class GossipLocalStrategy(DDPStrategy):
             self._comm = Communicator()
             self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
                                      codec=self._codec, anchor_interval=self.anchor_interval,
-                                     round_combiner=self._round_combiner())
+                                     round_combiner=self._round_combiner(), outer_optimizer=self._outer_factory)
             sidecar = self._restored.get("sidecar") if fitting and self._restored else None
             if sidecar is None:
                 self._sync.broadcast_(src=0)

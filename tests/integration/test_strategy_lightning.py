@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -86,6 +87,9 @@ def test_import_registers_all_names_idempotently() -> None:
     ({"aggregation": "adacons", "topology": "complete", "adacons_momentum": 1.0}, r"in \[0, 1\)"),
     ({"aggregation": "adacons", "topology": "complete", "stale_weights": True, "preserve_scale": True},
      "cannot preserve"),
+    ({"outer_optimizer": "adam"}, "valid choices: None, 'diloco'"),
+    ({"outer_optimizer": "diloco"}, "needs topology='complete' and no compression"),
+    ({"outer_optimizer": "diloco", "topology": "complete", "aggregation": "adacons"}, "use local_steps > 1"),
 ])
 def test_bad_options_raise_value_error_naming_valid_choices(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -124,6 +128,15 @@ def test_warmup_covering_the_run_equals_ddp(tmp_path: Path, ddp_state: dict[str,
                                             topology: str) -> None:
     ours = fitted_state(tmp_path, spawn(local_steps=4, topology=topology, warmup_steps=20))
     assert max_difference(ours, ddp_state) <= 1e-5
+
+
+def test_outer_sgd_with_unit_lr_and_no_momentum_equals_local_sgd(tmp_path: Path) -> None:
+    local_sgd = fitted_state(tmp_path / "plain", spawn(local_steps=4, topology="complete"))
+    outer = fitted_state(tmp_path / "outer", spawn(local_steps=4, topology="complete",
+                                                   outer_optimizer=functools.partial(torch.optim.SGD, lr=1.0)))
+    diloco = fitted_state(tmp_path / "diloco", spawn(local_steps=4, topology="complete", outer_optimizer="diloco"))
+    assert max_difference(outer, local_sgd) <= 1e-6
+    assert max_difference(diloco, local_sgd) > 1e-4, "the Nesterov outer step must change the trajectory"
 
 
 def test_gossip_without_warmup_differs_from_ddp(tmp_path: Path, ddp_state: dict[str, torch.Tensor]) -> None:
@@ -173,7 +186,8 @@ def test_batchnorm_statistics_are_averaged_at_rounds(tmp_path: Path, average_buf
     {"topology": "random", "compression": "int8", "anchor_interval": 2},
     {"topology": "random", "compression": "bf16", "anchor_interval": 2},
     {"topology": "complete", "aggregation": "adacons", "adacons_momentum": 0.5},
-], ids=["fp32", "int8", "bf16", "adacons_rounds"])
+    {"topology": "complete", "outer_optimizer": "diloco"},
+], ids=["fp32", "int8", "bf16", "adacons_rounds", "diloco"])
 def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, options: dict[str, Any]) -> None:
     """The sidecar also carries the compression anchor, rounding RNG and error-feedback residual, and the AdaCons
     round anchor and momentum."""

@@ -1,0 +1,371 @@
+"""Diagonal preconditioners for local methods with adaptivity via scaling (SAVIC, arXiv 2406.00846). Pure tensor math.
+
+Every local step on every rank is a scaled SGD step with ONE diagonal preconditioner ``D`` shared by all ranks::
+
+    x ← x − γ · D⁻¹ g                                  (elementwise: x_i ← x_i − γ g_i / D_i)
+
+The strategy calls :meth:`Preconditioner.accumulate` with this rank's gradient after each backward (this updates
+the rank's *statistics* ``v``, not ``D``), then :meth:`Preconditioner.apply_` (``g ← g / D`` in place) before clipping
+and the user's optimizer (plain SGD, possibly with momentum). At a synchronization round it averages
+:meth:`Preconditioner.statistics` across ranks like the parameters and calls :meth:`Preconditioner.refresh`, which
+recomputes ``D`` from the averaged statistics. The families, with ``t`` the number of accumulate calls so far (the
+same on every rank) and all arithmetic elementwise::
+
+    adam     v ← β v + (1 − β) g²           D = sqrt(max(v, 0) / (1 − βᵗ)) + eps      (bias-corrected)
+    rmsprop  v ← β v + (1 − β) g²           D = sqrt(max(v, 0)) + eps                  (no bias correction)
+    oasis    v ← β v + (1 − β) z ⊙ (H z)    D = max(|v| / (1 − βᵗ), alpha_min)        (bias-corrected)
+
+Defaults: ``β = 0.999``, ``eps = 1e-8``, ``alpha_min = 1e-4``. The exact constants and the exact UPDATE rule of
+2406.00846 were not available (``research/algorithms.md`` §3.2); these are the standard Adam (second moment only,
+no first-moment momentum, as in the "Adam-type scaling" analyses), RMSProp and OASIS (Jahani et al., ICLR 2022)
+families. For OASIS, ``z`` is a Rademacher vector and ``z ⊙ (H z)`` a one-sample Hutchinson estimate of the
+Hessian diagonal (unbiased: ``E[z_i Σ_j H_ij z_j] = H_ii``); see :func:`hutchinson_diagonal`,
+:func:`hessian_vector_product` and :func:`finite_difference_hvp`. The estimates can be negative (non-convex
+curvature), hence ``|v|``. OASIS is bias-corrected like Adam, as a replacement for the paper's warm-up estimate of
+``D₀``: without it, after the first local phase of ``H`` steps ``v ≈ (1 − β^H)·diag(H)`` (0.8 % of the curvature
+for ``H = 8, β = 0.999``) and the steps would be over a hundred times too long. ``max(v, 0)`` in Adam/RMSProp only
+matters for averaged statistics that went slightly negative (e.g. after a lossy codec); it keeps ``D`` finite.
+Floors: ``D ≥ eps`` (adam, rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the statistics.
+
+``D`` is FROZEN within a local phase: it changes only in :meth:`~Preconditioner.refresh` and
+:meth:`~Preconditioner.load_state_dict`, never in ``accumulate``. Until the first refresh after at least one
+accumulate, ``D = 1`` (identity: plain local SGD). Why frozen and shared: with the same ``D`` on every rank the step
+is linear in the gradient, so the average of the replicas moves exactly as ``x̄ ← x̄ − γ D⁻¹ ḡ``, a centralized
+scaled SGD step with the averaged gradient, and averaging the models at a round is consistent with that method. If
+each rank scaled by its own, continuously updated ``D_m`` (common "Local Adam"), the average would move by
+``−γ · mean_m(D_m⁻¹ g_m)``, which is not a scaled method for any single preconditioner.
+
+Communication: the statistics are as large as the model (one value per parameter, fp32; fp64 for fp64 parameters).
+Folded into the round's message they double its size for an fp32 model (triple it for a bf16 model). With an
+all-reduce every rank gets the exact mean, so ``D`` is identical on all ranks. With gossip (pairwise averaging) the
+statistics are only pulled together, so ``D`` is identical only approximately (exactly at consensus of the
+statistics), and the consistency argument above holds only approximately too.
+
+Precision: statistics and ``D`` are fp32 (fp64 for fp64 parameters) even when parameters and gradients are bf16/fp16;
+``apply_`` divides in fp32 and writes the result back in the gradient's dtype. Non-finite gradients poison the
+statistics (``v`` keeps a NaN forever): do not accumulate on steps a gradient scaler skips, and accumulate unscaled
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+SCALINGS: tuple[str, ...] = ("adam", "rmsprop", "oasis")
+"""Preconditioner family names accepted by :func:`make_preconditioner`."""
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:  # also rejects NaN
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
+    return float(beta)
+
+
+def _check_positive(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half precision and fp32, fp64 for fp64."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"preconditioned parameters must be floating point, got {dtype}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Preconditioner(ABC):
+    """A diagonal preconditioner ``D`` (one tensor per parameter) computed from EMA statistics ``v``.
+
+    ``params`` only fix the shapes, devices and the statistics' dtype; no reference to them is kept. ``eps`` is the
+    floor of ``D`` (for OASIS the floor is ``alpha_min``). See the module docstring for the update rules.
+    """
+
+    name: str
+
+    def __init__(self, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8) -> None:
+        self.beta = _check_beta(beta)
+        self.eps = _check_positive(eps, "eps")
+        params = list(params)
+        for k, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{k}] must be a torch.Tensor, got {type(p).__name__}")
+        self._stats = [torch.zeros(p.shape, dtype=_state_dtype(p.dtype), device=p.device) for p in params]
+        self._diag = [torch.ones_like(v) for v in self._stats]
+        self.steps = 0
+        """Number of accumulate calls (``t`` of the bias correction)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta={self.beta}, floor={self.eps}, tensors={len(self._stats)}, steps={self.steps})"
+
+    def statistics(self) -> list[Tensor]:
+        """The LIVE statistics tensors, one per parameter in the constructor's order and shapes (the same on every
+        rank). Average them in place across ranks before :meth:`refresh`."""
+        return list(self._stats)
+
+    def diagonal(self) -> list[Tensor]:
+        """The LIVE frozen ``D``, one tensor per parameter. :meth:`refresh` overwrites them in place: clone to keep a
+        snapshot; do not modify."""
+        return list(self._diag)
+
+    def _pairs(self, tensors: Sequence[Tensor | None], what: str, targets: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``(given, target)`` lists with the ``None`` entries of ``tensors`` left out; checks count and shapes."""
+        tensors = list(tensors)
+        if len(tensors) != len(targets):
+            raise ValueError(f"{what} got {len(tensors)} tensors for {len(targets)} parameters")
+        given, matched = [], []
+        for k, (x, target) in enumerate(zip(tensors, targets)):
+            if x is None:
+                continue
+            if x.shape != target.shape:
+                raise ValueError(f"{what}: tensor {k} has shape {tuple(x.shape)}, its parameter {tuple(target.shape)}")
+            given.append(x)
+            matched.append(target)
+        return given, matched
+
+    @torch.no_grad()
+    def _ema_(self, values: Sequence[Tensor | None], what: str, square: bool) -> None:
+        """``v ← β v + (1 − β) x`` (``x = value²`` if ``square``) for every non-``None`` value; counts one step."""
+        given, stats = self._pairs(values, what, self._stats)
+        if given:
+            given = [x.detach().to(v.dtype) for x, v in zip(given, stats)]
+            torch._foreach_mul_(stats, self.beta)
+            if square:
+                torch._foreach_addcmul_(stats, given, given, value=1.0 - self.beta)
+            else:
+                torch._foreach_add_(stats, given, alpha=1.0 - self.beta)
+        self.steps += 1
+
+    def accumulate(self, grads: Sequence[Tensor | None]) -> None:
+        """This rank's statistics update from its local gradients (one call per optimizer step): ``v ← β v +
+        (1 − β) g²``. ``None`` entries (unused parameters) leave their statistics unchanged. ``D`` is not touched."""
+        self._ema_(grads, "accumulate", square=True)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """``D ← f(v)`` in place; ``D`` then stays frozen until the next refresh. ``D = 1`` while no step was
+        accumulated."""
+        if not self._diag:
+            return
+        if self.steps == 0:
+            for d in self._diag:
+                d.fill_(1.0)
+            return
+        torch._foreach_copy_(self._diag, self._stats)
+        self._diagonal_from_statistics_(self._diag)
+
+    @abstractmethod
+    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+        """Turn ``d`` (a copy of the statistics) into the diagonal, in place, floor included."""
+
+    def _bias_correction(self) -> float:
+        return 1.0 - self.beta ** self.steps
+
+    @torch.no_grad()
+    def apply_(self, grads: Sequence[Tensor | None]) -> None:
+        """``g ← g / D`` in place with the frozen ``D`` (computed in the statistics' dtype, written back in the
+        gradient's dtype). ``None`` entries are skipped."""
+        given, diag = self._pairs(grads, "apply_", self._diag)
+        same = [(g, d) for g, d in zip(given, diag) if g.dtype == d.dtype]
+        mixed = [(g, d) for g, d in zip(given, diag) if g.dtype != d.dtype]
+        if same:
+            torch._foreach_div_([g for g, _ in same], [d for _, d in same])
+        if mixed:
+            gs = [g for g, _ in mixed]
+            torch._foreach_copy_(gs, torch._foreach_div(gs, [d for _, d in mixed]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"name", "steps", "statistics", "diagonal"}``; the tensors are the live ones (like ``torch.optim``)."""
+        return {"name": self.name, "steps": self.steps, "statistics": list(self._stats), "diagonal": list(self._diag)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy statistics, ``D`` and the step counter from :meth:`state_dict` output (same family and shapes)."""
+        expected = {"name", "steps", "statistics", "diagonal"}
+        if not isinstance(state, dict) or set(state) != expected:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"preconditioner state must be a dict with keys {sorted(expected)}, got {keys}")
+        if state["name"] != self.name:
+            raise ValueError(f"preconditioner state is for {state['name']!r}, this preconditioner is {self.name!r}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"preconditioner state 'steps' must be an int >= 0, got {steps!r}")
+        for key, targets in (("statistics", self._stats), ("diagonal", self._diag)):
+            tensors = list(state[key])
+            if len(tensors) != len(targets) or any(x is None for x in tensors):
+                raise ValueError(f"preconditioner state '{key}' must hold {len(targets)} tensors")
+            self._pairs(tensors, f"load_state_dict '{key}'", targets)
+        for key, targets in (("statistics", self._stats), ("diagonal", self._diag)):
+            for target, x in zip(targets, state[key]):
+                target.copy_(x)
+        self.steps = steps
+
+
+class AdamScaling(Preconditioner):
+    """``v ← β v + (1 − β) g²``, ``D = sqrt(max(v, 0) / (1 − βᵗ)) + eps``."""
+
+    name = "adam"
+
+    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+        torch._foreach_clamp_min_(d, 0.0)
+        torch._foreach_div_(d, self._bias_correction())
+        torch._foreach_sqrt_(d)
+        torch._foreach_add_(d, self.eps)
+
+
+class RMSPropScaling(Preconditioner):
+    """``v ← β v + (1 − β) g²``, ``D = sqrt(max(v, 0)) + eps`` (no bias correction: ``D`` underestimates ``|g|``
+    by ``sqrt(1 − βᵗ)`` early on, so early steps are long; prefer a smaller ``β`` or a warm-up)."""
+
+    name = "rmsprop"
+
+    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+        torch._foreach_clamp_min_(d, 0.0)
+        torch._foreach_sqrt_(d)
+        torch._foreach_add_(d, self.eps)
+
+
+class OASISScaling(Preconditioner):
+    """``v ← β v + (1 − β) z ⊙ (H z)`` (Hutchinson), ``D = max(|v| / (1 − βᵗ), alpha_min)``.
+
+    Feed it Hessian-diagonal estimates with :meth:`accumulate_hessian_diagonal`, or let it draw the probe with
+    ``generator`` through :meth:`accumulate_hutchinson`. :meth:`accumulate` (squared gradients) is refused.
+    """
+
+    name = "oasis"
+
+    def __init__(self, params: Sequence[Tensor], beta: float = 0.999, alpha_min: float = 1e-4,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(params, beta, eps=_check_positive(alpha_min, "alpha_min"))
+        self.alpha_min = self.eps
+        self.generator = generator
+
+    def accumulate(self, grads: Sequence[Tensor | None]) -> None:
+        raise TypeError("OASISScaling takes Hessian-diagonal estimates z ⊙ (H z), not gradients: use "
+                        "accumulate_hessian_diagonal(estimates) or accumulate_hutchinson(hvp)")
+
+    def accumulate_hessian_diagonal(self, estimates: Sequence[Tensor | None]) -> None:
+        """``v ← β v + (1 − β) e`` for this rank's estimates ``e`` (e.g. from :func:`hutchinson_diagonal`); ``None``
+        entries leave their statistics unchanged. One call per optimizer step."""
+        self._ema_(estimates, "accumulate_hessian_diagonal", square=False)
+
+    def accumulate_hutchinson(self, hvp: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        """Draw Rademacher probes ``z`` (statistics' shapes and dtype, ``self.generator``) and accumulate
+        ``z ⊙ hvp(z)``."""
+        self.accumulate_hessian_diagonal(hutchinson_diagonal(hvp, self._stats, self.generator))
+
+    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+        torch._foreach_abs_(d)
+        torch._foreach_div_(d, self._bias_correction())
+        torch._foreach_clamp_min_(d, self.alpha_min)
+
+
+def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A tensor of ``tensor``'s shape, dtype and device with entries ±1, each with probability ½ independently.
+
+    Drawn on the generator's device (the tensor's device without a generator), then moved: a CPU generator works
+    for a CUDA tensor, at the cost of one host-to-device copy of an int8 tensor.
+    """
+    device = generator.device if generator is not None else tensor.device
+    bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device, dtype=torch.int8)
+    return bits.to(device=tensor.device, dtype=tensor.dtype).mul_(2).sub_(1)
+
+
+def hutchinson_diagonal(hvp: Callable[[list[Tensor]], list[Tensor]], params: Sequence[Tensor],
+                        generator: torch.Generator | None = None) -> list[Tensor]:
+    """One-sample Hutchinson estimate ``z ⊙ (H z)`` of the Hessian diagonal, ``z`` Rademacher like each parameter.
+
+    ``hvp(z_list)`` must return ``H z`` as a list of the same length (see :func:`hessian_vector_product`,
+    :func:`finite_difference_hvp`). Unbiased, with per-coordinate variance ``Σ_{j≠i} H_ij²``.
+    """
+    probes = [rademacher_like(p, generator) for p in params]
+    products = list(hvp(probes))
+    if len(products) != len(probes):
+        raise ValueError(f"hvp returned {len(products)} tensors for {len(probes)} probes")
+    return [z * hz for z, hz in zip(probes, products)]
+
+
+def hessian_vector_product(loss_fn: Callable[[], Tensor], params: Sequence[Tensor],
+                           vectors: Sequence[Tensor]) -> list[Tensor]:
+    """Exact ``H v`` by double backward: ``∇_x ⟨∇f(x), v⟩`` with ``f = loss_fn()`` re-evaluated here.
+
+    Parameters that ``f`` does not depend on (or only linearly) get zeros. For tests and single-process use: it needs
+    the loss's graph, which an optimizer closure that already ran backward does not keep.
+    """
+    params, vectors = list(params), list(vectors)
+    if len(vectors) != len(params):
+        raise ValueError(f"got {len(vectors)} vectors for {len(params)} parameters")
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True, allow_unused=True)
+        terms = [(g * v).sum() for g, v in zip(grads, vectors) if g is not None and g.requires_grad]
+        if not terms:
+            return [torch.zeros_like(p) for p in params]
+        products = torch.autograd.grad(torch.stack(terms).sum(), params, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, products)]
+
+
+def finite_difference_hvp(grad_fn: Callable[[], list[Tensor]], params: Sequence[Tensor], vectors: Sequence[Tensor],
+                          step: float = 1e-3) -> list[Tensor]:
+    """Central difference ``H v ≈ (∇f(x + h v) − ∇f(x − h v)) / (2h)``, for where only gradients are available.
+
+    ``grad_fn()`` must return the gradients at the parameters' current values (``None`` for unused ones, read as
+    zero); it is called twice, at ``x + h v`` and ``x − h v``, and what it returns is copied at once (returning the
+    live ``p.grad`` tensors is fine). The parameters are restored bitwise afterwards, also if ``grad_fn`` raises;
+    ``p.grad`` is left as the last call set it. The error is ``O(h²)`` times the third derivative plus rounding
+    ``O(ulp(∇f) / h)``; the result is in at least fp32. Parameters must be fp32 or fp64: in bf16/fp16 a step of
+    ``1e-3`` is mostly rounded away (bf16 spacing at 1.0 is ``2⁻⁷``) and ``H v`` would come out as zero.
+    """
+    params, vectors = list(params), list(vectors)
+    if len(vectors) != len(params):
+        raise ValueError(f"got {len(vectors)} vectors for {len(params)} parameters")
+    h = _check_positive(step, "step")
+    for p in params:
+        if p.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"finite_difference_hvp needs fp32 or fp64 parameters, got {p.dtype}: a step of {h} is "
+                             "rounded away in half precision")
+
+    def gradients() -> list[Tensor]:
+        grads = list(grad_fn())
+        if len(grads) != len(params):
+            raise ValueError(f"grad_fn returned {len(grads)} gradients for {len(params)} parameters")
+        return [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None
+                else g.detach().to(torch.promote_types(g.dtype, torch.float32), copy=True) for p, g in zip(params, grads)]
+
+    originals = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, v in zip(params, vectors):
+                p.add_(v, alpha=h)
+        plus = gradients()
+        with torch.no_grad():
+            for p, x, v in zip(params, originals, vectors):
+                p.copy_(x).sub_(v, alpha=h)
+        minus = gradients()
+    finally:
+        with torch.no_grad():
+            for p, x in zip(params, originals):
+                p.copy_(x)
+    return [(gp - gm).div_(2.0 * h) for gp, gm in zip(plus, minus)]
+
+
+def make_preconditioner(name: str, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8,
+                        alpha_min: float = 1e-4, generator: torch.Generator | None = None) -> Preconditioner:
+    """The preconditioner family ``name`` (one of :data:`SCALINGS`) for ``params``. All of ``beta``, ``eps`` and
+    ``alpha_min`` are validated whichever family uses them (``eps`` by adam/rmsprop; ``alpha_min`` and
+    ``generator`` by oasis)."""
+    if name not in SCALINGS:
+        raise ValueError(f"unknown scaling {name!r}; valid choices: {', '.join(SCALINGS)}")
+    _check_beta(beta)
+    _check_positive(eps, "eps")
+    _check_positive(alpha_min, "alpha_min")
+    if name == "adam":
+        return AdamScaling(params, beta, eps)
+    if name == "rmsprop":
+        return RMSPropScaling(params, beta, eps)
+    return OASISScaling(params, beta, alpha_min, generator)
