@@ -48,7 +48,7 @@ class ReplicaSync:
     def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
                  round_combiner: AdaConsCombiner | None = None,
-                 outer_optimizer: OuterOptimizerFactory | None = None) -> None:
+                 outer_optimizer: OuterOptimizerFactory | None = None, extra_state: Sequence[Tensor] = ()) -> None:
         averaged = [p for p in module.parameters() if _is_averaged(p)]
         if average_buffers:
             averaged += [b for b in module.buffers() if _is_averaged(b)]
@@ -61,11 +61,16 @@ class ReplicaSync:
         self.seed = seed
         self._work = self.state.new_buffers()
         self._backup = self.state.new_buffers()
+        # Rounds mix the replica state plus ``extra_state`` (e.g. preconditioner statistics) in the same messages;
+        # evaluation, exact averages and the consensus distance concern the replica state alone.
+        self.extra = FlatState(list(extra_state))
+        self.round_state = FlatState(averaged + list(extra_state)) if extra_state else self.state
+        self._round_work = self.round_state.new_buffers() if extra_state else self._work
         self._received: list[list[Tensor]] = []
         self.swapped = False
         self._toggled = False
         self.anchor_interval = anchor_interval
-        self.compression = AnchoredCompression(self.state, comm, codec, seed) if codec is not None else None
+        self.compression = AnchoredCompression(self.round_state, comm, codec, seed) if codec is not None else None
         self.pseudo_gradients: PseudoGradientRounds | None = None
         if round_combiner is not None or outer_optimizer is not None:
             if codec is not None or topology != "complete":
@@ -91,32 +96,37 @@ class ReplicaSync:
         comm = self.comm
         compression = self.compression
         refresh = self.topology == "complete" or round_index % self.anchor_interval == self.anchor_interval - 1
+        state, work = self.round_state, self._round_work
         if self.pseudo_gradients is not None:
             self.pseudo_gradients.round_()
             self.average_buffers_("round")
+            if self.extra.tensors:
+                extra = self.extra.pack(self.extra.new_buffers())
+                comm.all_reduce_(extra, purpose="round", op="mean")
+                self.extra.unpack(extra)
         elif compression is not None and refresh:
-            compression.average_round(self.state.pack(self._work))
-            self.state.unpack(self._work)
+            compression.average_round(state.pack(work))
+            state.unpack(work)
         elif self.topology == "complete":
-            comm.all_reduce_(self.state.pack(self._work), purpose="round", op="mean")
-            self.state.unpack(self._work)
+            comm.all_reduce_(state.pack(work), purpose="round", op="mean")
+            state.unpack(work)
         else:
             row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
             if compression is not None and (row.send_to or row.recv_from):
-                compression.graph_round(self.state.pack(self._work), row)
-                self.state.unpack(self._work)
+                compression.graph_round(state.pack(work), row)
+                state.unpack(work)
             elif row.send_to or row.recv_from:
-                sent = self.state.pack(self._work)
+                sent = state.pack(work)
                 received = self._receive_buffers(len(row.recv_from))
                 comm.exchange(sent, row.send_to, received, row.recv_from, purpose="round")
                 for group, target in enumerate(sent):
                     _mix_(target, row.self_weight, [r[group] for r in received], row.recv_weights)
-                self.state.unpack(sent)
+                state.unpack(sent)
         comm.stats.rounds += 1
 
     def _receive_buffers(self, count: int) -> list[list[Tensor]]:
         while len(self._received) < count:
-            self._received.append(self.state.new_buffers())
+            self._received.append(self.round_state.new_buffers())
         return self._received[:count]
 
     @torch.no_grad()
@@ -373,7 +383,7 @@ class PseudoGradientRounds:
     """
 
     def __init__(self, module: nn.Module, comm: Communicator, combiner: AdaConsCombiner | None = None,
-                 outer_optimizer: OuterOptimizerFactory | None = None) -> None:
+                 outer_optimizer: OuterOptimizerFactory | None = None, extra_state: Sequence[Tensor] = ()) -> None:
         if combiner is not None and (not combiner.preserve_scale or combiner.stale_weights):
             raise ValueError("AdaCons rounds need preserve_scale=True and stale_weights=False")
         self.params = [p for p in module.parameters() if p.is_floating_point()]

@@ -102,7 +102,8 @@ class Preconditioner(ABC):
         """Number of accumulate calls (``t`` of the bias correction)."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta}, floor={self.eps}, tensors={len(self._stats)}, steps={self.steps})"
+        return (f"{type(self).__name__}(beta={self.beta}, floor={self.eps}, tensors={len(self._stats)}, "
+                f"steps={self.steps})")
 
     def statistics(self) -> list[Tensor]:
         """The LIVE statistics tensors, one per parameter in the constructor's order and shapes (the same on every
@@ -114,7 +115,8 @@ class Preconditioner(ABC):
         snapshot; do not modify."""
         return list(self._diag)
 
-    def _pairs(self, tensors: Sequence[Tensor | None], what: str, targets: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def _pairs(self, tensors: Sequence[Tensor | None], what: str,
+               targets: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """``(given, target)`` lists with the ``None`` entries of ``tensors`` left out; checks count and shapes."""
         tensors = list(tensors)
         if len(tensors) != len(targets):

@@ -44,6 +44,7 @@ from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
 from lightning_dopt.rounds import OuterOptimizerFactory, ReplicaSync, diloco_outer_optimizer
+from lightning_dopt.scaling import SCALINGS, OASISScaling, Preconditioner, finite_difference_hvp, make_preconditioner
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -115,6 +116,25 @@ def _outer_optimizer_factory(outer_optimizer: str | OuterOptimizerFactory | None
     return factory
 
 
+def _closure_hvp(params: list[torch.Tensor], closure: Callable[[], Any],
+                 vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``H v`` of the step's local loss by central differences of gradients from re-running ``closure``; the
+    parameters and their gradients are restored afterwards."""
+    saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+    def gradients() -> list[torch.Tensor]:
+        for param in params:
+            param.grad = None
+        closure()
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+    try:
+        return finite_difference_hvp(gradients, params, vectors)
+    finally:
+        for param, gradient in zip(params, saved):
+            param.grad = gradient
+
+
 class _CheckedSubprocessLauncher(_SubprocessScriptLauncher):
     """Lightning's popen launcher that validates the model before any process starts."""
 
@@ -173,6 +193,14 @@ class GossipLocalStrategy(DDPStrategy):
             factory ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=1.0)``;
             picklable for the spawn launcher). Each round then steps a shared anchor with the pseudo-gradient
             ``anchor − mean_i x_i`` (DiLoCo) and sets every replica to it.
+        scaling: ``None`` or one of :data:`~lightning_dopt.scaling.SCALINGS` (``"adam"``, ``"rmsprop"``,
+            ``"oasis"``): every local step becomes ``x ← x − γ D⁻¹ g`` (the optimizer sees ``D⁻¹ g``) with a diagonal
+            ``D`` frozen during a local phase and refreshed after each round from statistics mixed in the round's
+            message (identical on every rank with ``complete``, approximately so with gossip). ``D = 1`` until the
+            first round. OASIS estimates ``diag(∇²f)`` with one finite-difference Hutchinson probe per step (two
+            extra forward/backward passes).
+        scaling_beta, scaling_eps, scaling_alpha_min: EMA factor of the statistics, floor of ``D`` for adam/rmsprop,
+            floor for oasis.
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -198,6 +226,10 @@ class GossipLocalStrategy(DDPStrategy):
         preserve_scale: bool = False,
         stale_weights: bool = False,
         outer_optimizer: str | OuterOptimizerFactory | None = None,
+        scaling: str | None = None,
+        scaling_beta: float = 0.999,
+        scaling_eps: float = 1e-8,
+        scaling_alpha_min: float = 1e-4,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -220,6 +252,13 @@ class GossipLocalStrategy(DDPStrategy):
         _check_aggregation(aggregation, topology, local_steps, codec, adacons_momentum, adacons_guard,
                            preserve_scale, stale_weights)
         outer_factory = _outer_optimizer_factory(outer_optimizer, topology, codec, aggregation, local_steps)
+        if scaling is not None:
+            if scaling not in SCALINGS:
+                raise ValueError(f"unknown scaling {scaling!r}; valid choices: None, {', '.join(SCALINGS)}")
+            make_preconditioner(scaling, [], beta=scaling_beta, eps=scaling_eps, alpha_min=scaling_alpha_min)
+            if aggregation == "adacons" and local_steps == 1:
+                raise ValueError("scaling refreshes its preconditioner at rounds, and aggregation='adacons' with "
+                                 "local_steps=1 has none: use local_steps > 1 or aggregation='mean'")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -245,6 +284,11 @@ class GossipLocalStrategy(DDPStrategy):
         self.preserve_scale = preserve_scale
         self.stale_weights = stale_weights
         self.outer_optimizer = outer_optimizer
+        self.scaling = scaling
+        self.scaling_beta = scaling_beta
+        self.scaling_eps = scaling_eps
+        self.scaling_alpha_min = scaling_alpha_min
+        self._preconditioners: list[tuple[list[torch.Tensor], Preconditioner]] = []
         self._outer_factory = outer_factory
         # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
         self._steps = 0
@@ -275,33 +319,62 @@ class GossipLocalStrategy(DDPStrategy):
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._restored_combiners = {}
-        if self.world_size > 1:
-            self._comm = Communicator()
-            self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
-                                     codec=self._codec, anchor_interval=self.anchor_interval,
-                                     round_combiner=self._round_combiner(), outer_optimizer=self._outer_factory)
-            sidecar = self._restored.get("sidecar") if fitting and self._restored else None
-            if sidecar is None:
-                self._sync.broadcast_(src=0)
-            else:
-                if self._sync.compression is not None:
-                    self._sync.compression.load_state_dict(sidecar["compression"])
-                if self._sync.pseudo_gradients is not None:
-                    self._sync.pseudo_gradients.load_state_dict(sidecar["pseudo_gradients"])
-            if sidecar is not None:
-                self._restored_combiners = dict(sidecar["aggregation"])
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+        sidecar = self._restored.get("sidecar") if fitting and self._restored else None
+        self._restored_combiners = dict(sidecar["aggregation"]) if sidecar else {}
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self._steps, self._round = 0, 0
             self._grad_averagers, self._grad_combiners = {}, {}
+            self._preconditioners = self._build_preconditioners(trainer)
             if self._restored:
                 self._steps, self._round = self._restored["steps"], self._restored["round"]
-                if self._comm is not None and self._restored.get("sidecar"):
-                    self._comm.stats.load_state_dict(self._restored["sidecar"]["comm_stats"])
+        if self.world_size > 1:
+            self._comm = Communicator()
+            statistics = [t for _, preconditioner in self._preconditioners for t in preconditioner.statistics()]
+            self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
+                                     codec=self._codec, anchor_interval=self.anchor_interval,
+                                     round_combiner=self._round_combiner(), outer_optimizer=self._outer_factory,
+                                     extra_state=statistics)
+            if sidecar is None:
+                self._sync.broadcast_(src=0)
+            else:
+                self._load_sidecar_state(sidecar)
+
+    def _load_sidecar_state(self, sidecar: dict[str, Any]) -> None:
+        """Restore the per-rank round state written by :meth:`save_checkpoint` (after the replica itself)."""
+        assert self._sync is not None and self._comm is not None
+        self._comm.stats.load_state_dict(sidecar["comm_stats"])
+        if self._sync.compression is not None:
+            self._sync.compression.load_state_dict(sidecar["compression"])
+        if self._sync.pseudo_gradients is not None:
+            self._sync.pseudo_gradients.load_state_dict(sidecar["pseudo_gradients"])
+        for (_, preconditioner), saved in zip(self._preconditioners, sidecar["scaling"]):
+            preconditioner.load_state_dict(saved["state"])
+            if isinstance(preconditioner, OASISScaling) and preconditioner.generator is not None:
+                preconditioner.generator.set_state(saved["generator"])
+
+    def _build_preconditioners(self, trainer: Any) -> list[tuple[list[torch.Tensor], Preconditioner]]:
+        """One frozen-between-rounds diagonal preconditioner per optimizer (``scaling``), or none."""
+        if self.scaling is None:
+            return []
+        if self.scaling == "oasis" and not self.lightning_module.automatic_optimization:
+            raise ValueError("scaling='oasis' re-evaluates the step's closure for its Hessian-vector products, which "
+                             "manual optimization does not provide: use scaling='adam' or 'rmsprop'")
+        if self.scaling == "oasis" and trainer.accumulate_grad_batches != 1:
+            raise ValueError("scaling='oasis' cannot be combined with gradient accumulation (its Hessian-vector "
+                             "products re-run the last micro-batch only): set accumulate_grad_batches=1")
+        preconditioners = []
+        for index, optimizer in enumerate(self.optimizers):
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            generator = torch.Generator(device=self.root_device).manual_seed(
+                self.seed * 65_537 + 1_000 * index + self.global_rank)
+            preconditioners.append((params, make_preconditioner(
+                self.scaling, params, beta=self.scaling_beta, eps=self.scaling_eps,
+                alpha_min=self.scaling_alpha_min, generator=generator)))
+        return preconditioners
 
     def _round_combiner(self) -> AdaConsCombiner | None:
         """AdaCons on pseudo-gradients at rounds (``aggregation="adacons"`` with ``local_steps > 1``)."""
@@ -356,10 +429,13 @@ class GossipLocalStrategy(DDPStrategy):
     # ----------------------------------------------------------------------------------- optimization
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
+        raw_closure = closure
         if self._comm is not None and self._steps < self.warmup_steps:
             closure = self._averaging_gradients(optimizer, closure)
         elif self._comm is not None and self._combines_gradients:
             closure = self._combining_gradients(optimizer, closure)
+        if self._preconditioners:
+            closure = self._scaling_gradients(optimizer, closure, raw_closure)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if optimizer is self.optimizers[-1]:
             self._after_step()
@@ -407,17 +483,37 @@ class GossipLocalStrategy(DDPStrategy):
 
         return combined_closure
 
+    def _scaling_gradients(self, optimizer: Optimizer, closure: Callable[[], Any],
+                           raw_closure: Callable[[], Any]) -> Callable[[], Any]:
+        """Wrap the closure so the gradients reaching clipping and the optimizer are ``D⁻¹ g``."""
+        params, preconditioner = self._preconditioners[self.optimizers.index(optimizer)]
+
+        def scaled_closure() -> Any:
+            output = closure()
+            if isinstance(preconditioner, OASISScaling):
+                preconditioner.accumulate_hutchinson(lambda probes: _closure_hvp(params, raw_closure, probes))
+            else:
+                preconditioner.accumulate([p.grad for p in params])
+            preconditioner.apply_([p.grad for p in params])
+            return output
+
+        return scaled_closure
+
     def _after_step(self) -> None:
         self._steps += 1
         sync = self._sync
-        if sync is None:
-            return
-        if self._steps <= self.warmup_steps or self._combines_gradients:
-            if self.average_buffers:
-                sync.average_buffers_("warmup" if self._steps <= self.warmup_steps else "aggregate")
-        elif (self._steps - self.warmup_steps) % self.local_steps == 0:
+        local_phase = self._steps > self.warmup_steps and not self._combines_gradients
+        round_due = local_phase and (self._steps - self.warmup_steps) % self.local_steps == 0
+        if sync is not None and not local_phase and self.average_buffers:
+            sync.average_buffers_("warmup" if self._steps <= self.warmup_steps else "aggregate")
+        if sync is not None and round_due:
             sync.gossip_round(self._round)
             self._round += 1
+        if round_due:
+            for _, preconditioner in self._preconditioners:
+                preconditioner.refresh()
+        if sync is None:
+            return
         logged = {f"comm/{key}": float(value) for key, value in self._log_counters().items()}
         if self.consensus_interval and self._steps % self.consensus_interval == 0:
             logged["dopt/consensus_distance"] = sync.consensus_distance()
@@ -516,6 +612,9 @@ class GossipLocalStrategy(DDPStrategy):
                                 for index, combiner in self._grad_combiners.items()},
                 "pseudo_gradients": self._sync.pseudo_gradients.state_dict() if self._sync.pseudo_gradients
                 else None,
+                "scaling": [{"state": preconditioner.state_dict(),
+                             "generator": getattr(preconditioner, "generator", None) and
+                             preconditioner.generator.get_state()} for _, preconditioner in self._preconditioners],
             }
             fs = get_filesystem(filepath)
             fs.makedirs(os.path.dirname(filepath) or ".", exist_ok=True)

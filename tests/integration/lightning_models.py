@@ -129,3 +129,28 @@ class ScheduledModel(RegressionModel):
         optimizer = super().configure_optimizers()
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class UnshuffledSGDModel(RegressionModel):
+    """Plain SGD (no momentum) where rank ``r`` of ``n`` reads samples ``r, r + n, r + 2n, ...`` in order (train with
+    ``use_distributed_sampler=False``), so a test can recompute each rank's batches by hand."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(lr=lr, momentum=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        shard = torch.utils.data.Subset(regression_data(self.hparams.samples),
+                                        range(self.global_rank, self.hparams.samples, self.trainer.world_size))
+        return DataLoader(shard, batch_size=self.hparams.batch_size, shuffle=False)
+
+
+class PreconditionerRecorder(L.Callback):
+    """Saves each rank's frozen preconditioner diagonal at the end of training to ``<out_dir>/diag-rank<r>.pt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        diagonals = [[d.clone() for d in preconditioner.diagonal()]
+                     for _, preconditioner in trainer.strategy._preconditioners]
+        torch.save(diagonals, os.path.join(self.out_dir, f"diag-rank{trainer.global_rank}.pt"))

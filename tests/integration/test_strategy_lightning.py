@@ -20,8 +20,8 @@ from torch import nn
 import lightning_dopt
 from lightning_dopt import GossipLocalStrategy, sidecar_path
 from lightning_dopt.comm import ring_allreduce_bytes
-from lightning_models import (ManualTwoOptimizerModel, Recorder, RegressionModel, ScheduledModel, load_ranks,
-                              state_snapshot)
+from lightning_models import (ManualTwoOptimizerModel, PreconditionerRecorder, Recorder, RegressionModel,
+                              ScheduledModel, UnshuffledSGDModel, load_ranks, regression_data, state_snapshot)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -90,6 +90,10 @@ def test_import_registers_all_names_idempotently() -> None:
     ({"outer_optimizer": "adam"}, "valid choices: None, 'diloco'"),
     ({"outer_optimizer": "diloco"}, "needs topology='complete' and no compression"),
     ({"outer_optimizer": "diloco", "topology": "complete", "aggregation": "adacons"}, "use local_steps > 1"),
+    ({"scaling": "adagrad"}, "valid choices: None, adam, rmsprop, oasis"),
+    ({"scaling": "adam", "scaling_beta": 1.0}, "beta"),
+    ({"scaling": "oasis", "scaling_alpha_min": 0.0}, "alpha_min"),
+    ({"scaling": "adam", "topology": "complete", "aggregation": "adacons"}, "has none: use local_steps > 1"),
 ])
 def test_bad_options_raise_value_error_naming_valid_choices(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -187,7 +191,8 @@ def test_batchnorm_statistics_are_averaged_at_rounds(tmp_path: Path, average_buf
     {"topology": "random", "compression": "bf16", "anchor_interval": 2},
     {"topology": "complete", "aggregation": "adacons", "adacons_momentum": 0.5},
     {"topology": "complete", "outer_optimizer": "diloco"},
-], ids=["fp32", "int8", "bf16", "adacons_rounds", "diloco"])
+    {"topology": "random", "scaling": "oasis", "scaling_beta": 0.9, "scaling_alpha_min": 1.0},
+], ids=["fp32", "int8", "bf16", "adacons_rounds", "diloco", "oasis"])
 def test_checkpoint_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, options: dict[str, Any]) -> None:
     """The sidecar also carries the compression anchor, rounding RNG and error-feedback residual, and the AdaCons
     round anchor and momentum."""
@@ -303,3 +308,65 @@ def test_adacons_combines_gradients_once_per_real_step_and_keeps_replicas_identi
     per_step = 2 * ring_allreduce_bytes(gradient_bytes, 2) + ring_allreduce_bytes(8, 2) + \
         ring_allreduce_bytes(buffer_bytes, 2)
     assert stats[0]["comm"]["bytes_sent_by_purpose"]["aggregate"] == 4 * per_step
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+def test_scaled_local_sgd_with_one_step_rounds_equals_centralized_scaled_sgd(tmp_path: Path) -> None:
+    """Exact equivalence tested: with H = 1, ``complete``, RMSProp scaling and plain SGD, 2 ranks follow
+    ``x ← x − γ ḡ_t / D_{t−1}`` with ``v_t = β v_{t−1} + (1−β) mean_i g_{i,t}²``, ``D_t = √v_t + ε`` and ``D_0 = 1``:
+    a centralized scaled method whose preconditioner lags one step and uses the mean of the squared per-rank
+    gradients."""
+    steps, beta, eps, lr = 6, 0.9, 1e-8, 0.005
+    L.seed_everything(1)
+    model = UnshuffledSGDModel(lr=lr)
+    reference = UnshuffledSGDModel(lr=lr)
+    reference.load_state_dict(model.state_dict())
+    trainer = make_trainer(tmp_path, spawn(local_steps=1, topology="complete", scaling="rmsprop", scaling_beta=beta,
+                                           scaling_eps=eps), max_steps=steps, use_distributed_sampler=False,
+                           callbacks=[PreconditionerRecorder(str(tmp_path))])
+    trainer.fit(model)
+
+    data = regression_data(64)
+    params = list(reference.parameters())
+    moments = [torch.zeros_like(p) for p in params]
+    diagonal = [torch.ones_like(p) for p in params]
+    for step in range(steps):
+        per_rank = []
+        for rank in range(2):
+            indices = [rank + 2 * (4 * step + k) for k in range(4)]
+            reference.zero_grad()
+            reference.training_step((data.tensors[0][indices], data.tensors[1][indices]), step).backward()
+            per_rank.append([p.grad.clone() for p in params])
+        with torch.no_grad():
+            for k, param in enumerate(params):
+                mean_gradient = (per_rank[0][k] + per_rank[1][k]) / 2
+                param.sub_(lr * mean_gradient / diagonal[k])
+                squares = (per_rank[0][k] ** 2 + per_rank[1][k] ** 2) / 2
+                moments[k] = beta * moments[k] + (1 - beta) * squares
+                diagonal[k] = moments[k].sqrt() + eps
+    assert max_difference(state_snapshot(model), state_snapshot(reference)) <= 1e-6
+    saved = load_ranks(str(tmp_path), "diag", 2)
+    assert all(torch.equal(a, b) for a, b in zip(saved[0][0], saved[1][0])), "D must be identical on every rank"
+    assert max(torch.max(torch.abs(a - b)).item() for a, b in zip(saved[0][0], diagonal)) <= 1e-6
+
+
+@pytest.mark.parametrize("scaling", ["adam", "oasis"])
+def test_scaling_with_zero_learning_rate_changes_nothing_and_keeps_d_identical(tmp_path: Path, scaling: str) -> None:
+    L.seed_everything(1)
+    model = RegressionModel(lr=0.0, momentum=0.0)
+    start = state_snapshot(model)
+    trainer = make_trainer(tmp_path, spawn(local_steps=2, topology="complete", scaling=scaling), max_steps=4,
+                           callbacks=[PreconditionerRecorder(str(tmp_path))])
+    trainer.fit(model)
+    assert all(torch.equal(start[key], value) for key, value in state_snapshot(model).items())
+    saved = load_ranks(str(tmp_path), "diag", 2)
+    assert all(torch.equal(a, b) for a, b in zip(saved[0][0], saved[1][0]))
+    floor = 1e-4 if scaling == "oasis" else 1e-8
+    assert all(bool((d >= floor).all()) and bool(torch.isfinite(d).all()) for d in saved[0][0])
+    assert any(bool((d != 1).any()) for d in saved[0][0]), "D was refreshed from the statistics"
+
+
+def test_oasis_refuses_gradient_accumulation_before_training(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, spawn(scaling="oasis"), max_steps=2, accumulate_grad_batches=2)
+    with pytest.raises(Exception, match="cannot be combined with gradient accumulation"):
+        trainer.fit(RegressionModel())
