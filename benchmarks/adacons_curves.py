@@ -3,7 +3,10 @@
 Usage (the driver; runs every contender, world size and seed in its own subprocess, prints a markdown table,
 draws ``docs/img/adacons_curves.png``)::
 
-    python benchmarks/adacons_curves.py [--source fashion_mnist|mnist5k] [--out docs/benchmarks.md]
+    python benchmarks/adacons_curves.py [--source fashion_mnist|mnist5k] [--results-dir DIR] [--out docs/benchmarks.md]
+
+``--results-dir DIR`` keeps every run's JSON result and log; ``--replot --results-dir DIR`` (with the same options)
+rebuilds the table, plot and section from them without training.
 
 One contender alone (what the driver runs; Lightning's ``popen`` launcher re-runs this same command line for
 ranks 1..n-1, and rank 0 writes the JSON result)::
@@ -24,6 +27,10 @@ Contenders (:data:`CONTENDERS`):
   (and so the learning rate's meaning); Adam is scale-invariant and runs without it.
 * ``adacons-stale-adam``: ``stale_weights=True``, the previous step's weights, one gradient all-reduce per step.
 * ``adacons-mom-adam``: ``adacons_momentum=0.9``, subspace momentum on the sorted coefficients.
+* ``adacons-sgd`` (first world size only, :data:`EXTRA_CONTENDERS`): SGD without ``preserve_scale``, to show what
+  AdaCons' unit-scale gradient does to plain SGD at the mean's learning rate.
+
+The key pair (``mean-adam``, ``adacons-adam``) is repeated with every ``--seeds`` value at the first world size.
 
 Recorded per run: every rank's training loss at every step, gathered once at the end of training and averaged over
 ranks (= the loss of the global batch, since every rank's batch has the same size; no per-step collective is
@@ -630,7 +637,8 @@ def verdict_sentence(rows: Sequence[Row], args: argparse.Namespace) -> str:
         if all(x > 0 for x in losses) or all(x < 0 for x in losses):
             loss_note = f", and its final training loss is {'higher' if losses[0] > 0 else 'lower'} in every pair"
         return (f"AdaCons (Adam) is {'behind' if behind else 'ahead of'} the mean in all {len(deltas)} Adam pairs, "
-                f"by {min(map(abs, deltas)):.2f}–{max(map(abs, deltas)):.2f} points{loss_note}: a consistent tilt, but "
+                f"by {min(map(abs, deltas)):.2f}–{max(map(abs, deltas)):.2f} points{loss_note}: a consistent tilt, "
+                "but "
                 f"of the order of the seed-to-seed spread ({noise:.2f}) and below the sampling error, so at most a "
                 f"small {'disadvantage' if behind else 'advantage'}, and no sign of the gains the paper reports.")
     return "The sign of the AdaCons − mean difference (Adam) changes between pairs: no consistent effect."
@@ -710,7 +718,7 @@ def docs_link(path: Path) -> str:
 
 
 def setup_lines(args: argparse.Namespace, rows: Sequence[Row], seconds: float, load: tuple[float, float],
-                plot: Path) -> str:
+                plot: Path, date: str) -> str:
     """Bullet list: date, machine, model, data, schedule, what is measured."""
     first = rows[0].result
     data = ("Fashion-MNIST, 60,000 training images; test: the official 10,000 test images"
@@ -721,7 +729,7 @@ def setup_lines(args: argparse.Namespace, rows: Sequence[Row], seconds: float, l
                       for world, steps in zip(args.world_sizes, args.steps_per_world))
     plot_link = docs_link(plot)
     return "\n".join([
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; total benchmark wall time "
+        f"- Date: {date}; total benchmark wall time "
         f"{seconds:.0f} s; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
         f"- Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, lightning {lightning.__version__}, "
         "backend gloo, popen launcher, every run in its own subprocess, one torch thread per rank.",
@@ -741,7 +749,8 @@ def setup_lines(args: argparse.Namespace, rows: Sequence[Row], seconds: float, l
         "(`trainer.test`); bytes/step/rank = `CommStats.bytes_sent_by_purpose` (`warmup` for mean, `aggregate` for "
         "AdaCons) / steps, mean over ranks; kB = 10^3 bytes; ratio and Δ against the mean run with the same "
         "optimizer, ranks and seed. Formula: mean `2(n−1)/n · 4(P + m)` (gradients plus one presence flag per "
-        "tensor), AdaCons `2 · 2(n−1)/n · 4P + 2(n−1)/n · 4n` (two gradient all-reduces plus the n coefficients), "
+        "tensor), AdaCons `2 · 2(n−1)/n · 4P + 2(n−1)/n · 4n` (two gradient all-reduces plus the n "
+        "coefficients), "
         "stale weights `2(n−1)/n · 4P + 2(n−1)/n · 4n` plus one extra gradient all-reduce at the first (fresh) "
         "step, spread over the steps.",
         "- Training wall time: rank 0, `on_train_start` to `on_train_end`; ranks share the cores with each other and "
@@ -754,14 +763,15 @@ def setup_lines(args: argparse.Namespace, rows: Sequence[Row], seconds: float, l
     ])
 
 
-def doc_section(args: argparse.Namespace, rows: Sequence[Row], failed: Sequence[Job], command: str,
-                seconds: float, load: tuple[float, float], plot: Path) -> str:
+def doc_section(args: argparse.Namespace, rows: Sequence[Row], failed: Sequence[Job], meta: dict[str, Any],
+                plot: Path) -> str:
     """The ``##`` section for ``docs/benchmarks.md``."""
     plot_link = docs_link(plot)
     failures = [f"FAILED (no result within {args.timeout:.0f} s, or a crash): {job.tag}." for job in failed]
-    body = "\n\n".join([SECTION_TITLE, f"Command:\n\n```\n{command}\n```", setup_lines(args, rows, seconds, load, plot),
-                        markdown_table(rows), f"![AdaCons vs mean: training loss]({plot_link})", *failures,
-                        interpretation(rows, args)])
+    date = meta.get("date") or f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    setup = setup_lines(args, rows, meta["seconds"], tuple(meta["load"]), plot, date)
+    body = "\n\n".join([SECTION_TITLE, f"Command:\n\n```\n{meta['command']}\n```", setup, markdown_table(rows),
+                        f"![AdaCons vs mean: training loss]({plot_link})", *failures, interpretation(rows, args)])
     return body + "\n"
 
 
@@ -823,7 +833,7 @@ def report(args: argparse.Namespace, rows: list[Row], failed: list[Job], meta: d
     print(f"\nPlot: {plot}\nTotal wall time: {seconds:.0f} s; load average {load[0]:.1f} at the start, "
           f"{load[1]:.1f} at the end")
     if args.out:
-        write_results(Path(args.out), doc_section(args, rows, failed, meta["command"], seconds, load, plot))
+        write_results(Path(args.out), doc_section(args, rows, failed, meta, plot))
         print(f"wrote section '{SECTION_TITLE[3:]}' of {args.out}")
 
 
@@ -840,7 +850,8 @@ def run_driver(args: argparse.Namespace) -> None:
             started, load_start = time.perf_counter(), os.getloadavg()[0]
             rows, failed = run_jobs(args, workdir)
             meta = {"command": command, "seconds": time.perf_counter() - started,
-                    "load": [load_start, os.getloadavg()[0]]}
+                    "load": [load_start, os.getloadavg()[0]],
+                    "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
             (workdir / "driver.json").write_text(json.dumps(meta))
         report(args, rows, failed, meta)
 

@@ -171,16 +171,21 @@ class AdaConsCombiner:
 
 
 class AdaConsGradients:
-    """Replaces the gradients of one optimizer's parameters by their AdaCons combination over all ranks."""
+    """Replaces the gradients of one optimizer's parameters by their AdaCons combination over all ranks.
+
+    A gradient missing on a rank counts as zero; one extra all-reduce of ``m`` flags (one per parameter tensor) makes
+    every rank write back the same set of gradients, so a tensor touched on some ranks only stays in sync."""
 
     def __init__(self, params: Iterable[Tensor], comm: Communicator, momentum: float = 0.0, layerwise: bool = False,
                  guard: str = "shift", preserve_scale: bool = False, stale_weights: bool = False) -> None:
         self.gradients = _FlatGradients(params)
         self.combiner = AdaConsCombiner(comm, self.gradients.sizes if layerwise else None, momentum, guard,
                                         preserve_scale, stale_weights, purpose="aggregate")
+        self.comm = comm
 
     @torch.no_grad()
     def combine_(self) -> None:
-        present = self.gradients.pack()
+        present = torch.tensor(self.gradients.pack(), dtype=torch.float32, device=self.gradients.device)
+        self.comm.all_reduce_([present], purpose="aggregate", op="max")
         self.combiner.combine_(self.gradients.buffer)
-        self.gradients.unpack(present)
+        self.gradients.unpack([flag > 0 for flag in present.tolist()])

@@ -119,10 +119,11 @@ def test_bytes_per_step_are_two_gradient_allreduces_or_one_with_stale_weights(
     world_size, records = world
     gradient_bytes = 4 * (35 + 5 + 15 + 3)
     table = 4 * world_size  # one coefficient per rank (global weights)
+    flags = ring_allreduce_bytes(4 * 4, world_size)  # which of the 4 parameter tensors have a gradient anywhere
     full = records[0]["global/False"]["outputs"][1][1]
     stale = records[0]["stale/False"]["outputs"][1][1]
-    assert full == 2 * ring_allreduce_bytes(gradient_bytes, world_size) + ring_allreduce_bytes(table, world_size)
-    assert stale == ring_allreduce_bytes(gradient_bytes, world_size) + ring_allreduce_bytes(table, world_size)
+    assert full == 2 * ring_allreduce_bytes(gradient_bytes, world_size) + ring_allreduce_bytes(table, world_size) + flags
+    assert stale == ring_allreduce_bytes(gradient_bytes, world_size) + ring_allreduce_bytes(table, world_size) + flags
 
 
 def _pseudo_gradient_round(rank: int, world_size: int, layerwise: bool) -> dict[str, Any]:
@@ -157,3 +158,22 @@ def test_adacons_round_combines_pseudo_gradients_like_the_reference(layerwise: b
         assert torch.equal(record["after"], records[0]["after"])
     mean_step = pseudo_gradients.mean(0).norm()
     assert torch.isclose((anchor - records[0]["after"]).norm(), mean_step, rtol=1e-5)
+
+
+
+def _partially_unused_parameter(rank: int, world_size: int) -> list[Any]:
+    model = _model()
+    comm = Communicator()
+    combiner = AdaConsGradients(model.parameters(), comm)
+    grads = _gradients(0, rank, anti_aligned=False)
+    for index, (param, grad) in enumerate(zip(model.parameters(), grads)):
+        param.grad = None if (rank == 1 and index == 3) else grad.clone()  # rank 1 never touches the last bias
+    combiner.combine_()
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def test_a_gradient_missing_on_one_rank_is_combined_and_written_back_everywhere() -> None:
+    results = run_ranks(_partially_unused_parameter, 2, timeout=150)
+    for first, second in zip(*results):
+        assert first is not None and second is not None
+        assert torch.equal(first, second)

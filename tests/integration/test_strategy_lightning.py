@@ -304,9 +304,10 @@ def test_adacons_combines_gradients_once_per_real_step_and_keeps_replicas_identi
     assert [s["steps"] for s in stats] == [4, 4] and [s["comm"]["rounds"] for s in stats] == [0, 0]
     gradient_bytes = sum(v.numel() * 4 for k, v in final[0].items() if k.endswith(("weight", "bias")))
     buffer_bytes = sum(v.numel() * 4 for k, v in final[0].items() if k.endswith(("running_mean", "running_var")))
-    # per real step: two gradient all-reduces, one of the 2 coefficients, and the BatchNorm buffers' average
+    # per real step: two gradient all-reduces, one of the 2 coefficients, the BatchNorm buffers' average, flags
+    tensors = sum(1 for k in final[0] if k.endswith(("weight", "bias")))
     per_step = 2 * ring_allreduce_bytes(gradient_bytes, 2) + ring_allreduce_bytes(8, 2) + \
-        ring_allreduce_bytes(buffer_bytes, 2)
+        ring_allreduce_bytes(buffer_bytes, 2) + ring_allreduce_bytes(4 * tensors, 2)  # + presence flags
     assert stats[0]["comm"]["bytes_sent_by_purpose"]["aggregate"] == 4 * per_step
 
 
