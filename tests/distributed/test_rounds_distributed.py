@@ -206,7 +206,7 @@ def scenario_gradients(rank: int, world_size: int) -> dict[str, Any]:
     frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
     comm = Communicator()
     averager = GradientAverager(params + [frozen], comm)
-    out: dict[str, Any] = {"tracked": len(averager.params)}
+    out: dict[str, Any] = {"tracked": len(averager.gradients.params)}
     for step in range(2):
         for param, grad in zip(params, grads(step, rank)):
             param.grad = grad
