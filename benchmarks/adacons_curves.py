@@ -77,6 +77,8 @@ from recipes.vision.data import FASHION_MNIST_DIRS, SOURCES, ImageClassification
 from recipes.vision.models import MODELS  # noqa: E402
 from recipes.vision.module import ImageClassifier  # noqa: E402
 
+from results_doc import replace_section
+
 SECTION_TITLE = "## AdaCons vs mean aggregation (issue: adaptive consensus aggregation)"
 DOC_INTRO = ("# Benchmarks\n\n"
              "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
@@ -775,23 +777,11 @@ def doc_section(args: argparse.Namespace, rows: Sequence[Row], failed: Sequence[
     return body + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its ``SECTION_TITLE`` section (up to the next ``## `` heading) replaced, or appended."""
-    lines = document.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION_TITLE]
-    if not starts:
-        return document.rstrip("\n") + "\n\n" + section
-    start = starts[0]
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-
-
 def write_results(path: Path, section: str) -> None:
     """Re-read ``path`` (others write their own sections), then replace or append this benchmark's section."""
     document = path.read_text() if path.exists() else DOC_INTRO
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(document, section))
+    path.write_text(replace_section(document, SECTION_TITLE, section))
 
 
 def run_jobs(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[Job]]:

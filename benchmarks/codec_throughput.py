@@ -34,6 +34,8 @@ import torch
 
 from lightning_dopt.compress import CODECS, Codec, make_codec
 
+from results_doc import replace_section
+
 SECTION_TITLE = "## Codec throughput (issue: quantized synchronization)"
 DOC_INTRO = ("# Benchmarks\n\n"
              "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
@@ -170,23 +172,12 @@ def doc_section(rows: list[Row], command: str, facts: str, repeats: int) -> str:
     return body + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with the ``SECTION_TITLE`` section (up to the next ``## `` heading) replaced, or appended."""
-    lines = document.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION_TITLE), None)
-    if start is None:
-        return document.rstrip("\n") + "\n\n" + section
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-
-
 def write_section(path: Path, section: str) -> None:
     """Re-read ``path`` just before writing (others' sections may have changed) and replace only this section."""
     path.parent.mkdir(parents=True, exist_ok=True)
     document = path.read_text() if path.exists() else DOC_INTRO
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(replace_section(document, section))
+    temporary.write_text(replace_section(document, SECTION_TITLE, section))
     os.replace(temporary, path)
 
 

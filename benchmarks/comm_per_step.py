@@ -54,6 +54,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.comm import ring_allreduce_bytes
 
+from results_doc import replace_section
+
 LAYER_WIDTHS = (1024, 2048, 2048, 1024, 1024, 512, 10)
 """MLP widths: 9,973,258 fp32 parameters (≈10 M)."""
 TRAINING_PURPOSES = ("round", "warmup")
@@ -399,18 +401,6 @@ def doc_section(rows: list[Row], failed: list[Contender], args: argparse.Namespa
     return body + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its ``SECTION_TITLE`` section (up to the next ``## `` heading) replaced, or appended."""
-    lines = document.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION_TITLE]
-    if not starts:
-        return document.rstrip("\n") + "\n\n" + section
-    start = starts[0]
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-
-
 def write_results(path: Path, section: str) -> None:
     """Create ``path`` with the intro paragraph if needed, then replace (or append) this benchmark's section.
 
@@ -418,7 +408,7 @@ def write_results(path: Path, section: str) -> None:
     document = path.read_text() if path.exists() else DOC_INTRO
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(replace_section(document, section))
+    staging.write_text(replace_section(document, SECTION_TITLE, section))
     os.replace(staging, path)  # atomic: other benchmarks writing their sections never read a half-written file
 
 

@@ -54,6 +54,8 @@ from lightning_dopt.compress import make_codec  # noqa: E402
 from recipes.vision.data import FASHION_MNIST_DIRS, SOURCES, ImageClassificationData  # noqa: E402
 from recipes.vision.module import ImageClassifier  # noqa: E402
 
+from results_doc import replace_section
+
 SECTION_TITLE = "## Quantized gossip: accuracy at equal steps (issue: quantized synchronization)"
 DOC_INTRO = ("# Benchmarks\n\n"
              "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
@@ -442,23 +444,11 @@ def doc_section(args: argparse.Namespace, rows: list[Row], failed: list[Job], co
     return body + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its ``SECTION_TITLE`` section (up to the next ``## `` heading) replaced, or appended."""
-    lines = document.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION_TITLE]
-    if not starts:
-        return document.rstrip("\n") + "\n\n" + section
-    start = starts[0]
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-
-
 def write_results(path: Path, section: str) -> None:
     """Re-read ``path`` (others write their own sections), then replace or append this benchmark's section."""
     document = path.read_text() if path.exists() else DOC_INTRO
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(document, section))
+    path.write_text(replace_section(document, SECTION_TITLE, section))
 
 
 def run_driver(args: argparse.Namespace) -> None:
