@@ -1,17 +1,18 @@
 """lightning-dopt: Lightning strategies that communicate less.
 
-``import lightning_dopt`` registers the strategy names ``gossip_local``, ``gossip_local_spawn``, ``local_sgd`` and
-``local_sgd_spawn`` with Lightning (idempotent), so ``Trainer(strategy="gossip_local")`` works.
+``import lightning_dopt`` registers the strategy names ``gossip_local``, ``local_sgd``, ``adacons`` and their
+``*_spawn`` variants with Lightning (idempotent), so ``Trainer(strategy="gossip_local")`` works.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_dopt.comm import CommStats
+from lightning_dopt.comm import CommStats, PeerFailure
 from lightning_dopt.compress import CODECS, Codec, make_codec
-from lightning_dopt.strategy import EVAL_MODELS, GossipLocalStrategy, sidecar_path
+from lightning_dopt.strategy import EVAL_MODELS, GossipLocalStrategy, NonFiniteReplicaError, sidecar_path
 from lightning_dopt.topology import TOPOLOGIES
 
 GossipLocalStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
-__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "GossipLocalStrategy", "TOPOLOGIES", "make_codec", "sidecar_path", "__version__"]
+__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "GossipLocalStrategy", "NonFiniteReplicaError", "PeerFailure",
+           "TOPOLOGIES", "make_codec", "sidecar_path", "__version__"]

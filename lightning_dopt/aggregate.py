@@ -52,6 +52,8 @@ that is fp32 or fp64, and in fp32 for half-precision or integer inputs.
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any
 
 import torch
@@ -73,8 +75,8 @@ def _float(x: Tensor, name: str) -> Tensor:
 
 
 def _check_eps(eps: float) -> None:
-    if not eps > 0:  # also rejects NaN
-        raise ValueError(f"eps must be > 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:  # also rejects NaN
+        raise ValueError(f"eps must be > 0 and finite, got {eps!r}")
 
 
 def _check_guard(guard: str) -> None:
@@ -88,9 +90,13 @@ def _check_table(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must have shape [N] or [N, T] with N >= 1 workers, got {tuple(x.shape)}")
 
 
-def _check_same_shape(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+def _check_pair(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+    """Two ``[N]`` or ``[N, T]`` tables of the same shape on the same device."""
+    _check_table(x, x_name)
     if x.shape != y.shape:
         raise ValueError(f"{x_name} and {y_name} must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"{x_name} and {y_name} must be on the same device, got {x.device} and {y.device}")
 
 
 def subspace_coefficients(dots: Tensor, norms: Tensor, eps: float = 1e-8) -> Tensor:
@@ -101,7 +107,7 @@ def subspace_coefficients(dots: Tensor, norms: Tensor, eps: float = 1e-8) -> Ten
     """
     _check_eps(eps)
     dots, norms = _float(dots, "dots"), _float(norms, "norms")
-    _check_same_shape(dots, norms, "dots", "norms")
+    _check_pair(dots, norms, "dots", "norms")
     return dots / (norms + eps)
 
 
@@ -113,9 +119,16 @@ class SubspaceMomentum:
     i.e. ``m[π⁻¹]``; NOT ``m[π]``, the reference code's bug). The sort is stable, so ties map deterministically and
     every rank, given the same gathered table, returns the same result. ``β = 0`` returns the input unchanged (the
     mapping is then the identity) and keeps no state.
+
+    A column holding NaN/Inf (e.g. an overflowing fp16 step that a gradient scaler will skip) is returned unchanged, so
+    :func:`consensus_weights` gives it uniform weights, and leaves that column's state untouched; a column whose state
+    is non-finite (its first step was) restarts from the next finite step. Without this one bad step would poison the
+    EMA forever and silently turn AdaCons into the uniform mean for the rest of the run.
     """
 
     def __init__(self, beta: float) -> None:
+        if isinstance(beta, (bool, str)):
+            raise ValueError(f"momentum beta must be a number in [0, 1), got {beta!r}")
         try:
             beta = float(beta)
         except (TypeError, ValueError):
@@ -131,6 +144,7 @@ class SubspaceMomentum:
         if self.beta == 0.0:
             return coefficients
         values, perm = torch.sort(coefficients.detach(), dim=0, stable=True)
+        finite = torch.isfinite(values).all(dim=0)  # per column; no host sync
         if self.m is None:
             m = values
         else:
@@ -139,9 +153,11 @@ class SubspaceMomentum:
                                  f"{tuple(values.shape)} (did the world size or the number of tensors change?); "
                                  "reset it with load_state_dict({'m': None})")
             previous = self.m.to(device=values.device, dtype=values.dtype)
-            m = self.beta * previous + (1.0 - self.beta) * values
+            m = torch.where(torch.isfinite(previous).all(dim=0), self.beta * previous + (1.0 - self.beta) * values,
+                            values)
+            m = torch.where(finite, m, previous)
         self.m = m
-        return torch.empty_like(m).scatter_(0, perm, m)
+        return torch.where(finite, torch.empty_like(m).scatter_(0, perm, m), coefficients)
 
     def state_dict(self) -> dict[str, Any]:
         return {"m": self.m}
@@ -193,7 +209,7 @@ def worker_multipliers(weights: Tensor, norms: Tensor, eps: float = 1e-8) -> Ten
     """What each worker scales its raw gradient by: ``w = α / (norms + eps)`` (so ``Σ_i w_i g_i = Σ_i α_i ĝ_i``)."""
     _check_eps(eps)
     weights, norms = _float(weights, "weights"), _float(norms, "norms")
-    _check_same_shape(weights, norms, "weights", "norms")
+    _check_pair(weights, norms, "weights", "norms")
     return weights / (norms + eps)
 
 
@@ -216,12 +232,19 @@ def adacons_reference(gradients: Tensor, momentum: SubspaceMomentum | None = Non
     if g.dim() != 2 or g.shape[0] == 0:
         raise ValueError(f"gradients must have shape [N, D] with N >= 1 workers, got {tuple(g.shape)}")
     n, d = g.shape
+    if momentum is not None and not callable(momentum):
+        raise ValueError(f"momentum must be a SubspaceMomentum (or None), got {type(momentum).__name__} {momentum!r}")
     if layer_sizes is None:
         sizes = [d]
     else:
-        sizes = [int(size) for size in layer_sizes]
+        try:
+            if isinstance(layer_sizes, (str, bytes)) or any(isinstance(size, bool) for size in layer_sizes):
+                raise TypeError
+            sizes = [operator.index(size) for size in layer_sizes]
+        except TypeError:
+            raise ValueError(f"layer_sizes must be a sequence of ints, got {layer_sizes!r}") from None
         if not sizes or any(size < 0 for size in sizes) or sum(sizes) != d:
-            raise ValueError(f"layer_sizes must be non-negative sizes summing to D = {d}, got {list(layer_sizes)}")
+            raise ValueError(f"layer_sizes must be non-negative sizes summing to D = {d}, got {sizes}")
     mean = g.sum(dim=0) / n
     segments, mean_segments = g.split(sizes, dim=1), mean.split(sizes)
     dots = torch.stack([seg @ seg_mean for seg, seg_mean in zip(segments, mean_segments)], dim=1)
@@ -246,14 +269,23 @@ def closed_form(gradients: Tensor) -> Tensor:
     """The no-momentum AdaCons output in closed form, ``Σ_i p_i / Σ_i ‖p_i‖`` with ``p_i = (⟨ḡ, g_i⟩/‖g_i‖²) g_i``.
 
     ``p_i`` is the orthogonal projection of ``ḡ`` onto ``span(g_i)``. Equals :func:`adacons_reference` (global
-    weights, no momentum) in the limit ``eps → 0`` when every coefficient ``⟨ḡ, g_i⟩ ≥ 0`` and some is ``> 0``;
-    requires every ``g_i ≠ 0``. ``gradients``: ``[N, D]``.
+    weights, no momentum) in the limit ``eps → 0`` when every coefficient ``⟨ḡ, g_i⟩ ≥ 0`` and some is ``> 0``.
+    ``gradients``: ``[N, D]``. A test reference, not a hot path: it raises ``ValueError`` (with a host sync) where the
+    formula is 0/0, i.e. some ``g_i = 0`` or every coefficient is 0 (e.g. two opposite gradients).
     """
     g = _float(gradients, "gradients")
     if g.dim() != 2 or g.shape[0] == 0:
         raise ValueError(f"gradients must have shape [N, D] with N >= 1 workers, got {tuple(g.shape)}")
     mean = g.mean(dim=0)
     squared = (g * g).sum(dim=1)
+    if not bool((squared > 0).all()):
+        zero = (squared <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"closed_form needs every gradient non-zero (and its squared norm finite and > 0); "
+                         f"workers {zero} have zero gradients")
     c = (g @ mean) / squared
     projections = c[:, None] * g
-    return projections.sum(dim=0) / (c.abs() * squared.sqrt()).sum()
+    total = (c.abs() * squared.sqrt()).sum()
+    if not bool(total > 0):
+        raise ValueError("closed_form is undefined (0/0) when every coefficient <mean, g_i> is 0, e.g. for opposite "
+                         "gradients; adacons_reference falls back to uniform weights there")
+    return projections.sum(dim=0) / total

@@ -15,15 +15,23 @@ operation                   counted as sent                        counted as re
 ==========================  =====================================  ===========================
 
 Collective sizes are the standard bandwidth-optimal costs (what DDP's ring all-reduce pays); point-to-point
-sizes are exact. ``seconds`` is host wall time spent inside these calls (on CUDA the kernels are
-asynchronous, so it measures launch and wait, not device transfer time).
+sizes are exact. ``seconds`` is host wall time the training loop spent inside these calls (on CUDA the kernels
+are asynchronous, so it measures launch and wait, not device transfer time); a communicator used from a
+background thread does not count its time (the training loop records how long it waited for that thread).
+
+Failures: a call that fails (a peer process crashed or was killed, or the process group's timeout expired)
+raises :class:`PeerFailure`, whose message names this rank, the operation and its peers, and, from
+:class:`Liveness` heartbeats kept in the rendezvous store, which ranks stopped beating or reported an error.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -53,6 +61,10 @@ class CommStats:
     def record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
         if purpose not in PURPOSES:
             raise ValueError(f"unknown purpose {purpose!r}; valid choices: {', '.join(PURPOSES)}")
+        with _STATS_LOCK:  # a background round thread may record concurrently with the training loop
+            self._add(purpose, sent, received, messages, seconds)
+
+    def _add(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
         self.bytes_sent += sent
         self.bytes_received += received
         self.messages += messages
@@ -76,6 +88,9 @@ class CommStats:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, dict(value) if isinstance(value, dict) else value)
+
+
+_STATS_LOCK = threading.Lock()
 
 
 def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
@@ -138,18 +153,133 @@ class FlatState:
         for tensors, views in self._views(source):
             torch._foreach_copy_(tensors, views)
 
+    @torch.no_grad()
+    def add_(self, source: Sequence[Tensor]) -> None:
+        """Add the buffers ``source`` to the tensors, in place (``x ← x + δ``)."""
+        for tensors, views in self._views(source):
+            torch._foreach_add_(tensors, views)
+
+
+class PeerFailure(RuntimeError):
+    """A collective or point-to-point call failed: a peer crashed, was killed, or the timeout expired."""
+
+
+class Liveness:
+    """Heartbeats in the rendezvous store, so a rank whose communication fails can say which peer is gone.
+
+    A daemon thread writes ``time.time()`` under ``<prefix>/beat/<rank>`` every ``interval`` seconds; a rank that
+    raises records its error under ``<prefix>/error/<rank>`` (:meth:`report_error`). :meth:`diagnose` reads both
+    twice, ``2.5 · interval`` apart, and names the ranks that reported an error or stopped beating (killed,
+    out of memory, ...). Cost: one small store write per rank and interval; nothing on the data path.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int, prefix: str, interval: float = 1.0) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.prefix = prefix
+        self.interval = interval
+        self._stopped = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"dopt-heartbeat-{rank}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self.store.set(f"{self.prefix}/beat/{self.rank}", repr(time.time()))
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # the store's host (rank 0) is gone: nothing left to report to
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def report_error(self, message: str) -> None:
+        """Record why this rank is failing (best effort: the store may already be unreachable)."""
+        try:
+            self.store.set(f"{self.prefix}/error/{self.rank}", message[:2000])
+        except Exception:
+            pass
+
+    def _read(self, kind: str, rank: int) -> str | None:
+        key = f"{self.prefix}/{kind}/{rank}"
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
+    def diagnose(self) -> str:
+        """One sentence naming the failed ranks (waits ``2.5 · interval`` to see whose heartbeat stopped)."""
+        try:
+            first = {rank: self._read("beat", rank) for rank in range(self.world_size)}
+            time.sleep(2.5 * self.interval)
+            second = {rank: self._read("beat", rank) for rank in range(self.world_size)}
+            errors = {rank: self._read("error", rank) for rank in range(self.world_size) if rank != self.rank}
+        except Exception:
+            return "rank 0 (which hosts the rendezvous store) is unreachable: it probably crashed or was killed"
+        failed = [f"rank {rank} raised: {message}" for rank, message in errors.items()
+                  if message is not None and not message.startswith(_SECONDARY)]
+        silent = [rank for rank in range(self.world_size) if rank != self.rank and errors.get(rank) is None
+                  and first[rank] == second[rank]]
+        if silent:
+            failed.append(f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped without an "
+                          "error (killed, e.g. SIGKILL or out of memory)")
+        return "; ".join(failed) if failed else "no peer reported an error and all heartbeats are alive (timeout?)"
+
+
+_SECONDARY = "[secondary] "
+"""Prefix of error reports from ranks that failed only because a peer did (ignored when naming the culprit)."""
+
 
 class Communicator:
-    """Counted collectives and point-to-point exchanges on one process group (default: the world)."""
+    """Counted collectives and point-to-point exchanges on one process group (default: the world).
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    ``counts_time=False`` for a communicator driven from a background thread: its calls do not add to
+    ``stats.seconds``, which measures how long the training loop itself was blocked.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
+                 liveness: Liveness | None = None, counts_time: bool = True) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.stats = CommStats()
+        self.stats = stats if stats is not None else CommStats()
+        self.liveness = liveness
+        self.counts_time = counts_time
+
+    def start_liveness(self, prefix: str, interval: float = 1.0) -> None:
+        """Start heartbeats in the default rendezvous store (every rank; used to name failed peers)."""
+        self.liveness = Liveness(dist.distributed_c10d._get_default_store(), self.rank, self.world_size, prefix,
+                                 interval)
+
+    def background(self, timeout: timedelta | None) -> Communicator:
+        """A communicator on a new process group over the same ranks, for a background thread, sharing these
+        counters. Collective: every rank calls it, in the same order."""
+        group = dist.new_group(backend=dist.get_backend(self.group), timeout=timeout)
+        return Communicator(group, stats=self.stats, liveness=self.liveness, counts_time=False)
 
     def _global_rank(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
+
+    @contextmanager
+    def guarded(self, operation: str, purpose: str, peers: Sequence[int] | None) -> Iterator[None]:
+        """Turn a backend error into a :class:`PeerFailure` naming this rank, the call and the failed peers."""
+        start = time.perf_counter()
+        try:
+            yield
+        except RuntimeError as error:
+            who = "all ranks" if peers is None else "rank" + ("s " if len(peers) > 1 else " ") + \
+                ", ".join(map(str, peers))
+            elapsed = time.perf_counter() - start
+            diagnosis = self.liveness.diagnose() if self.liveness is not None else "no heartbeats (liveness off)"
+            message = (f"rank {self.rank}: {operation} for '{purpose}' with {who} failed after {elapsed:.1f} s: "
+                       f"{diagnosis}. Backend error: {str(error).splitlines()[0] if str(error) else error!r}")
+            if self.liveness is not None:
+                self.liveness.report_error(_SECONDARY + message)
+            raise PeerFailure(message) from error
+
+    def _record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
+        self.stats.record(purpose, sent, received, messages, seconds if self.counts_time else 0.0)
 
     def all_reduce_(self, tensors: Sequence[Tensor], purpose: str, op: str = "mean") -> None:
         """In-place all-reduce of each tensor with ``op`` in {"mean", "sum", "max", "min"}.
@@ -159,23 +289,25 @@ class Communicator:
         reduce_op = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                      "min": dist.ReduceOp.MIN}[op]
         start = time.perf_counter()
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=reduce_op, group=self.group)
-            if op == "mean":
-                tensor.div_(self.world_size)
+        with self.guarded("all-reduce", purpose, None):
+            for tensor in tensors:
+                dist.all_reduce(tensor, op=reduce_op, group=self.group)
+                if op == "mean":
+                    tensor.div_(self.world_size)
         payload = sum(_nbytes(t) for t in tensors)
         moved = ring_allreduce_bytes(payload, self.world_size)
-        self.stats.record(purpose, moved, moved, len(tensors), time.perf_counter() - start)
+        self._record(purpose, moved, moved, len(tensors), time.perf_counter() - start)
 
     def broadcast_(self, tensors: Sequence[Tensor], src: int, purpose: str) -> None:
         """Overwrite ``tensors`` on every rank with the source rank's values (``src`` is a group rank)."""
         start = time.perf_counter()
-        for tensor in tensors:
-            dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
+        with self.guarded("broadcast", purpose, None if self.rank == src else [src]):
+            for tensor in tensors:
+                dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
         payload = sum(_nbytes(t) for t in tensors)
         is_src = self.rank == src
-        self.stats.record(purpose, payload * (self.world_size - 1) if is_src else 0, 0 if is_src else payload,
-                          len(tensors), time.perf_counter() - start)
+        self._record(purpose, payload * (self.world_size - 1) if is_src else 0, 0 if is_src else payload,
+                     len(tensors), time.perf_counter() - start)
 
     def exchange(self, send: Sequence[Tensor], send_to: Sequence[int], recv: Sequence[Sequence[Tensor]],
                  recv_from: Sequence[int], purpose: str) -> None:
@@ -198,20 +330,28 @@ class Communicator:
                        for peer, tensors in incoming for tensor in tensors if tensor.numel()]
         if not operations:
             return
+        peers = sorted({peer for peer, _ in outgoing} | {peer for peer, _ in incoming})
         start = time.perf_counter()
-        for request in dist.batch_isend_irecv(operations):
-            request.wait()
+        with self.guarded("exchange", purpose, peers):
+            for request in dist.batch_isend_irecv(operations):
+                request.wait()
         sent = sum(_nbytes(t) for _, tensors in outgoing for t in tensors)
         received = sum(_nbytes(t) for _, tensors in incoming for t in tensors)
-        self.stats.record(purpose, sent, received, len(operations), time.perf_counter() - start)
+        self._record(purpose, sent, received, len(operations), time.perf_counter() - start)
+
+    def count_round(self) -> None:
+        with _STATS_LOCK:
+            self.stats.rounds += 1
 
     def gather_stats(self) -> list[CommStats]:
         """Every rank's :class:`CommStats`, in rank order (one small all-reduce, counted as ``control``)."""
-        table = torch.zeros(self.world_size, 5 + len(PURPOSES), dtype=torch.float64, device=self._device())
+        table = torch.zeros(self.world_size, 5 + len(PURPOSES), dtype=torch.float64, device=self.device)
         table[self.rank] = torch.tensor(self.stats.as_vector(), dtype=torch.float64)
         self.all_reduce_([table], purpose="control", op="sum")
         return [CommStats.from_vector(row) for row in table.tolist()]
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where this group's small control tensors live (the current CUDA device for NCCL)."""
         backend = dist.get_backend(self.group)
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

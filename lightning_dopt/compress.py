@@ -8,9 +8,10 @@ What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
 
 * ``bf16`` / ``fp16`` (:class:`CastCodec`): ``x.to(dtype)`` viewed as bytes, ``2n`` bytes (0.5 of fp32). Rounding is
   to nearest, so the error is at most half an ulp of the value: ``|decode(x) − x| ≤ 2^-8·|x|`` for bf16 (8 significant
-  bits) and ``≤ 2^-11·|x|`` for fp16 (11 significant bits; fp16 also flushes magnitudes below ``2^-14`` to subnormals
-  with absolute error ``≤ 2^-25`` and cannot represent ``|x| > 65504``, which encode refuses). It is deterministic,
-  hence biased (``unbiased = False``): the caller applies error feedback (:func:`error_feedback_encode`).
+  bits; ``≤ 2^-134`` absolute for fp32 subnormals, where bf16 has fewer bits) and ``≤ 2^-11·|x|`` for fp16 (11
+  significant bits; fp16 also flushes magnitudes below ``2^-14`` to subnormals with absolute error ``≤ 2^-25`` and
+  cannot represent ``|x| > 65504``, which encode refuses). It is deterministic, hence biased (``unbiased = False``):
+  the caller applies error feedback (:func:`error_feedback_encode`).
 * ``int8`` / ``int4`` (:class:`BlockQuantCodec`): blockwise asymmetric quantization with stochastic rounding. The
   input is cut into ``B = ceil(n / block_size)`` blocks (the last one padded with its own last value, so padding never
   widens a block's range). Per block, with ``levels = 2^bits − 1``::
@@ -26,9 +27,12 @@ What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
 
   At ``block_size = 256``: int8 sends 264 bytes per 256 values (0.2578 of fp32), int4 136 (0.1328).
   Error bound, per element: ``|decode(x) − x| < step`` of the element's own block (in exact arithmetic; fp32 rounding
-  adds a few ulps of ``max(|lo|, |max|)``); a constant block (``step = 0``) decodes exactly. Unbiased:
-  ``E[q] = (x − lo) / step`` because ``q = floor(t) + 1`` with probability ``t − floor(t)``, hence
-  ``E[decode(x)] = x``, with per-element variance ``≤ step² / 4``.
+  adds a few ulps of ``max(|lo|, |max|)``); a constant block (``step = 0``) decodes exactly; a block whose range is so
+  small (below ``levels · 2^-149``) that ``step`` underflows to 0 decodes to ``lo``, with an error below that range.
+  Encode refuses NaN/Inf, and a block whose range overflows fp32 or whose maximum comes within ``2^-20`` (relative) of
+  the largest fp32, where decode's rounding could produce Inf. Unbiased: ``E[q] = (x − lo) / step`` because
+  ``q = floor(t) + 1`` with probability ``t − floor(t)``, hence ``E[decode(x)] = x``, with per-element variance
+  ``≤ step² / 4``.
 
 Why the caller encodes differences from an anchor: the strategy sends ``Q(x_i − a)`` where ``a`` is an anchor every
 rank holds identically, and receivers add ``a`` back. The quantization error is proportional to each block's *range*
@@ -50,6 +54,10 @@ CODECS: tuple[str, ...] = ("bf16", "fp16", "int8", "int4")
 """Codec names accepted by :func:`make_codec` (besides ``None`` and a :class:`Codec` instance)."""
 
 _CAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+_DECODE_LIMIT = torch.finfo(torch.float32).max * (1 - 2**-20)
+"""int8/int4 encode refuses a block whose decoded maximum ``lo + levels·step`` reaches this (16 fp32 ulps below the
+largest float): decode's rounding could otherwise turn a finite input into Inf."""
 
 
 def _extremes(x: Tensor) -> Tensor:
@@ -76,13 +84,25 @@ def _check_encode_input(x: Tensor, codec: str) -> None:
         raise ValueError(f"{codec} encode expects a flat 1-D tensor, got shape {tuple(x.shape)}; flatten it first")
     if x.numel() == 0:
         raise ValueError(f"{codec} encode got an empty tensor; there is nothing to send")
+    if x.device.type == "meta":
+        raise ValueError(f"{codec} encode got a tensor on the meta device, which holds no values to send")
 
 
 def _check_numel(numel: int) -> int:
-    numel = operator.index(numel)
+    if isinstance(numel, bool):
+        raise TypeError(f"numel must be an int, got {numel!r}")
+    try:
+        numel = operator.index(numel)
+    except TypeError:
+        raise TypeError(f"numel must be an int, got {type(numel).__name__} {numel!r}") from None
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     return numel
+
+
+def _check_generator(generator: torch.Generator | None, codec: str) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{codec} encode: generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
 def _bytes_as(payload: Tensor, dtype: torch.dtype) -> Tensor:
@@ -143,7 +163,7 @@ class CastCodec(Codec):
     unbiased = False
 
     def __init__(self, dtype: torch.dtype) -> None:
-        if dtype not in _CAST_NAMES:
+        if not isinstance(dtype, torch.dtype) or dtype not in _CAST_NAMES:
             raise ValueError(f"CastCodec supports torch.bfloat16 and torch.float16, got {dtype}")
         self.dtype = dtype
         self.name = _CAST_NAMES[dtype]
@@ -154,14 +174,16 @@ class CastCodec(Codec):
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``generator`` is accepted for a uniform interface and ignored (the cast is deterministic)."""
         _check_encode_input(x, self.name)
+        _check_generator(generator, self.name)
         # Rounding is monotonic: the cast is finite everywhere iff the cast of x's min and max is (this also catches
         # NaN/Inf in x). Queued before the cast, read on the host after it: the one sync of encode.
         finite = torch.isfinite(_extremes(x).to(self.dtype)).all()
-        cast = x.to(self.dtype)
+        cast = x.to(self.dtype, memory_format=torch.contiguous_format)  # unit stride even for one strided element
         if not bool(finite):
             check_finite(x, f"{self.name} encode input")
+            other = "int8" if self.dtype == torch.bfloat16 else "bf16 or int8"
             raise ValueError(f"{self.name} encode input has magnitudes up to {float(x.abs().max()):.4g}, beyond the "
-                             f"{self.name} range (±{torch.finfo(self.dtype).max:.4g}); use bf16 or int8 instead")
+                             f"{self.name} range (±{torch.finfo(self.dtype).max:.4g}); use {other} instead")
         return cast.view(torch.uint8)
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
@@ -175,7 +197,7 @@ class BlockQuantCodec(Codec):
     unbiased = True
 
     def __init__(self, bits: int = 8, block_size: int = 256) -> None:
-        if bits not in (4, 8):
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
             raise ValueError(f"BlockQuantCodec supports bits=4 or bits=8, got {bits!r}")
         self.bits = bits
         self.block_size = _check_block_size(block_size)
@@ -198,6 +220,7 @@ class BlockQuantCodec(Codec):
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Codes, then per-block ``lo`` and ``step`` (fp32 bytes). ``generator`` must live on ``x.device``."""
         _check_encode_input(x, self.name)
+        _check_generator(generator, self.name)
         if generator is not None and generator.device.type != x.device.type:
             raise ValueError(f"{self.name} encode: generator is on {generator.device} but the input is on "
                              f"{x.device}; pass a generator created on the input's device")
@@ -208,9 +231,10 @@ class BlockQuantCodec(Codec):
         blocks = padded.view(num_blocks, self.block_size)
         lo, hi = torch.aminmax(blocks, dim=1)
         step = (hi - lo) / self.levels
-        # NaN/Inf anywhere in a block makes its step NaN or Inf, and so does a range beyond fp32 (max − min
-        # overflowing): one reduction over the blocks' steps, read on the host only after every kernel is queued.
-        finite = torch.isfinite(step * self.levels).all()
+        # The largest value decode can produce in a block is lo + levels·step. NaN/Inf anywhere in a block makes it NaN
+        # or Inf, and so does a range beyond fp32 (max − min overflowing); a top within a few ulps of the fp32 limit
+        # could round to Inf in decode. One reduction over the blocks, read on the host after every kernel is queued.
+        finite = ((step == 0) | (lo + step * self.levels < _DECODE_LIMIT)).all()
 
         t = blocks - lo[:, None]
         t.div_(torch.where(step > 0, step, 1.0)[:, None])  # constant block: t = 0 / 1 = 0, so its codes are 0
@@ -226,8 +250,9 @@ class BlockQuantCodec(Codec):
 
         if not bool(finite):  # the one host sync of encode
             check_finite(x, f"{self.name} encode input")
-            raise ValueError(f"{self.name} encode input has a block whose range (max − min) overflows fp32; "
-                             f"values must span less than {torch.finfo(torch.float32).max:.4g} within a block")
+            raise ValueError(f"{self.name} encode input has a block whose range (max − min) overflows fp32 or whose "
+                             f"maximum is within 2^-20 of the fp32 limit; values must stay below {_DECODE_LIMIT:.10g} "
+                             f"and span less than {torch.finfo(torch.float32).max:.4g} within a block")
         return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
@@ -267,6 +292,8 @@ def error_feedback_encode(codec: Codec, x: Tensor, residual: Tensor,
     Summed over rounds, what is decoded equals what was meant to be sent minus the last residual, so a biased codec's
     rounding errors do not accumulate (EF, ``research/algorithms.md`` §4.8). Pure: neither input is modified.
     """
+    if not isinstance(codec, Codec):
+        raise TypeError(f"error_feedback_encode expects a Codec, got {type(codec).__name__}; see make_codec")
     if not isinstance(residual, Tensor) or not isinstance(x, Tensor):
         raise TypeError("error_feedback_encode expects torch.Tensor x and residual")
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:

@@ -22,13 +22,16 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_dopt.comm import Communicator, FlatState
+from lightning_dopt.comm import Communicator, FlatState, PeerFailure
 from lightning_dopt.compress import Codec, error_feedback_encode
 from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.topology import mixing_row
@@ -93,36 +96,46 @@ class ReplicaSync:
     @torch.no_grad()
     def gossip_round(self, round_index: int) -> None:
         """One synchronization round of the configured topology (see the module docstring)."""
-        comm = self.comm
-        compression = self.compression
-        refresh = self.topology == "complete" or round_index % self.anchor_interval == self.anchor_interval - 1
-        state, work = self.round_state, self._round_work
         if self.pseudo_gradients is not None:
             self.pseudo_gradients.round_()
             self.average_buffers_("round")
             if self.extra.tensors:
                 extra = self.extra.pack(self.extra.new_buffers())
-                comm.all_reduce_(extra, purpose="round", op="mean")
+                self.comm.all_reduce_(extra, purpose="round", op="mean")
                 self.extra.unpack(extra)
-        elif compression is not None and refresh:
-            compression.average_round(state.pack(work))
-            state.unpack(work)
+            self.comm.count_round()
+            return
+        work = self.round_state.pack(self._round_work)
+        self.mix_buffers_(work, round_index, self.comm)
+        self.round_state.unpack(work)
+
+    @torch.no_grad()
+    def mix_buffers_(self, work: list[Tensor], round_index: int, comm: Communicator) -> None:
+        """Round ``round_index`` on packed round state ``work`` (updated in place) over ``comm``: ``work`` becomes
+        ``Σ_j W_ij(r) x_j`` (compressed: its decoded estimate). Touches no module tensor, so it can run in a
+        background thread while the training loop keeps stepping."""
+        compression = self.compression
+        refresh = self.topology == "complete" or round_index % self.anchor_interval == self.anchor_interval - 1
+        if compression is not None and refresh:
+            compression.average_round(work, comm)
         elif self.topology == "complete":
-            comm.all_reduce_(state.pack(work), purpose="round", op="mean")
-            state.unpack(work)
+            comm.all_reduce_(work, purpose="round", op="mean")
         else:
             row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
             if compression is not None and (row.send_to or row.recv_from):
-                compression.graph_round(state.pack(work), row)
-                state.unpack(work)
+                compression.graph_round(work, row, comm)
             elif row.send_to or row.recv_from:
-                sent = state.pack(work)
                 received = self._receive_buffers(len(row.recv_from))
-                comm.exchange(sent, row.send_to, received, row.recv_from, purpose="round")
-                for group, target in enumerate(sent):
+                comm.exchange(work, row.send_to, received, row.recv_from, purpose="round")
+                for group, target in enumerate(work):
                     _mix_(target, row.self_weight, [r[group] for r in received], row.recv_weights)
-                state.unpack(sent)
-        comm.stats.rounds += 1
+        comm.count_round()
+
+    @torch.no_grad()
+    def is_finite(self) -> bool:
+        """Whether every value of the round state (replica and mixed statistics) is finite: one reduction per
+        tensor group, run before a round so a NaN or Inf is caught before it reaches a partner."""
+        return all(bool(torch.isfinite(t).all()) for t in self.round_state.tensors)
 
     def _receive_buffers(self, count: int) -> list[list[Tensor]]:
         while len(self._received) < count:
@@ -197,6 +210,99 @@ class ReplicaSync:
         if norm_value > 0:
             return spread_value / norm_value
         return 0.0 if spread_value == 0 else math.inf
+
+
+class OverlappedRounds:
+    """Non-blocking rounds: round ``r``'s exchange runs in a background thread while local steps continue, and its
+    result is applied at round ``r + 1`` with the delta rule, so the progress made meanwhile is kept::
+
+        at round r:    s_i ← x_i  (one snapshot);  start  m_i ← Σ_j W_ij(r) s_j  in the background
+        at round r+1:  x_i ← x_i + (m_i − s_i);    then start round r+1 from the new x_i
+
+    Staleness is one round: each replica mixes with its partners' states of one round earlier. For ½/½ pairs the
+    two corrections are opposite, ``(s_j − s_i)/2`` and ``(s_i − s_j)/2``, so the global mean is preserved exactly
+    (up to float rounding; in expectation with compression). The thread works on its own buffers and its own
+    process group (and a side CUDA stream on GPU): the optimizer never races with it, and the training loop's
+    collectives (evaluation, logging) never interleave with the round's messages. Before the exchange the thread
+    all-reduces a small ``flags`` vector (one float64 per rank and flag) so that every rank learns, one round
+    later, the same stop requests and non-finite replicas; a round with a non-finite replica is not exchanged.
+
+    Memory: the snapshot and the mixing buffer (two copies of the round state) plus the receive buffers.
+    Cost per round: the blocking round's bytes plus ``2(n−1)/n · 8 · len(flags)`` bytes of flags.
+    """
+
+    def __init__(self, sync: ReplicaSync, comm: Communicator, timeout: float) -> None:
+        self.sync = sync
+        self.comm = comm
+        self.timeout = timeout
+        self._snapshot = sync.round_state.new_buffers()
+        self._mixed = sync.round_state.new_buffers()
+        self._flags: Tensor | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._round_index = -1
+        device = self._snapshot[0].device if self._snapshot else torch.device("cpu")
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None
+
+    @torch.no_grad()
+    def start(self, round_index: int, flags: Tensor) -> None:
+        """Snapshot the round state and start round ``round_index`` (and the flags all-reduce) in the background."""
+        if self._thread is not None:
+            raise RuntimeError(f"round {self._round_index} is still in flight; finish() it before starting another")
+        self.sync.round_state.pack(self._snapshot)
+        torch._foreach_copy_(self._mixed, self._snapshot)
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        self._flags, self._error, self._round_index = flags, None, round_index
+        self._thread = threading.Thread(target=self._run, args=(round_index, flags), daemon=True,
+                                        name=f"dopt-round-{round_index}")
+        self._thread.start()
+
+    def _run(self, round_index: int, flags: Tensor) -> None:
+        try:
+            with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                self.comm.all_reduce_([flags], purpose="control", op="max")
+                if bool(flags[flags.numel() // 2:].max() == 0):  # second half: non-finite replicas
+                    self.sync.mix_buffers_(self._mixed, round_index, self.comm)
+                if self._stream is not None:
+                    self._stream.synchronize()
+        except BaseException as error:  # re-raised by finish() in the training loop
+            self._error = error
+
+    @torch.no_grad()
+    def finish(self) -> Tensor | None:
+        """Wait for the round in flight (at most ``timeout`` seconds), apply it with the delta rule and return its
+        all-reduced flags; ``None`` when nothing was in flight. Replicas are left unchanged when a flag reports a
+        non-finite replica (the caller decides what to do)."""
+        thread = self._thread
+        if thread is None:
+            return None
+        start = time.perf_counter()
+        thread.join(self.timeout)
+        self.comm.stats.record("round", 0, 0, 0, time.perf_counter() - start)
+        if thread.is_alive():
+            raise PeerFailure(f"rank {self.comm.rank}: background round {self._round_index} did not finish within "
+                              f"{self.timeout:.0f} s; a partner is stuck or gone")
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        flags = self._flags
+        assert flags is not None
+        if bool(flags[flags.numel() // 2:].max() == 0):
+            torch._foreach_sub_(self._mixed, self._snapshot)
+            self.sync.round_state.add_(self._mixed)
+        return flags
+
+    def abandon(self, wait: float = 5.0) -> None:
+        """Give up on a round in flight (after an error elsewhere): wait briefly for the thread, never apply it.
+        The thread is a daemon, so a partner that never answers cannot keep the process alive."""
+        if self._thread is not None:
+            self._thread.join(wait)
+            self._thread = None
 
 
 @torch.no_grad()
@@ -288,8 +394,9 @@ class AnchoredCompression:
         return torch.empty(self.codec.payload_bytes(numel) if numel else 0, dtype=torch.uint8, device=device)
 
     @torch.no_grad()
-    def graph_round(self, work: list[Tensor], row: Any) -> None:
-        """Mix ``work`` (packed replica state, updated in place) with the round's neighbours."""
+    def graph_round(self, work: list[Tensor], row: Any, comm: Communicator | None = None) -> None:
+        """Mix ``work`` (packed replica state, updated in place) with the round's neighbours (over ``comm``,
+        default: the communicator given at construction)."""
         sent, own = [], []
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             residual = self.residual[index] if self.residual is not None else None
@@ -297,7 +404,7 @@ class AnchoredCompression:
             sent.append(payload)
             own.append(decoded)
         received = [[self._empty_payload(mine.numel(), mine.device) for mine in work] for _ in row.recv_from]
-        self.comm.exchange(sent, row.send_to, received, row.recv_from, purpose="round")
+        (comm or self.comm).exchange(sent, row.send_to, received, row.recv_from, purpose="round")
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             others = [self._decode(payloads[index], mine.numel(), mine.device) for payloads in received]
             mixed = own[index].clone()
@@ -305,9 +412,11 @@ class AnchoredCompression:
             mine.copy_(anchor.float() + mixed)
 
     @torch.no_grad()
-    def average_round(self, work: list[Tensor]) -> None:
-        """Compressed exact-mean round; ``work`` becomes the new anchor on every rank."""
-        rank, world_size = self.comm.rank, self.comm.world_size
+    def average_round(self, work: list[Tensor], comm: Communicator | None = None) -> None:
+        """Compressed exact-mean round over ``comm`` (default: the construction's); ``work`` becomes the new anchor
+        on every rank."""
+        comm = comm or self.comm
+        rank, world_size = comm.rank, comm.world_size
         peers = [peer for peer in range(world_size) if peer != rank]
         differences, outgoing, incoming = [], {p: [] for p in peers}, {p: [] for p in peers}
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
@@ -321,7 +430,7 @@ class AnchoredCompression:
             if self.residual is not None:
                 self.residual[index][slice(*chunks[rank])].zero_()  # the own chunk is used uncompressed
             differences.append(difference)
-        self.comm.exchange_each(list(outgoing.items()), list(incoming.items()), purpose="round")
+        comm.exchange_each(list(outgoing.items()), list(incoming.items()), purpose="round")
 
         means, outgoing_means, incoming_means = [], [], {p: [] for p in peers}
         for index, (mine, difference) in enumerate(zip(work, differences)):
@@ -336,8 +445,7 @@ class AnchoredCompression:
             means.append(decoded)
             for peer in peers:
                 incoming_means[peer].append(self._empty_payload(chunks[peer][1] - chunks[peer][0], mine.device))
-        self.comm.exchange_each([(peer, outgoing_means) for peer in peers], list(incoming_means.items()),
-                                purpose="round")
+        comm.exchange_each([(peer, outgoing_means) for peer in peers], list(incoming_means.items()), purpose="round")
 
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             chunks = self._chunks(mine.numel())

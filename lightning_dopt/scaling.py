@@ -25,7 +25,7 @@ curvature), hence ``|v|``. OASIS is bias-corrected like Adam, as a replacement f
 ``D₀``: without it, after the first local phase of ``H`` steps ``v ≈ (1 − β^H)·diag(H)`` (0.8 % of the curvature
 for ``H = 8, β = 0.999``) and the steps would be over a hundred times too long. ``max(v, 0)`` in Adam/RMSProp only
 matters for averaged statistics that went slightly negative (e.g. after a lossy codec); it keeps ``D`` finite.
-Floors: ``D ≥ eps`` (adam, rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the statistics.
+Floors: ``D ≥ eps`` (adam, rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the (finite) statistics.
 
 ``D`` is FROZEN within a local phase: it changes only in :meth:`~Preconditioner.refresh` and
 :meth:`~Preconditioner.load_state_dict`, never in ``accumulate``. Until the first refresh after at least one
@@ -44,7 +44,8 @@ statistics), and the consistency argument above holds only approximately too.
 Precision: statistics and ``D`` are fp32 (fp64 for fp64 parameters) even when parameters and gradients are bf16/fp16;
 ``apply_`` divides in fp32 and writes the result back in the gradient's dtype. Non-finite gradients poison the
 statistics (``v`` keeps a NaN forever): do not accumulate on steps a gradient scaler skips, and accumulate unscaled
-gradients.
+gradients. :meth:`~Preconditioner.refresh` refuses non-finite statistics with a ``ValueError`` (one reduction per
+round) rather than turn ``D``, and then every scaled step, into NaN.
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def _check_positive(value: float, name: str) -> float:
     return float(value)
 
 
+def _check_finite(tensors: Sequence[Tensor], what: str, advice: str) -> None:
+    """Raise ``ValueError`` if any tensor holds NaN/Inf: one fused reduction per tensor (``_foreach_norm`` with
+    ``ord=inf``, which NaN and ±Inf both reach) and one host sync for all of them. Meta and empty tensors are
+    skipped."""
+    checked = [(k, t) for k, t in enumerate(tensors) if t.numel() and t.device.type != "meta"]
+    if not checked:
+        return
+    largest = torch._foreach_norm([t for _, t in checked], ord=math.inf)
+    if bool(torch.isfinite(torch.stack([x.to(largest[0].device) for x in largest])).all()):
+        return
+    counts = [(k, int((~torch.isfinite(t)).sum())) for k, t in checked]  # error path only: extra syncs are fine
+    first = next(k for k, count in counts if count)
+    raise ValueError(f"{what} hold NaN or Inf: {sum(c for _, c in counts)} of {sum(t.numel() for _, t in checked)} "
+                     f"values, first in tensor {first}; {advice}")
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half precision and fp32, fp64 for fp64."""
     if not dtype.is_floating_point:
@@ -92,6 +109,9 @@ class Preconditioner(ABC):
     def __init__(self, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8) -> None:
         self.beta = _check_beta(beta)
         self.eps = _check_positive(eps, "eps")
+        if isinstance(params, Tensor):
+            raise TypeError("params must be a sequence of tensors (e.g. list(model.parameters())), got a single "
+                            f"Tensor of shape {tuple(params.shape)}; wrap it in a list")
         params = list(params)
         for k, p in enumerate(params):
             if not isinstance(p, Tensor):
@@ -125,8 +145,14 @@ class Preconditioner(ABC):
         for k, (x, target) in enumerate(zip(tensors, targets)):
             if x is None:
                 continue
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{what}: entry {k} must be a torch.Tensor or None, got {type(x).__name__}")
+            if not x.dtype.is_floating_point:
+                raise TypeError(f"{what}: tensor {k} must be floating point, got {x.dtype}")
             if x.shape != target.shape:
                 raise ValueError(f"{what}: tensor {k} has shape {tuple(x.shape)}, its parameter {tuple(target.shape)}")
+            if x.device != target.device:
+                raise ValueError(f"{what}: tensor {k} is on {x.device}, its parameter's state on {target.device}")
             given.append(x)
             matched.append(target)
         return given, matched
@@ -152,13 +178,19 @@ class Preconditioner(ABC):
     @torch.no_grad()
     def refresh(self) -> None:
         """``D ← f(v)`` in place; ``D`` then stays frozen until the next refresh. ``D = 1`` while no step was
-        accumulated."""
+        accumulated.
+
+        Raises ``ValueError`` (leaving ``D`` unchanged) if the statistics hold NaN/Inf, which would make ``D`` NaN or
+        Inf and every scaled step NaN or zero: one reduction and one host sync per refresh, i.e. per round."""
         if not self._diag:
             return
         if self.steps == 0:
             for d in self._diag:
                 d.fill_(1.0)
             return
+        _check_finite(self._stats, f"{self.name} preconditioner statistics",
+                      "a non-finite gradient (or one whose square overflows) was accumulated: accumulate unscaled "
+                      "gradients, and not on steps a gradient scaler skips")
         torch._foreach_copy_(self._diag, self._stats)
         self._diagonal_from_statistics_(self._diag)
 
@@ -203,6 +235,7 @@ class Preconditioner(ABC):
             if len(tensors) != len(targets) or any(x is None for x in tensors):
                 raise ValueError(f"preconditioner state '{key}' must hold {len(targets)} tensors")
             self._pairs(tensors, f"load_state_dict '{key}'", targets)
+            _check_finite(tensors, f"preconditioner state '{key}'", "the checkpoint is corrupt")
         for key, targets in (("statistics", self._stats), ("diagonal", self._diag)):
             for target, x in zip(targets, state[key]):
                 target.copy_(x)
@@ -274,6 +307,10 @@ def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) ->
     Drawn on the generator's device (the tensor's device without a generator), then moved: a CPU generator works
     for a CUDA tensor, at the cost of one host-to-device copy of an int8 tensor.
     """
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"rademacher_like expects a torch.Tensor, got {type(tensor).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     device = generator.device if generator is not None else tensor.device
     bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device, dtype=torch.int8)
     return bits.to(device=tensor.device, dtype=tensor.dtype).mul_(2).sub_(1)
@@ -290,7 +327,18 @@ def hutchinson_diagonal(hvp: Callable[[list[Tensor]], list[Tensor]], params: Seq
     products = list(hvp(probes))
     if len(products) != len(probes):
         raise ValueError(f"hvp returned {len(products)} tensors for {len(probes)} probes")
+    _check_shapes(products, probes, "hvp returned", "probe")
     return [z * hz for z, hz in zip(probes, products)]
+
+
+def _check_shapes(tensors: Sequence[Any], references: Sequence[Tensor], what: str, reference: str) -> None:
+    """Each of ``tensors`` a Tensor of its reference's shape (no silent broadcasting)."""
+    for k, (x, ref) in enumerate(zip(tensors, references)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what} a {type(x).__name__} at index {k}; expected a torch.Tensor")
+        if x.shape != ref.shape:
+            raise ValueError(f"{what} shape {tuple(x.shape)} at index {k}; its {reference} has shape "
+                             f"{tuple(ref.shape)}")
 
 
 def hessian_vector_product(loss_fn: Callable[[], Tensor], params: Sequence[Tensor],
@@ -303,6 +351,7 @@ def hessian_vector_product(loss_fn: Callable[[], Tensor], params: Sequence[Tenso
     params, vectors = list(params), list(vectors)
     if len(vectors) != len(params):
         raise ValueError(f"got {len(vectors)} vectors for {len(params)} parameters")
+    _check_shapes(vectors, params, "vectors have", "parameter")
     with torch.enable_grad():
         grads = torch.autograd.grad(loss_fn(), params, create_graph=True, allow_unused=True)
         terms = [(g * v).sum() for g, v in zip(grads, vectors) if g is not None and g.requires_grad]
@@ -327,6 +376,7 @@ def finite_difference_hvp(grad_fn: Callable[[], list[Tensor]], params: Sequence[
     if len(vectors) != len(params):
         raise ValueError(f"got {len(vectors)} vectors for {len(params)} parameters")
     h = _check_positive(step, "step")
+    _check_shapes(vectors, params, "vectors have", "parameter")
     for p in params:
         if p.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"finite_difference_hvp needs fp32 or fp64 parameters, got {p.dtype}: a step of {h} is "
@@ -336,6 +386,8 @@ def finite_difference_hvp(grad_fn: Callable[[], list[Tensor]], params: Sequence[
         grads = list(grad_fn())
         if len(grads) != len(params):
             raise ValueError(f"grad_fn returned {len(grads)} gradients for {len(params)} parameters")
+        _check_shapes([g for g in grads if g is not None], [p for p, g in zip(params, grads) if g is not None],
+                      "grad_fn returned", "parameter")
         return [torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None
                 else g.detach().to(torch.promote_types(g.dtype, torch.float32), copy=True) for p, g in zip(params, grads)]
 

@@ -9,14 +9,18 @@ Lightning) and each rank's replica, optimizer state, counters and RNG in a per-r
 
 Communication per rank and optimizer step, for a model of ``P`` bytes on ``n`` ranks:
 DDP ``2(n-1)/n · P``; ``complete`` ``2(n-1)/n · P / H``; ``random`` and ``one_peer_exponential``
-``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H`` (plus Lightning's own 1-element
-SIGTERM broadcast per batch, which is not counted).
+``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H``; plus ``2(n-1)/n · 16n`` bytes of control flags
+per round (stop requests, non-finite replicas), which replace Lightning's per-batch SIGTERM broadcast.
+With ``overlap=True`` the rounds run in a background thread, one round stale (:class:`OverlappedRounds`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -24,8 +28,9 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.utilities.cloud_io import _atomic_save, get_filesystem
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, TorchCheckpointIO
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
@@ -34,16 +39,19 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_dopt.comm import CommStats, Communicator
+from lightning_dopt.checkpoint_files import (atomic_save, remove_other_saves, remove_sidecar_dir_if_empty,
+                                             sidecar_path)
+from lightning_dopt.comm import CommStats, Communicator, PeerFailure
 from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
-from lightning_dopt.rounds import OuterOptimizerFactory, ReplicaSync, diloco_outer_optimizer
+from lightning_dopt.rounds import OuterOptimizerFactory, OverlappedRounds, ReplicaSync, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, OASISScaling, Preconditioner, finite_difference_hvp, make_preconditioner
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
@@ -53,9 +61,37 @@ SIDECAR_FORMAT = "lightning_dopt.sidecar/1"
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
-def sidecar_path(checkpoint_path: _PATH, rank: int) -> str:
-    """Where rank ``rank`` keeps its replica next to the main checkpoint file."""
-    return f"{checkpoint_path}.dopt-rank{rank}"
+class NonFiniteReplicaError(FloatingPointError):
+    """A replica holds NaN or Inf at a round; raised on every rank before the values reach a partner."""
+
+
+def _requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job (what Lightning's requeue handler does), logging rather than raising."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    if not job:
+        rank_zero_warn("lightning_dopt: no SLURM_JOB_ID in the environment; the job was not requeued")
+        return
+    try:
+        code = subprocess.call(["scontrol", "requeue", job])
+    except OSError as error:
+        rank_zero_warn(f"lightning_dopt: could not requeue SLURM job {job}: {error}")
+        return
+    (rank_zero_info if code == 0 else rank_zero_warn)(f"lightning_dopt: scontrol requeue {job} exited with {code}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint writer, made crash-safe on local filesystems: the new file is written
+    beside the target, synced and renamed over it (:func:`~lightning_dopt.checkpoint_files.atomic_save`). Lightning's
+    own writer stages the file in ``TMPDIR`` and moves it, which is a copy (truncating the previous checkpoint on a
+    crash) when ``TMPDIR`` is on another filesystem, the usual cluster layout."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not support storage_options; got {storage_options!r}")
+        get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        atomic_save(checkpoint, path)
+        remove_sidecar_dir_if_empty(path)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -201,6 +237,10 @@ class GossipLocalStrategy(DDPStrategy):
             extra forward/backward passes).
         scaling_beta, scaling_eps, scaling_alpha_min: EMA factor of the statistics, floor of ``D`` for adam/rmsprop,
             floor for oasis.
+        overlap: run each round's exchange in a background thread (own process group, side CUDA stream) while
+            the next local steps compute, and apply it one round later with the delta rule
+            ``x ← x + (mixed − snapshot)`` (:class:`~lightning_dopt.rounds.OverlappedRounds`; staleness one round).
+            Not with AdaCons rounds or an outer optimizer.
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -230,6 +270,7 @@ class GossipLocalStrategy(DDPStrategy):
         scaling_beta: float = 0.999,
         scaling_eps: float = 1e-8,
         scaling_alpha_min: float = 1e-4,
+        overlap: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -259,11 +300,18 @@ class GossipLocalStrategy(DDPStrategy):
             if aggregation == "adacons" and local_steps == 1:
                 raise ValueError("scaling refreshes its preconditioner at rounds, and aggregation='adacons' with "
                                  "local_steps=1 has none: use local_steps > 1 or aggregation='mean'")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False; got {overlap!r}")
+        if overlap and (outer_factory is not None or aggregation == "adacons"):
+            raise ValueError("overlap=True applies to gossip and Local SGD rounds; AdaCons (aggregation='adacons') and "
+                             "outer optimizers need every rank's current pseudo-gradient at the round: use "
+                             "overlap=False with them")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
             accelerator=accelerator, parallel_devices=parallel_devices, cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
+            precision_plugin=precision_plugin,
             process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
         )
         self.local_steps = local_steps
@@ -288,6 +336,7 @@ class GossipLocalStrategy(DDPStrategy):
         self.scaling_beta = scaling_beta
         self.scaling_eps = scaling_eps
         self.scaling_alpha_min = scaling_alpha_min
+        self.overlap = overlap
         self._preconditioners: list[tuple[list[torch.Tensor], Preconditioner]] = []
         self._outer_factory = outer_factory
         # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
@@ -299,6 +348,14 @@ class GossipLocalStrategy(DDPStrategy):
         self._grad_combiners: dict[int, AdaConsGradients] = {}
         self._restored_combiners: dict[int, dict[str, Any]] = {}
         self._restored: dict[str, Any] | None = None
+        self._overlapped: OverlappedRounds | None = None
+        self._setups = 0
+        self._sigterm = False  # this rank received SIGTERM (set by the signal handler)
+        self._stop_requested = False  # some rank received SIGTERM: every rank stops at the next batch boundary
+        self._flags_step = 0
+        self._sigterm_ranks: list[int] = []
+        self._requeue = False  # this rank received SLURM's requeue signal
+        self._requeue_requested = False  # some rank did: rank 0 requeues the job after the checkpoint
 
     # ----------------------------------------------------------------------------------------- launch
     def _configure_launcher(self) -> None:
@@ -342,6 +399,11 @@ class GossipLocalStrategy(DDPStrategy):
                 self._sync.broadcast_(src=0)
             else:
                 self._load_sidecar_state(sidecar)
+            self._comm.start_liveness(prefix=f"lightning_dopt/{self._setups}")
+            if fitting and self.overlap:
+                timeout = self._timeout.total_seconds() if self._timeout is not None else None
+                self._overlapped = OverlappedRounds(self._sync, self._comm.background(self._timeout), timeout)
+        self._setups += 1
 
     def _load_sidecar_state(self, sidecar: dict[str, Any]) -> None:
         """Restore the per-rank round state written by :meth:`save_checkpoint` (after the replica itself)."""
@@ -409,11 +471,20 @@ class GossipLocalStrategy(DDPStrategy):
         self._restored = None
         if self._comm is not None:
             self._check_equal_batches()
+            self._sigterm = self._stop_requested = self._requeue = self._requeue_requested = False
+            self._take_over_sigterm(self.lightning_module.trainer)
 
     def _check_equal_batches(self) -> None:
         """Ranks that run different numbers of batches would deadlock at a round: fail early instead."""
-        batches = self.lightning_module.trainer.num_training_batches
+        trainer = self.lightning_module.trainer
+        batches = trainer.num_training_batches
         if not math.isfinite(batches):
+            if trainer.max_steps == -1:
+                raise RuntimeError(
+                    "the training data has no length (e.g. an IterableDataset without __len__), so ranks may run "
+                    "different numbers of training batches per epoch (uneven data) and deadlock at a round. Set "
+                    "Trainer(max_steps=...) and give every rank a stream at least that long, or give the dataset a "
+                    "__len__ that is the same on every rank.")
             return
         bounds = torch.tensor([batches, -batches], dtype=torch.float64, device=self.root_device)
         assert self._comm is not None
@@ -504,10 +575,17 @@ class GossipLocalStrategy(DDPStrategy):
         sync = self._sync
         local_phase = self._steps > self.warmup_steps and not self._combines_gradients
         round_due = local_phase and (self._steps - self.warmup_steps) % self.local_steps == 0
-        if sync is not None and not local_phase and self.average_buffers:
-            sync.average_buffers_("warmup" if self._steps <= self.warmup_steps else "aggregate")
+        if sync is not None and not local_phase:
+            self._handle_flags(self._all_reduce_flags())
+            if self.average_buffers:
+                sync.average_buffers_("warmup" if self._steps <= self.warmup_steps else "aggregate")
         if sync is not None and round_due:
-            sync.gossip_round(self._round)
+            if self._overlapped is not None:
+                self._handle_flags(self._overlapped.finish())
+                self._overlapped.start(self._round, self._local_flags())
+            else:
+                self._handle_flags(self._all_reduce_flags())
+                sync.gossip_round(self._round)
             self._round += 1
         if round_due:
             for _, preconditioner in self._preconditioners:
@@ -518,6 +596,113 @@ class GossipLocalStrategy(DDPStrategy):
         if self.consensus_interval and self._steps % self.consensus_interval == 0:
             logged["dopt/consensus_distance"] = sync.consensus_distance()
         self._log(logged, on_step=True, on_epoch=False)
+
+    # ---------------------------------------------------- Lightning's own collectives, with failures named
+    @contextmanager
+    def _guard(self, operation: str) -> Iterator[None]:
+        if self._comm is None:
+            yield
+        else:
+            with self._comm.guarded(operation, "control", None):
+                yield
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        with self._guard("barrier"):
+            super().barrier(*args, **kwargs)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        with self._guard("broadcast"):
+            return super().broadcast(obj, src)
+
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._guard("reduce (LightningModule.log with sync_dist)"):
+            return super().reduce(tensor, *args, **kwargs)
+
+    def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        with self._guard("all_gather"):
+            return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    # ------------------------------------------------------------------ control: stop requests and NaN checks
+    def _local_flags(self) -> torch.Tensor:
+        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}]`` with this rank's two entries set."""
+        assert self._sync is not None and self._comm is not None
+        flags = torch.zeros(2 * self.world_size, dtype=torch.float64, device=self._comm.device)
+        flags[self.global_rank] = 2.0 if self._requeue else float(self._sigterm)
+        flags[self.world_size + self.global_rank] = float(not self._sync.is_finite())
+        self._flags_step = self._steps
+        return flags
+
+    def _all_reduce_flags(self) -> torch.Tensor:
+        """Blocking check point: every rank learns every rank's flags (``2n`` float64, counted as ``control``)."""
+        assert self._comm is not None
+        flags = self._local_flags()
+        self._comm.all_reduce_([flags], purpose="control", op="max")
+        return flags
+
+    def _handle_flags(self, flags: torch.Tensor | None) -> None:
+        """Act on all-reduced flags, identically on every rank: raise on a non-finite replica, or request a stop
+        at the next batch boundary when some rank received SIGTERM."""
+        if flags is None:
+            return
+        sigterm, nonfinite = flags.view(2, -1).cpu().tolist()
+        bad = [rank for rank, value in enumerate(nonfinite) if value]
+        if bad:
+            names = ", ".join(map(str, bad))
+            raise NonFiniteReplicaError(
+                f"non-finite values (NaN or Inf) in the replica of rank{'s' if len(bad) > 1 else ''} {names} at "
+                f"optimizer step {self._flags_step} (detected by the check before round {self._round}); every rank "
+                "stopped before they reached a partner. Lower the learning rate, clip gradients "
+                "(Trainer(gradient_clip_val=...)) or check the data; resume from the last checkpoint.")
+        if any(sigterm) and not self._stop_requested:
+            self._stop_requested = True
+            self._sigterm_ranks = [rank for rank, value in enumerate(sigterm) if value]
+            self._requeue_requested = max(sigterm) >= 2.0
+
+    def _drain(self) -> None:
+        """Finish and apply a background round in flight (before evaluation, checkpoints and the end of fit)."""
+        if self._overlapped is not None:
+            self._handle_flags(self._overlapped.finish())
+
+    def _take_over_sigterm(self, trainer: Any) -> None:
+        """Replace Lightning's per-batch SIGTERM broadcast (a global lock-step on every batch) by checks at rounds.
+
+        The handler only records the signal (and forwards it to launched children, as Lightning's does); the flag
+        travels with the next round's flags, and every rank stops at the same batch boundary (see
+        :meth:`_stop_if_requested`)."""
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._stop_if_requested
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        environment = self.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            # Lightning saves the checkpoint inside its requeue-signal handler, wherever each rank happens to be: a
+            # collective save would then meet a peer's round. Record the signal instead and save at a round.
+            signal.signal(environment.requeue_signal or signal.SIGUSR1, self._on_requeue_signal)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._sigterm and self.launcher is not None:
+            self.launcher.kill(signum)
+        self._sigterm = True
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        rank_zero_info(f"lightning_dopt: requeue signal {signum} received; saving and requeueing at the next round")
+        self._sigterm = self._requeue = True
+
+    def _stop_if_requested(self) -> None:
+        """At a batch boundary after a round that saw SIGTERM: write a checkpoint on every rank, then stop."""
+        if not self._stop_requested:
+            return
+        trainer = self.lightning_module.trainer
+        self._drain()
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        what = "the requeue signal" if self._requeue_requested else "SIGTERM"
+        rank_zero_info(f"{what} received by rank(s) {', '.join(map(str, self._sigterm_ranks))}: every rank stopped "
+                       f"after optimizer step {self._steps} (round {self._round}) and saved {path}. Resume with "
+                       "trainer.fit(..., ckpt_path='hpc') (automatic under SLURM).")
+        if self._requeue_requested and self.is_global_zero:
+            _requeue_slurm_job()
+        raise SIGTERMException()
 
     def _log_counters(self) -> dict[str, float]:
         stats = self.comm_stats
@@ -537,6 +722,7 @@ class GossipLocalStrategy(DDPStrategy):
         """After fit every rank (and the spawn launcher's main process) holds the exact average."""
         super().on_train_end()
         if self._sync is not None:
+            self._drain()
             self._sync.average_("final")
 
     # ------------------------------------------------------------------------------------- evaluation
@@ -552,6 +738,7 @@ class GossipLocalStrategy(DDPStrategy):
         if not self._evaluating_on_average():
             return
         assert self._sync is not None
+        self._drain()
         if self.eval_model == "average":
             distance = self._sync.swap_in_average("eval")
         else:
@@ -587,46 +774,59 @@ class GossipLocalStrategy(DDPStrategy):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The main checkpoint holds the exact average (collective: every rank runs it)."""
+        self._drain()
         with self._module_holding("average"):
             return {key: value.clone() for key, value in self.lightning_module.state_dict().items()}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
                         storage_options: Any | None = None) -> None:
-        """Every rank writes its sidecar atomically, then rank 0 writes the main file atomically."""
+        """Crash-safe collective save (every rank runs it):
+
+        1. every rank writes its sidecar ``<path>.dopt/rank<r>-<id>.pt`` of this save (id broadcast by rank 0);
+        2. barrier; rank 0 writes the main file, which names the save id: the commit point;
+        3. barrier; every rank deletes its sidecars of older saves of the same path.
+
+        Every file is written atomically, so a crash at any moment leaves the previous save of ``path`` complete and
+        consistent (its main file still names its own sidecars)."""
         if self._sync is None:
             return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        self._drain()
         filepath, save_id = self.broadcast((str(filepath), uuid.uuid4().hex))
         checkpoint["lightning_dopt"] = {
             "world_size": self.world_size, "steps": self._steps, "round": self._round, "save_id": save_id,
             "topology": self.topology, "local_steps": self.local_steps,
         }
         with self._module_holding("local"):
-            local_state = self.lightning_module.state_dict()
-            sidecar = {
-                "format": SIDECAR_FORMAT, "rank": self.global_rank, "world_size": self.world_size,
-                "save_id": save_id, "state_dict": local_state,
-                "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
-                "comm_stats": self.comm_stats.state_dict(), "rng": _collect_rng_states(),
-                "compression": self._sync.compression.state_dict() if self._sync.compression else None,
-                "aggregation": {index: combiner.combiner.state_dict()
-                                for index, combiner in self._grad_combiners.items()},
-                "pseudo_gradients": self._sync.pseudo_gradients.state_dict() if self._sync.pseudo_gradients
-                else None,
-                "scaling": [{"state": preconditioner.state_dict(),
-                             "generator": getattr(preconditioner, "generator", None) and
-                             preconditioner.generator.get_state()} for _, preconditioner in self._preconditioners],
-            }
-            fs = get_filesystem(filepath)
-            fs.makedirs(os.path.dirname(filepath) or ".", exist_ok=True)
-            _atomic_save(sidecar, sidecar_path(filepath, self.global_rank))
-        return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            atomic_save(self._sidecar(save_id), sidecar_path(filepath, self.global_rank, save_id))
+        self.barrier("lightning_dopt: sidecars written")
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        self.barrier("lightning_dopt: main file written")
+        remove_other_saves(filepath, self.global_rank, keep_save_id=save_id)
+
+    def _sidecar(self, save_id: str) -> dict[str, Any]:
+        """This rank's round state (the module must hold the local replica)."""
+        assert self._sync is not None
+        return {
+            "format": SIDECAR_FORMAT, "rank": self.global_rank, "world_size": self.world_size,
+            "save_id": save_id, "state_dict": self.lightning_module.state_dict(),
+            "optimizer_states": [optimizer.state_dict() for optimizer in self.optimizers],
+            "comm_stats": self.comm_stats.state_dict(), "rng": _collect_rng_states(),
+            "compression": self._sync.compression.state_dict() if self._sync.compression else None,
+            "aggregation": {index: combiner.combiner.state_dict() for index, combiner in self._grad_combiners.items()},
+            "pseudo_gradients": self._sync.pseudo_gradients.state_dict() if self._sync.pseudo_gradients else None,
+            "scaling": [{"state": preconditioner.state_dict(),
+                         "generator": getattr(preconditioner, "generator", None) and
+                         preconditioner.generator.get_state()} for _, preconditioner in self._preconditioners],
+        }
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
-        path = sidecar_path(filepath, self.global_rank)
-        fs = get_filesystem(path)
-        if fs.exists(path):
-            fs.rm(path)
+        """Every rank deletes its sidecars of ``filepath``; rank 0 then the main file and the empty directory."""
+        remove_other_saves(filepath, self.global_rank, keep_save_id=None)
+        if self._sync is not None:
+            self.barrier("lightning_dopt: sidecars removed")
         super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            remove_sidecar_dir_if_empty(filepath)
 
     def load_checkpoint(self, checkpoint_path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Read the main file and, when fitting on as many ranks as wrote it, this rank's sidecar.
@@ -648,12 +848,13 @@ class GossipLocalStrategy(DDPStrategy):
         return checkpoint
 
     def _read_sidecar(self, checkpoint_path: _PATH, save_id: str) -> dict[str, Any]:
-        path = sidecar_path(checkpoint_path, self.global_rank)
+        path = sidecar_path(checkpoint_path, self.global_rank, save_id)
         if not get_filesystem(path).exists(path):
             raise FileNotFoundError(
                 f"rank {self.global_rank}: missing per-rank checkpoint file {path}. Resuming {checkpoint_path} "
-                f"exactly needs every rank's '.dopt-rank<r>' file next to it; copy them there, or load only the "
-                "averaged weights with LightningModule.load_from_checkpoint.")
+                f"exactly needs every rank's file in the '{os.path.basename(str(checkpoint_path))}.dopt' directory "
+                "next to it; copy it there, or load only the averaged weights with "
+                "LightningModule.load_from_checkpoint.")
         try:
             fs = get_filesystem(path)
             with fs.open(path, "rb") as handle:
@@ -676,7 +877,21 @@ class GossipLocalStrategy(DDPStrategy):
         sidecar = self._restored.get("sidecar") if self._restored else None
         super().load_optimizer_state_dict(checkpoint if sidecar is None else sidecar)
 
+    def on_exception(self, exception: BaseException) -> None:
+        """Tell the peers why this rank is failing (they name it in their own error), and give up any round in
+        flight without applying it."""
+        if self._comm is not None and self._comm.liveness is not None and not isinstance(exception, PeerFailure):
+            self._comm.liveness.report_error(f"{type(exception).__name__}: {exception}")
+        if self._overlapped is not None:
+            self._overlapped.abandon()
+        super().on_exception(exception)
+
     def teardown(self) -> None:
+        if self._overlapped is not None:
+            self._overlapped.abandon()
+            self._overlapped = None
+        if self._comm is not None and self._comm.liveness is not None:
+            self._comm.liveness.stop()
         self._sync = None
         self._grad_averagers = {}
         super().teardown()

@@ -154,3 +154,16 @@ class PreconditionerRecorder(L.Callback):
         diagonals = [[d.clone() for d in preconditioner.diagonal()]
                      for _, preconditioner in trainer.strategy._preconditioners]
         torch.save(diagonals, os.path.join(self.out_dir, f"diag-rank{trainer.global_rank}.pt"))
+
+
+class NaNInjector(L.Callback):
+    """Sets the first parameter of rank ``rank`` to NaN after optimizer step ``step`` (a diverged replica)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank = rank
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
