@@ -15,7 +15,7 @@ time after each batch).
 Measures, per rank: optimizer steps per second over the steps after ``WARMUP`` (from ``on_train_batch_end``
 timestamps). "Fast ranks" are all but the slow one. Contenders: Lightning ``ddp`` (gradient all-reduce every step),
 ``local`` (our strategy with no rounds at all: pure local training, the floor for communication cost),
-blocking ``gossip_local`` and ``overlap=True``, each at ``H`` = 1 and 4 (random pairwise gossip).
+blocking ``gossip_local`` and ``overlap=True`` (random pairwise gossip) at each ``--local-steps`` value of ``H``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
              "(`lightning_dopt.emulation.SlowRanks`).", "",
              "| contender | H | fast ranks, steps/s | vs pure local | with a 2× slow rank, steps/s | kept | slow rank, "
              "steps/s |", "|---|---|---|---|---|---|---|"]
-    for (name, h) in [("local", 1), ("ddp", 1), ("blocking", 1), ("overlap", 1), ("blocking", 4), ("overlap", 4)]:
+    for (name, h) in [("local", 1), ("ddp", 1)] + [(n, h) for h in args.local_steps for n in ("blocking", "overlap")]:
         alone, slowed = by_key.get((name, h, False)), by_key.get((name, h, True))
         if alone is None:
             continue
@@ -159,13 +159,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--compute", type=float, default=0.1, help="emulated compute seconds per step")
+    parser.add_argument("--local-steps", type=int, nargs="+", default=[1], help="values of H to run")
     parser.add_argument("--out", type=Path, help="markdown file whose section to rewrite (docs/benchmarks.md)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     plan = [("local", 1, False), ("ddp", 1, False), ("ddp", 1, True)]
-    for h in (1, 4):
+    for h in args.local_steps:
         for name in ("blocking", "overlap"):
             plan += [(name, h, False), (name, h, True)]
     results = []
