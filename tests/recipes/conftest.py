@@ -1,0 +1,6 @@
+"""Make ``recipe_helpers`` importable by the recipe tests."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,33 @@
+"""Helpers shared by the recipe tests: run a recipe's command line in a subprocess with a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_recipe(module: str, args: list[str], timeout: float, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` from the repository root, W&B offline, and return its output.
+
+    The command runs in its own session so that on timeout the whole process group (Lightning's popen launcher
+    starts one process per extra rank) is killed; the test then fails with the output so far.
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", module, *args]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"`{' '.join(command)}` did not finish within {timeout} s; output:\n{output[-5000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, output, None)
