@@ -134,8 +134,12 @@ class ReplicaSync:
     @torch.no_grad()
     def is_finite(self) -> bool:
         """Whether every value of the round state (replica and mixed statistics) is finite: one reduction per
-        tensor group, run before a round so a NaN or Inf is caught before it reaches a partner."""
-        return all(bool(torch.isfinite(t).all()) for t in self.round_state.tensors)
+        tensor and one host sync per device, run before a round so a NaN or Inf is caught before it reaches a
+        partner."""
+        per_device: dict[torch.device, list[Tensor]] = {}
+        for tensor in self.round_state.tensors:
+            per_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+        return all(bool(torch.stack(results).all()) for results in per_device.values())
 
     def _receive_buffers(self, count: int) -> list[list[Tensor]]:
         while len(self._received) < count:
