@@ -616,7 +616,7 @@ def accuracy_sentence(rows: Sequence[Row], args: argparse.Namespace) -> str:
     spread = seed_spread(rows, worlds[0])
     if not spread:
         return text + "; only one seed ran, so run-to-run noise is not measured."
-    return (text + f"; changing only the seed moves a contender's accuracy by "
+    return (text + "; changing only the seed moves a contender's accuracy by "
             + ", ".join(f"{value:.2f} ({CONTENDERS[name].label})" for name, value in spread.items())
             + f" at {worlds[0]} ranks, and the binomial standard error of a difference on "
             f"{rows[0].result['test_samples']:,} test images is at most {_sampling_error(rows):.2f} points.")

@@ -37,12 +37,9 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_dopt.checkpoint_files import (atomic_save, remove_other_saves, remove_sidecar_dir_if_empty,
@@ -50,6 +47,7 @@ from lightning_dopt.checkpoint_files import (atomic_save, remove_other_saves, re
 from lightning_dopt.comm import CommStats, Communicator, PeerFailure
 from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
+from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
 from lightning_dopt.rounds import OuterOptimizerFactory, OverlappedRounds, ReplicaSync, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, OASISScaling, Preconditioner, finite_difference_hvp, make_preconditioner
@@ -97,15 +95,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
-def _check_no_ddp_wrapper(model: Any) -> None:
-    if isinstance(model, nn.Module):
-        for name, submodule in model.named_modules():
-            if isinstance(submodule, DistributedDataParallel):
-                where = f"submodule '{name}'" if name else "the model"
-                raise ValueError(f"{where} is wrapped in DistributedDataParallel; GossipLocalStrategy manages "
-                                 "communication itself: pass the plain module (valid: an unwrapped LightningModule)")
 
 
 def _check_aggregation(aggregation: str, topology: str, local_steps: int, codec: Codec | None, momentum: float,
@@ -169,22 +158,6 @@ def _closure_hvp(params: list[torch.Tensor], closure: Callable[[], Any],
     finally:
         for param, gradient in zip(params, saved):
             param.grad = gradient
-
-
-class _CheckedSubprocessLauncher(_SubprocessScriptLauncher):
-    """Lightning's popen launcher that validates the model before any process starts."""
-
-    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        _check_no_ddp_wrapper(args[0] if args else None)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
-
-class _CheckedMultiProcessingLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn/fork launcher that validates the model before any process starts."""
-
-    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        _check_no_ddp_wrapper(args[0] if args else None)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
 class GossipLocalStrategy(DDPStrategy):
@@ -362,9 +335,9 @@ class GossipLocalStrategy(DDPStrategy):
         validate_topology(self.topology, self.world_size)
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = _CheckedSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = CheckedSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         else:
-            self._launcher = _CheckedMultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = CheckedMultiProcessingLauncher(self, start_method=self._start_method)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: Any) -> None:

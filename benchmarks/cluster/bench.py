@@ -352,7 +352,7 @@ def plot(rows: list[Row], target: float, img_dir: Path, title: str) -> list[Path
 def seed_table(rows: list[Row], extra: list[tuple[Row, int]], target: float, cfg: dict[str, Any]) -> str:
     """Contenders that also ran with other seeds: the main seed's row next to the others'."""
     main = {r.name: r for r in rows}
-    lines = [f"Other seeds (same configuration; seed = initialization and data order):\n",
+    lines = ["Other seeds (same configuration; seed = initialization and data order):\n",
              f"| contender | seed | time/step, rank 0 median (s) | time to {target:g} % (s) | at step | "
              "final accuracy (%) | load (start–end) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ORDER:

@@ -27,7 +27,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for ``ports`` (also when run as the fork server)
+from ports import free_port  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- rank side
@@ -230,12 +231,6 @@ def run_rank(spec: dict[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- fork server
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_rank(spec: dict[str, Any], rank: int, port: int, start: float) -> int:
     pid = os.fork()
     if pid:
@@ -265,7 +260,7 @@ def _start_rank(spec: dict[str, Any], rank: int, port: int, start: float) -> int
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     deadline = start + spec.get("deadline_s", 60.0)
     pids = [_start_rank(spec, rank, port, start) for rank in range(spec["world_size"])]

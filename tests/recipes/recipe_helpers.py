@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,9 +18,10 @@ def run_recipe(module: str, args: list[str], timeout: float, cwd: Path = REPO_RO
     """Run ``python -m <module> <args>`` from the repository root, W&B offline, and return its output.
 
     The command runs in its own session so that on timeout the whole process group (Lightning's popen launcher
-    starts one process per extra rank) is killed; the test then fails with the output so far.
+    starts one process per extra rank) is killed; the test then fails with the output so far. ``MASTER_PORT`` is
+    chosen outside the kernel's ephemeral range (:func:`ports.free_port`).
     """
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(free_port())}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", module, *args]
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

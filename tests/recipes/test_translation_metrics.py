@@ -6,12 +6,12 @@ import importlib.util
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from recipes.translation.metrics import merge_translations
 
@@ -74,9 +74,7 @@ dist.destroy_process_group()
 def test_gather_over_two_gloo_ranks_gives_the_corpus_scores() -> None:
     from recipes.translation.metrics import corpus_scores
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     shards = json.dumps(_shards(2, seed=2))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
