@@ -13,8 +13,8 @@ ranks 1..n-1, and rank 0 writes the JSON result)::
 
     python benchmarks/adacons_curves.py --run adacons-adam --devices 4 --steps 300 --seed 0 --result r.json
 
-Every run trains the vision recipe's classifier (:class:`recipes.vision.module.ImageClassifier`, here subclassed
-to choose the optimizer and to anneal the learning rate per step) on ``n`` CPU ranks with
+Every run trains the vision recipe's classifier (:class:`recipes.vision.module.ImageClassifier`, subclassed in
+``vision_runs`` to choose the optimizer and to anneal the learning rate per step) on ``n`` CPU ranks with
 :class:`~lightning_dopt.GossipLocalStrategy`, ``topology="complete"``, ``local_steps=1``, for the same number of
 optimizer steps within a world size, with the same seed (initialization, data order), data and batch size per rank.
 Contenders (:data:`CONTENDERS`):
@@ -49,9 +49,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,17 +71,13 @@ from lightning_dopt import GossipLocalStrategy  # noqa: E402
 from lightning_dopt import gradients as dopt_gradients  # noqa: E402
 from lightning_dopt.callbacks import CommReport  # noqa: E402
 from lightning_dopt.comm import ring_allreduce_bytes  # noqa: E402
-from recipes.vision.data import FASHION_MNIST_DIRS, SOURCES, ImageClassificationData  # noqa: E402
+from recipes.vision.data import SOURCES, ImageClassificationData  # noqa: E402
 from recipes.vision.models import MODELS  # noqa: E402
-from recipes.vision.module import ImageClassifier  # noqa: E402
 
-from results_doc import replace_section
+from results_doc import write_section
+from vision_runs import Classifier, CurveRecorder, contender_list, default_source, run_child
 
 SECTION_TITLE = "## AdaCons vs mean aggregation (issue: adaptive consensus aggregation)"
-DOC_INTRO = ("# Benchmarks\n\n"
-             "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
-             "rewrites (with the exact command, date and machine) when run with `--out docs/benchmarks.md`; other "
-             "sections are left untouched.\n")
 DEFAULT_PLOT = REPO_ROOT / "docs" / "img" / "adacons_curves.png"
 SMOOTHING = 25
 """Moving-average window (optimizer steps) of the plotted loss curves."""
@@ -127,15 +121,6 @@ NOISE_PAIR = ("mean-adam", "adacons-adam")
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def default_source() -> str:
-    """``fashion_mnist`` when its IDX files are installed (see ``FASHION_MNIST_DIRS``), else ``mnist5k``."""
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    for directory in FASHION_MNIST_DIRS:
-        if all((directory / n).is_file() or (directory / f"{n}.gz").is_file() for n in names):
-            return "fashion_mnist"
-    return "mnist5k"
-
-
 def _int_list(value: str) -> list[int]:
     try:
         numbers = [int(part) for part in value.split(",") if part.strip()]
@@ -144,14 +129,6 @@ def _int_list(value: str) -> list[int]:
     if not numbers or min(numbers) < 0:
         raise argparse.ArgumentTypeError("at least one value, all >= 0")
     return numbers
-
-
-def _names(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONTENDERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
-    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,9 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world-sizes", type=_int_list, default=[4, 8], help="driver: ranks per run")
     parser.add_argument("--steps-per-world", type=_int_list, default=[400, 200],
                         help="driver: optimizer steps for each of --world-sizes (equal within a world size)")
-    parser.add_argument("--contenders", type=_names, default=list(DEFAULT_CONTENDERS),
+    parser.add_argument("--contenders", type=contender_list(CONTENDERS), default=list(DEFAULT_CONTENDERS),
                         help="driver: comma-separated contenders (default: %(default)s)")
-    parser.add_argument("--extra-contenders", type=_names, default=list(EXTRA_CONTENDERS),
+    parser.add_argument("--extra-contenders", type=contender_list(CONTENDERS), default=list(EXTRA_CONTENDERS),
                         help="driver: contenders run only at the first world size (default: %(default)s)")
     parser.add_argument("--seeds", type=_int_list, default=[0, 1],
                         help="driver: every contender runs the first seed; the key pair (mean vs AdaCons, Adam) "
@@ -198,61 +175,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------- child: one training run
-class Classifier(ImageClassifier):
-    """The recipe's classifier with a choice of optimizer and a per-step cosine learning rate.
-
-    ``optimizer="sgd"`` is the recipe's SGD (momentum 0.9, weight decay 5e-4); ``"adam"`` is ``torch.optim.Adam``
-    without weight decay. Both anneal the learning rate to 0 over ``trainer.estimated_stepping_batches`` steps.
-    """
-
-    def __init__(self, optimizer: str, model: str, lr: float) -> None:
-        super().__init__(model=model, lr=lr)
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        self.optimizer_name = optimizer
-
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                                        weight_decay=self.hparams.weight_decay)
-        steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class CurveRecorder(pl.Callback):
-    """Keeps this rank's loss at every step; at the end of training, gathers all ranks' (one collective).
-
-    Also keeps the norm of the gradient the optimizer receives (after aggregation: identical on every rank)."""
+class GradientCurveRecorder(CurveRecorder):
+    """:class:`~vision_runs.CurveRecorder` that also keeps the norm of the gradient the optimizer receives (after
+    aggregation: identical on every rank)."""
 
     def __init__(self) -> None:
-        self.local: list[float] = []
+        super().__init__()
         self.grad_norms: list[float] = []
-        self.mean_over_ranks: list[float] = []
-        self.train_seconds = float("nan")
-        self._start = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.local.append(float(loss))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
                                                                             for g in grads]))))
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train_seconds = time.perf_counter() - self._start
-        gathered = trainer.strategy.all_gather(torch.tensor(self.local, dtype=torch.float64))
-        gathered = gathered.reshape(trainer.world_size, -1)
-        self.mean_over_ranks = gathered.mean(dim=0).tolist()
 
 
 class WeightProbe:
@@ -314,7 +249,7 @@ def run_one(args: argparse.Namespace) -> None:
     probe = WeightProbe()
     probe.install()
     pl.seed_everything(args.seed, verbose=False)
-    report, recorder = CommReport(), CurveRecorder()
+    report, recorder = CommReport(), GradientCurveRecorder()
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices,
                          strategy=build_strategy(contender, args.steps, args.seed), max_steps=args.steps,
                          max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
@@ -376,30 +311,10 @@ def child_command(job: Job, args: argparse.Namespace, result_path: Path) -> list
             "--adam-lr", str(args.adam_lr), "--sgd-lr", str(args.sgd_lr)]
 
 
-def run_child(job: Job, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any] | None, float]:
-    """Run one job in its own process group, killed whole after ``args.timeout`` seconds.
-
-    Returns rank 0's result (``None`` after printing the log's tail when there is none) and the wall time."""
-    result_path, log_path = workdir / f"{job.tag}.json", workdir / f"{job.tag}.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    started = time.perf_counter()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(child_command(job, args, result_path), stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True, cwd=REPO_ROOT)
-        try:
-            process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    seconds = time.perf_counter() - started
-    if not result_path.exists():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        print(f"FAILED: {job.tag} produced no result (exit code {process.returncode}, {seconds:.0f} s); "
-              f"log tail:\n{tail}", flush=True)
-        return None, seconds
-    return json.loads(result_path.read_text()), seconds
+def run_job(job: Job, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any] | None, float]:
+    """Run one job (killed whole after ``args.timeout`` seconds); rank 0's result or ``None``, and the wall time."""
+    result_path = workdir / f"{job.tag}.json"
+    return run_child(child_command(job, args, result_path), job.tag, result_path, workdir, args.timeout)
 
 
 # ---------------------------------------------------------------------------------------------- driver: summary
@@ -777,20 +692,13 @@ def doc_section(args: argparse.Namespace, rows: Sequence[Row], failed: Sequence[
     return body + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Re-read ``path`` (others write their own sections), then replace or append this benchmark's section."""
-    document = path.read_text() if path.exists() else DOC_INTRO
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(document, SECTION_TITLE, section))
-
-
 def run_jobs(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], list[Job]]:
     """Run every planned job (results and logs land in ``workdir``); return the rows and the failed jobs."""
     rows: list[Row] = []
     failed: list[Job] = []
     for job in plan_jobs(args):
         print(f"running {job.tag} ({job.steps} steps) ...", flush=True)
-        result, seconds = run_child(job, args, workdir)
+        result, seconds = run_job(job, args, workdir)
         if result is None:
             failed.append(job)
             continue
@@ -823,7 +731,7 @@ def report(args: argparse.Namespace, rows: list[Row], failed: list[Job], meta: d
     print(f"\nPlot: {plot}\nTotal wall time: {seconds:.0f} s; load average {load[0]:.1f} at the start, "
           f"{load[1]:.1f} at the end")
     if args.out:
-        write_results(Path(args.out), doc_section(args, rows, failed, meta, plot))
+        write_section(Path(args.out), SECTION_TITLE, doc_section(args, rows, failed, meta, plot))
         print(f"wrote section '{SECTION_TITLE[3:]}' of {args.out}")
 
 

@@ -34,13 +34,9 @@ import torch
 
 from lightning_dopt.compress import CODECS, Codec, make_codec
 
-from results_doc import replace_section
+from results_doc import write_section
 
 SECTION_TITLE = "## Codec throughput (issue: quantized synchronization)"
-DOC_INTRO = ("# Benchmarks\n\n"
-             "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
-             "rewrites (with the exact command, date and machine) when run with `--out docs/benchmarks.md`; other "
-             "sections are left untouched.\n")
 BLOCK_SIZE = 256
 
 
@@ -172,15 +168,6 @@ def doc_section(rows: list[Row], command: str, facts: str, repeats: int) -> str:
     return body + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Re-read ``path`` just before writing (others' sections may have changed) and replace only this section."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = path.read_text() if path.exists() else DOC_INTRO
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(replace_section(document, SECTION_TITLE, section))
-    os.replace(temporary, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 16_000_000], help="elements per tensor")
@@ -199,7 +186,7 @@ def main() -> None:
     table = markdown_table(rows)
     print("\n" + table + "\n\n" + interpretation(rows))
     if args.out:
-        write_section(Path(args.out), doc_section(rows, command, facts, args.repeats))
+        write_section(Path(args.out), SECTION_TITLE, doc_section(rows, command, facts, args.repeats))
         print(f"wrote section '{SECTION_TITLE[3:]}' of {args.out}")
 
 

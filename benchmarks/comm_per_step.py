@@ -54,16 +54,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.comm import ring_allreduce_bytes
 
-from results_doc import replace_section
+from results_doc import write_section
 
 LAYER_WIDTHS = (1024, 2048, 2048, 1024, 1024, 512, 10)
 """MLP widths: 9,973,258 fp32 parameters (≈10 M)."""
 TRAINING_PURPOSES = ("round", "warmup")
 SECTION_TITLE = "## Bytes and time per optimizer step (issue: core strategy)"
-DOC_INTRO = ("# Benchmarks\n\n"
-             "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
-             "rewrites (with the exact command, date and machine) when run with `--out docs/benchmarks.md`; other "
-             "sections are left untouched.\n")
 H_VALUES = (1, 4, 16)
 COMPARED_TOPOLOGIES = ("random", "complete")
 CHECK_H, CHECK_TOPOLOGY, CHECK_FRACTION = 4, "random", 1 / 5
@@ -401,17 +397,6 @@ def doc_section(rows: list[Row], failed: list[Contender], args: argparse.Namespa
     return body + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Create ``path`` with the intro paragraph if needed, then replace (or append) this benchmark's section.
-
-    The file is read just before it is replaced, so sections other scripts wrote meanwhile are kept."""
-    document = path.read_text() if path.exists() else DOC_INTRO
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(replace_section(document, SECTION_TITLE, section))
-    os.replace(staging, path)  # atomic: other benchmarks writing their sections never read a half-written file
-
-
 def run_driver(args: argparse.Namespace) -> None:
     """Run every contender, print the table and the check, optionally write ``args.out``."""
     command = shlex.join(["python", *sys.argv])
@@ -435,7 +420,7 @@ def run_driver(args: argparse.Namespace) -> None:
         print(note)
     print(f"\nTotal wall time: {seconds:.0f} s; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end")
     if args.out:
-        write_results(Path(args.out), doc_section(rows, failed, args, command, seconds, load))
+        write_section(Path(args.out), SECTION_TITLE, doc_section(rows, failed, args, command, seconds, load))
         print(f"wrote section '{SECTION_TITLE[3:]}' of {args.out}")
 
 

@@ -30,9 +30,7 @@ import datetime
 import json
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,16 +49,13 @@ import torch  # noqa: E402
 from lightning_dopt import GossipLocalStrategy  # noqa: E402
 from lightning_dopt.callbacks import CommReport  # noqa: E402
 from lightning_dopt.compress import make_codec  # noqa: E402
-from recipes.vision.data import FASHION_MNIST_DIRS, SOURCES, ImageClassificationData  # noqa: E402
+from recipes.vision.data import SOURCES, ImageClassificationData  # noqa: E402
 from recipes.vision.module import ImageClassifier  # noqa: E402
 
-from results_doc import replace_section
+from results_doc import write_section
+from vision_runs import contender_list, default_source, run_child
 
 SECTION_TITLE = "## Quantized gossip: accuracy at equal steps (issue: quantized synchronization)"
-DOC_INTRO = ("# Benchmarks\n\n"
-             "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
-             "rewrites (with the exact command, date and machine) when run with `--out docs/benchmarks.md`; other "
-             "sections are left untouched.\n")
 CONTENDERS: dict[str, str | None] = {"fp32": None, "int8": "int8", "int4": "int4", "bf16": "bf16"}
 """Contender name -> ``GossipLocalStrategy(compression=...)``. ``fp32`` is the reference."""
 REFERENCE, CHECKED, TOLERANCE_POINTS = "fp32", "int8", 0.5
@@ -72,15 +67,6 @@ schedule has 4 steps. mnist5k: 12 full epochs of 31 batches per rank = 372 steps
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def default_source() -> str:
-    """``fashion_mnist`` when its IDX files are installed (see ``FASHION_MNIST_DIRS``), else ``mnist5k``."""
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    for directory in FASHION_MNIST_DIRS:
-        if all((directory / n).is_file() or (directory / f"{n}.gz").is_file() for n in names):
-            return "fashion_mnist"
-    return "mnist5k"
-
-
 def _batches(value: str) -> int | float:
     """``--limit-train-batches``: an int (batches per epoch and rank) or a float in (0, 1] (fraction of an epoch)."""
     number = float(value)
@@ -91,14 +77,6 @@ def _batches(value: str) -> int | float:
     if not 0 < number <= 1:
         raise argparse.ArgumentTypeError("a fraction of an epoch must be in (0, 1]")
     return number
-
-
-def _names(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONTENDERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
-    return names
 
 
 def _seeds(value: str) -> list[int]:
@@ -131,11 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--topology", default="random", help="gossip topology (the issue asks for random)")
     parser.add_argument("--block-size", type=int, default=256, help="values per int8/int4 quantization block")
     parser.add_argument("--anchor-interval", type=int, default=16, help="every this many rounds: anchor refresh")
-    parser.add_argument("--contenders", type=_names, default=list(CONTENDERS),
+    parser.add_argument("--contenders", type=contender_list(CONTENDERS), default=list(CONTENDERS),
                         help="driver: comma-separated contenders, fp32 first (default: all)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1],
                         help="driver: seeds; every contender runs the first, --noise-contenders run them all")
-    parser.add_argument("--noise-contenders", type=_names, default=[REFERENCE, CHECKED],
+    parser.add_argument("--noise-contenders", type=contender_list(CONTENDERS), default=[REFERENCE, CHECKED],
                         help="driver: contenders repeated with every seed (to show seed noise)")
     parser.add_argument("--timeout", type=float, default=300.0, help="driver: seconds per child run")
     parser.add_argument("--out", help="driver: markdown file whose section to (re)write, e.g. docs/benchmarks.md")
@@ -243,29 +221,11 @@ def child_command(job: Job, args: argparse.Namespace, result_path: Path) -> list
             "--anchor-interval", str(args.anchor_interval)]
 
 
-def run_child(job: Job, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any] | None, float]:
-    """Run one job in its own process group, killed whole after ``args.timeout`` seconds.
-
-    Returns rank 0's result (``None`` after printing the log's tail when there is none) and the wall time."""
-    result_path, log_path = workdir / f"{job.tag}.json", workdir / f"{job.tag}.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")}
-    started = time.perf_counter()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(child_command(job, args, result_path), stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True, cwd=REPO_ROOT)
-        try:
-            process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    seconds = time.perf_counter() - started
-    if not result_path.exists():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        print(f"FAILED: {job.tag} produced no result (exit code {process.returncode}, {seconds:.0f} s); "
-              f"log tail:\n{tail}", flush=True)
-        return None, seconds
-    return json.loads(result_path.read_text()), seconds
+def run_job(job: Job, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any] | None, float]:
+    """Run one job (killed whole after ``args.timeout`` seconds); rank 0's result or ``None``, and the wall time."""
+    result_path = workdir / f"{job.tag}.json"
+    return run_child(child_command(job, args, result_path), job.tag, result_path, workdir, args.timeout,
+                     omp_threads=None)
 
 
 # ---------------------------------------------------------------------------------------------- driver: summary
@@ -444,13 +404,6 @@ def doc_section(args: argparse.Namespace, rows: list[Row], failed: list[Job], co
     return body + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Re-read ``path`` (others write their own sections), then replace or append this benchmark's section."""
-    document = path.read_text() if path.exists() else DOC_INTRO
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(document, SECTION_TITLE, section))
-
-
 def run_driver(args: argparse.Namespace) -> None:
     """Run every job, print the table and the verdict, optionally write ``args.out``."""
     command = shlex.join(["python", *sys.argv])
@@ -459,7 +412,7 @@ def run_driver(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="quantized_accuracy_") as workdir:
         for job in plan_jobs(args):
             print(f"running {job.tag} ...", flush=True)
-            result, seconds = run_child(job, args, Path(workdir))
+            result, seconds = run_job(job, args, Path(workdir))
             if result is None:
                 failed.append(job)
                 continue
@@ -472,7 +425,7 @@ def run_driver(args: argparse.Namespace) -> None:
     print("\n" + markdown_table(rows) + "\n\n" + verdict_line(rows) + "\n\n" + interpretation(rows, args))
     print(f"\nTotal wall time: {seconds:.0f} s; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end")
     if args.out:
-        write_results(Path(args.out), doc_section(args, rows, failed, command, seconds, load))
+        write_section(Path(args.out), SECTION_TITLE, doc_section(args, rows, failed, command, seconds, load))
         print(f"wrote section '{SECTION_TITLE[3:]}' of {args.out}")
 
 

@@ -11,8 +11,8 @@ ranks 1..n-1, and rank 0 writes the JSON result)::
 
     python benchmarks/scaling_curves.py --run sgd --devices 4 --steps 480 --result r.json
 
-Every run trains the vision recipe's classifier (:class:`recipes.vision.module.ImageClassifier`, subclassed here to
-pick the optimizer, drop weight decay and anneal the learning rate per step) on 4 CPU ranks with
+Every run trains the vision recipe's classifier (:class:`recipes.vision.module.ImageClassifier`, subclassed in
+``vision_runs`` to pick the optimizer, drop weight decay and anneal the learning rate per step) on 4 CPU ranks with
 :class:`~lightning_dopt.GossipLocalStrategy`, ``local_steps=8``, topology ``complete`` (Local SGD: exact mean by
 all-reduce every 8 steps) unless the contender says ``random`` (pairwise gossip), for the same number of optimizer
 steps, with the same seed (initialization, data order), data and batch size per rank. Contenders
@@ -43,9 +43,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,17 +62,13 @@ import torch  # noqa: E402
 
 from lightning_dopt import GossipLocalStrategy  # noqa: E402
 from lightning_dopt.callbacks import CommReport  # noqa: E402
-from recipes.vision.data import FASHION_MNIST_DIRS, SOURCES, ImageClassificationData  # noqa: E402
+from recipes.vision.data import SOURCES, ImageClassificationData  # noqa: E402
 from recipes.vision.models import MODELS  # noqa: E402
-from recipes.vision.module import ImageClassifier  # noqa: E402
 
-from results_doc import replace_section
+from results_doc import write_section
+from vision_runs import Classifier, CurveRecorder, contender_list, default_source, run_child
 
 SECTION_TITLE = "## Scaled local steps and outer optimizer (issue: local adaptivity via scaling)"
-DOC_INTRO = ("# Benchmarks\n\n"
-             "Results of the scripts in `benchmarks/`. Each benchmark owns one `##` section below, which its script "
-             "rewrites (with the exact command, date and machine) when run with `--out docs/benchmarks.md`; other "
-             "sections are left untouched.\n")
 DEFAULT_PLOT = REPO_ROOT / "docs" / "img" / "scaling_curves.png"
 SMOOTHING = 25
 """Moving-average window (optimizer steps) of the plotted loss curves."""
@@ -134,23 +128,6 @@ INHERIT_LR = {"gossip-scaled-adam": "scaled-adam"}
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def default_source() -> str:
-    """``fashion_mnist`` when its IDX files are installed (see ``FASHION_MNIST_DIRS``), else ``mnist5k``."""
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    for directory in FASHION_MNIST_DIRS:
-        if all((directory / n).is_file() or (directory / f"{n}.gz").is_file() for n in names):
-            return "fashion_mnist"
-    return "mnist5k"
-
-
-def _names(value: str) -> list[str]:
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONTENDERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown}; valid: {', '.join(CONTENDERS)}")
-    return names
-
-
 def _lr_overrides(value: str) -> dict[str, float]:
     """``name=lr,name=lr`` (the driver's coarse lr sweep uses this)."""
     out: dict[str, float] = {}
@@ -176,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="data (default: fashion_mnist if its IDX files are installed, else mnist5k)")
     parser.add_argument("--model", choices=tuple(MODELS), default="mlp", help="vision recipe model")
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--contenders", type=_names, default=list(DEFAULT_CONTENDERS),
+    parser.add_argument("--contenders", type=contender_list(CONTENDERS), default=list(DEFAULT_CONTENDERS),
                         help="driver: comma-separated contenders (default: %(default)s)")
     parser.add_argument("--lrs", type=_lr_overrides, default={},
                         help="driver: override learning rates, e.g. scaled-adam=1e-3,scaled-oasis=1e-2")
@@ -193,52 +170,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------- child: one training run
-class Classifier(ImageClassifier):
-    """The recipe's classifier with a choice of optimizer, no weight decay and a per-step cosine learning rate.
-
-    ``"sgd"``: ``torch.optim.SGD`` momentum 0.9 (what the scaled contenders feed ``D⁻¹ g`` to); ``"adam"``:
-    ``torch.optim.Adam`` (default betas), state local to the rank. Both anneal to 0 over the run's steps.
-    """
-
-    def __init__(self, optimizer: str, model: str, lr: float) -> None:
-        super().__init__(model=model, lr=lr, weight_decay=0.0)
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        self.optimizer_name = optimizer
-
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
-        steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class CurveRecorder(pl.Callback):
-    """Keeps this rank's loss at every step; at the end of training, gathers all ranks' (one collective)."""
-
-    def __init__(self) -> None:
-        self.local: list[float] = []
-        self.mean_over_ranks: list[float] = []
-        self.train_seconds = float("nan")
-        self._start = 0.0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.local.append(float(loss))
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.train_seconds = time.perf_counter() - self._start
-        gathered = trainer.strategy.all_gather(torch.tensor(self.local, dtype=torch.float64))
-        self.mean_over_ranks = gathered.reshape(trainer.world_size, -1).mean(dim=0).tolist()
-
-
 def build_strategy(contender: Contender, args: argparse.Namespace) -> GossipLocalStrategy:
     return GossipLocalStrategy(local_steps=args.local_steps, topology=contender.topology, seed=args.seed,
                                scaling=contender.scaling, outer_optimizer=contender.outer_optimizer,
@@ -258,7 +189,7 @@ def run_one(args: argparse.Namespace) -> None:
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[report, recorder])
     data = ImageClassificationData(source=args.source, batch_size=args.batch_size, seed=args.seed)
-    model = Classifier(contender.optimizer, args.model, lr)
+    model = Classifier(contender.optimizer, args.model, lr, weight_decay=0.0)
     trainer.fit(model, datamodule=data)
     by_purpose = dict(strategy.comm_stats.bytes_sent_by_purpose)  # this rank, after fit (before test traffic)
     steps, rounds = strategy.steps, strategy.comm_stats.rounds
@@ -285,29 +216,13 @@ def child_command(name: str, lr: float, args: argparse.Namespace, result_path: P
             "--batch-size", str(args.batch_size)]
 
 
-def run_child(name: str, lr: float, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any] | None, float]:
-    """Run one contender in its own process group, killed whole after ``args.timeout`` seconds."""
+def run_contender(name: str, lr: float, args: argparse.Namespace,
+                  workdir: Path) -> tuple[dict[str, Any] | None, float]:
+    """Run one contender at one lr (killed whole after ``args.timeout`` seconds); its result or ``None``, and the
+    wall time."""
     tag = f"{name}_lr{lr:g}"
-    result_path, log_path = workdir / f"{tag}.json", workdir / f"{tag}.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    started = time.perf_counter()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(child_command(name, lr, args, result_path), stdout=log, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True, cwd=REPO_ROOT)
-        try:
-            process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    seconds = time.perf_counter() - started
-    if not result_path.exists():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        print(f"FAILED: {tag} produced no result (exit code {process.returncode}, {seconds:.0f} s); "
-              f"log tail:\n{tail}", flush=True)
-        return None, seconds
-    return json.loads(result_path.read_text()), seconds
+    result_path = workdir / f"{tag}.json"
+    return run_child(child_command(name, lr, args, result_path), tag, result_path, workdir, args.timeout)
 
 
 # ---------------------------------------------------------------------------------------------- driver: summary
@@ -538,13 +453,6 @@ def doc_section(args: argparse.Namespace, rows: Sequence[Row], sweep: Sequence[R
     return body + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Re-read ``path`` right before writing (others write their own sections), then replace or append ours."""
-    document = path.read_text() if path.exists() else DOC_INTRO
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(document, SECTION_TITLE, section))
-
-
 def run_driver(args: argparse.Namespace) -> None:
     command = shlex.join(["python", *sys.argv])
     started, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -565,7 +473,7 @@ def run_driver(args: argparse.Namespace) -> None:
             candidates: list[Row] = []
             for lr in grid:
                 print(f"running {name} (lr {lr:g}, {args.steps} steps) ...", flush=True)
-                result, seconds = run_child(name, lr, args, Path(workdir))
+                result, seconds = run_contender(name, lr, args, Path(workdir))
                 if result is None:
                     failed.append(f"{name} (lr {lr:g})")
                     continue
@@ -590,7 +498,8 @@ def run_driver(args: argparse.Namespace) -> None:
     print(f"\nPlot: {plot}\nTotal wall time: {seconds:.0f} s; load average {load[0]:.1f} at the start, "
           f"{load[1]:.1f} at the end")
     if args.out:
-        write_results(Path(args.out), doc_section(args, rows, sweep, failed, command, seconds, load, plot))
+        write_section(Path(args.out), SECTION_TITLE,
+                      doc_section(args, rows, sweep, failed, command, seconds, load, plot))
         print(f"wrote section '{SECTION_TITLE[3:]}' of {args.out}")
 
 

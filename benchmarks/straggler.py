@@ -41,7 +41,7 @@ from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.emulation import SlowRanks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from results_doc import replace_section  # noqa: E402
+from results_doc import write_section  # noqa: E402
 
 WIDTHS = (1024, 2048, 1024, 10)
 WARMUP = 10
@@ -179,8 +179,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.out:
-        document = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(replace_section(document, SECTION_TITLE, section))
+        write_section(args.out, SECTION_TITLE, section)
 
 
 if __name__ == "__main__":

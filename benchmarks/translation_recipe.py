@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.results_doc import replace_section  # noqa: E402
+from benchmarks.results_doc import write_section  # noqa: E402
 
 CONFIGS = REPO_ROOT / "recipes" / "translation" / "configs"
 STRATEGIES = ("ddp", "gossip_local", "gossip_local_warmup", "gossip_local_int8", "local_sgd", "adacons",
@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if not records:
         raise SystemExit("every run failed")
     plot(records, PLOT)
-    document = args.out.read_text() if args.out.is_file() else "# Translation recipe\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(replace_section(document, TITLE, results_section(records, args)))
+    write_section(args.out, TITLE, results_section(records, args), intro="# Translation recipe\n")
     print(markdown_table(records))
 
 

@@ -42,7 +42,7 @@ SECTION_TITLE = "## Results"
 DOC_INTRO = "# Vision recipe\n"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_doc import replace_section  # noqa: E402
+from results_doc import write_section  # noqa: E402
 
 _RANK_ROW = re.compile(r"^\s*(\d+)\s+([\d,.]+) MB\s+([\d,.]+) MB\s+([\d,.]+) MB\s+([\d.]+|nan)\s*$")
 _DDP_LINE = re.compile(r"DDP: (\d+) optimizer steps on (\d+) ranks; a ring all-reduce of the gradients sends "
@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     section = report(summaries, args, args.plot)
     print(section)
     if args.out:
-        document = args.out.read_text() if args.out.is_file() else DOC_INTRO
-        args.out.write_text(replace_section(document, SECTION_TITLE, section))
+        write_section(args.out, SECTION_TITLE, section, intro=DOC_INTRO)
 
 
 if __name__ == "__main__":

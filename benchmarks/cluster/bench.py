@@ -48,10 +48,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import netns  # noqa: E402
-from results_doc import replace_section  # noqa: E402
+from results_doc import write_section  # noqa: E402
 
 SECTION_TITLE = "## Emulated cluster: ranks on rate-limited links (issue: emulated-cluster benchmark)"
-DOC_INTRO = ("# Benchmarks\n\nResults of the scripts in `benchmarks/`. Each benchmark owns one `##` section below.\n")
 ORDER = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
          "gossip_local_int8", "gossip_local_int8_overlap", "adacons", "no_sync")
 KEY = "gossip_local_int8"
@@ -369,9 +368,11 @@ def seed_table(rows: list[Row], extra: list[tuple[Row, int]], target: float, cfg
 
 def probe_table(probe: dict[str, Any]) -> str:
     """The 2-rank exchange probe (``probe_exchange.py``)."""
-    labels = {"one_message": "one message each way (`batch_isend_irecv`, as `lightning_dopt` exchanges)",
+    labels = {"one_message": "one message each way (`batch_isend_irecv`, as `lightning_dopt` exchanged before 1 MiB "
+                             "pieces)",
               "chunks_32": "the same bytes as 32 interleaved chunks each way",
               "two_groups": "one process group (TCP connection) per direction",
+              "package": "`Communicator.exchange_each` (1 MiB pieces, sends and receives alternating)",
               "all_reduce": "gloo all-reduce of the same tensor (reference)"}
     lines = [f"Exchange probe: two ranks on the same emulated links swap {4 * probe['values'] / 1e6:.1f} MB each way "
              f"with gloo (`benchmarks/cluster/probe_exchange.py`; median of 3 trials × 2 ranks; one direction at "
@@ -620,15 +621,6 @@ def doc_section(rows: list[Row], results: list[dict[str, Any]], pending: list[di
     return "\n\n".join(body) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    document = path.read_text() if path.exists() else DOC_INTRO
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(replace_section(document, SECTION_TITLE, section))
-    os.replace(staging, path)
-
-
-# ------------------------------------------------------------------------------------------------------ main
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contenders", default=",".join(ORDER), help=f"comma-separated, from: {', '.join(ORDER)}")
@@ -765,8 +757,9 @@ def main() -> None:
             probe = None
         others = other_seeds(args.results_dir, cfg)
         extra = [(summarize(r, args.target, args.skip), r["config"]["seed"]) for r in others]
-        write_section(out, doc_section(rows, results, pending, failed, cfg, args.target, args.skip, cmd, images,
-                                       out, probe, extra, [r["command"] for r in others]))
+        section = doc_section(rows, results, pending, failed, cfg, args.target, args.skip, cmd, images, out, probe,
+                              extra, [r["command"] for r in others])
+        write_section(out, SECTION_TITLE, section)
         print(f"wrote section '{SECTION_TITLE[3:]}' of {out} and {', '.join(map(str, images))}")
 
 
