@@ -18,7 +18,6 @@ docs/reliability.md describes the guarantees and the measured times.
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import re
@@ -43,7 +42,6 @@ pytestmark = pytest.mark.timeout(240)
 
 SURVIVOR_LIMIT_S = 60.0  # bound on how long the other ranks may take to exit after a rank died (loaded 2-core box)
 BASE = {"world_size": 2, "strategy": {"local_steps": 2}, "trainer": {"max_steps": 8}, "deadline_s": 90.0}
-HAS_OVERLAP = "overlap" in inspect.signature(GossipLocalStrategy.__init__).parameters
 
 
 def names_failed_rank(stderr: str, rank: int) -> bool:
@@ -107,8 +105,6 @@ _runs: dict[str, RunResult] = {}
 
 def crashed_run(launcher: RankLauncher, workdir: Path, phase: str) -> RunResult:
     """Run each phase once (two tests read it)."""
-    if phase == "background_exchange" and not HAS_OVERLAP:
-        pytest.skip("GossipLocalStrategy has no overlap option yet")
     if phase not in _runs:
         out = workdir / phase
         spec = {**BASE, **PHASES[phase][1]}

