@@ -102,6 +102,27 @@ def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+GLOO_CHUNK_BYTES = 1 << 20
+"""Largest point-to-point message on gloo (:meth:`Communicator.exchange_each`)."""
+
+
+def _pieces(tensor: Tensor, max_bytes: int | None) -> list[Tensor]:
+    """``tensor`` as consecutive flat views of at most ``max_bytes`` bytes (``None``: the whole tensor); none for
+    an empty tensor. A non-contiguous tensor is sent whole."""
+    if not tensor.numel():
+        return []
+    if max_bytes is None or not tensor.is_contiguous() or _nbytes(tensor) <= max_bytes:
+        return [tensor]
+    return list(tensor.view(-1).split(max(1, max_bytes // tensor.element_size())))
+
+
+def _alternate(first: list[Any], second: list[Any]) -> list[Any]:
+    """``first[0], second[0], first[1], second[1], …``, then the rest of the longer list."""
+    merged = [item for pair in zip(first, second) for item in pair]
+    shorter = min(len(first), len(second))
+    return merged + first[shorter:] + second[shorter:]
+
+
 class FlatState:
     """A fixed list of tensors laid out as one flat buffer per (dtype, device) group.
 
@@ -322,12 +343,18 @@ class Communicator:
 
         All messages go in one ``batch_isend_irecv`` call and are waited for before returning. Messages between
         the same two ranks are matched in posting order, so both sides must list their tensors in the same order.
+        On gloo each tensor travels as pieces of at most :data:`GLOO_CHUNK_BYTES`, sends and receives alternating:
+        gloo moves one large message at a time per connection, so an exchange of two single messages runs at
+        half duplex (measured in ``docs/benchmarks.md``, emulated cluster). Both sides cut a tensor at the same
+        offsets, since a receive buffer has its partner's tensor's size.
         Cost: exactly the bytes of the outgoing tensors sent and of the incoming tensors received.
         """
-        operations = [dist.P2POp(dist.isend, tensor, self._global_rank(peer), self.group)
-                      for peer, tensors in outgoing for tensor in tensors if tensor.numel()]
-        operations += [dist.P2POp(dist.irecv, tensor, self._global_rank(peer), self.group)
-                       for peer, tensors in incoming for tensor in tensors if tensor.numel()]
+        chunk = GLOO_CHUNK_BYTES if dist.get_backend(self.group) == "gloo" else None
+        sends = [dist.P2POp(dist.isend, piece, self._global_rank(peer), self.group)
+                 for peer, tensors in outgoing for tensor in tensors for piece in _pieces(tensor, chunk)]
+        receives = [dist.P2POp(dist.irecv, piece, self._global_rank(peer), self.group)
+                    for peer, tensors in incoming for tensor in tensors for piece in _pieces(tensor, chunk)]
+        operations = _alternate(sends, receives)
         if not operations:
             return
         peers = sorted({peer for peer, _ in outgoing} | {peer for peer, _ in incoming})
@@ -337,7 +364,8 @@ class Communicator:
                 request.wait()
         sent = sum(_nbytes(t) for _, tensors in outgoing for t in tensors)
         received = sum(_nbytes(t) for _, tensors in incoming for t in tensors)
-        self._record(purpose, sent, received, len(operations), time.perf_counter() - start)
+        messages = sum(1 for _, tensors in (*outgoing, *incoming) for t in tensors if t.numel())  # before cutting
+        self._record(purpose, sent, received, messages, time.perf_counter() - start)
 
     def count_round(self) -> None:
         with _STATS_LOCK:

@@ -8,9 +8,10 @@ Two ranks in network namespaces (``netns.py``, ``--rate-mbit`` each way per rank
 values to the other and receive as many, timed after a barrier, three times each:
 
 * ``one message``: one ``isend`` + one ``irecv`` in a single ``batch_isend_irecv`` (what
-  ``lightning_dopt.comm.Communicator.exchange_each`` does with a flat buffer);
+  ``lightning_dopt.comm.Communicator.exchange_each`` did with a flat buffer before it cut messages into pieces);
 * ``32 chunks``: the same bytes as 32 interleaved ``isend``/``irecv`` pairs in one ``batch_isend_irecv``;
 * ``two groups``: each direction on its own process group (its own TCP connection);
+* ``package``: ``Communicator.exchange_each`` as the strategy calls it (pieces of ``GLOO_CHUNK_BYTES``);
 * ``all_reduce``: a gloo all-reduce of the same tensor, for reference (with 2 ranks a ring sends it once each way).
 
 The link-rate bound for one direction is ``4 · values · 8 / rate`` seconds; a full-duplex exchange takes that long.
@@ -32,7 +33,9 @@ import netns  # noqa: E402
 
 RANK_SCRIPT = """
 import json, os, sys, time, torch, torch.distributed as dist
+from lightning_dopt.comm import Communicator
 dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+communicator = Communicator()
 rank, peer, values, out = dist.get_rank(), 1 - dist.get_rank(), int(sys.argv[1]), sys.argv[2]
 other = dist.new_group([0, 1])
 x, y = torch.ones(values), torch.empty(values)
@@ -53,12 +56,15 @@ def two_groups():
     s, r = dist.isend(x, peer, group=send_group), dist.irecv(y, peer, group=recv_group)
     s.wait(); r.wait()
 
+def package():
+    communicator.exchange_each([(peer, [x])], [(peer, [y])], "round")
+
 def all_reduce():
     dist.all_reduce(x)
 
 times = {}
 for trial in range(3):
-    for f in (one_message, chunks_32, two_groups, all_reduce):
+    for f in (one_message, chunks_32, two_groups, package, all_reduce):
         dist.barrier()
         t = time.perf_counter()
         f()
@@ -68,7 +74,8 @@ dist.destroy_process_group()
 """
 
 LABELS = {"one_message": "one message each way (`batch_isend_irecv`)", "chunks_32": "32 interleaved chunks each way",
-          "two_groups": "one process group per direction", "all_reduce": "all-reduce (reference)"}
+          "two_groups": "one process group per direction",
+          "package": "`Communicator.exchange_each` (1 MiB pieces, alternating)", "all_reduce": "all-reduce (reference)"}
 
 
 def probe(rate_mbit: float, values: int, python: str = sys.executable) -> dict[str, object]:

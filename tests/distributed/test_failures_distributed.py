@@ -5,7 +5,7 @@ One 2-rank run, two failures of rank 1, seen from rank 0:
 * rank 1 stays alive but never takes part (stuck in user code, a deadlocked data loader, a paused VM): a blocking
   exchange, an all-reduce, a broadcast and a background round (:class:`~lightning_dopt.rounds.OverlappedRounds`)
   each give up after the process group's timeout with :class:`~lightning_dopt.comm.PeerFailure`;
-* then rank 1 posts its half of a 16 MB exchange and SIGKILLs itself (its message cut off on the wire): rank 0's
+* then rank 1 starts its half of a 16 MB exchange (``Communicator.exchange``, in a thread) and SIGKILLs itself (its message cut off on the wire): rank 0's
   exchange ends within seconds with an error naming rank 1 as killed.
 
 The Lightning-level counterparts (a rank killed in each phase of ``fit``) are in
@@ -20,6 +20,7 @@ import queue as queue_module
 import re
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -53,13 +54,19 @@ def _stuck_then_killed(rank: int, world_size: int) -> dict[str, tuple[float, str
         end = time.monotonic() + STUCK_LIMIT_S
         while not store.check(["failures/stuck-done"]) and time.monotonic() < end:
             time.sleep(0.05)  # heartbeats go on in the background
-        dist.batch_isend_irecv([dist.P2POp(dist.isend, send, 0), dist.P2POp(dist.irecv, receive, 0)])
-        time.sleep(0.2)  # part of the message is on its way
+        posting = threading.Thread(target=comm.exchange, args=([send], [0], [[receive]], [0]),
+                                   kwargs={"purpose": "round"}, daemon=True)
+        posting.start()  # the same exchange as rank 0's, cut into the same pieces
+        time.sleep(0.2)  # the first pieces are on their way
+        store.set("failures/posted", "1")
+        time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
     seen: dict[str, tuple[float, str]] = {}
     for name in OPERATIONS + ("killed_after_posting",):
         if name == "killed_after_posting":
             store.set("failures/stuck-done", "1")
+            store.wait(["failures/posted"], timedelta(seconds=STUCK_LIMIT_S))
+            time.sleep(1.0)  # rank 1 is dead by now, part of its message unread in the socket
         start = time.monotonic()
         try:
             if name == "background_round":
@@ -105,6 +112,13 @@ def _run_with_casualty(fn: Any, world_size: int, victim: int, timeout: float) ->
             try:
                 rank, status, message = results_queue.get(timeout=0.2)
             except queue_module.Empty:
+                dead = [r for r, p in enumerate(processes) if r != victim and r not in results and
+                        p.exitcode is not None]
+                if dead and results_queue.empty():
+                    time.sleep(helpers._DEATH_GRACE_S)  # a result sent just before the exit may still be in flight
+                    if results_queue.empty():
+                        raise AssertionError(f"rank {dead[0]} died (exit code {processes[dead[0]].exitcode}) "
+                                             "without a result")
                 continue
             if status != "ok":
                 raise AssertionError(f"rank {rank} raised:\n{message}")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import run_ranks
-from lightning_dopt.comm import Communicator, ring_allreduce_bytes
+from lightning_dopt.comm import GLOO_CHUNK_BYTES, Communicator, ring_allreduce_bytes
 from lightning_dopt.gradients import GradientAverager
 from lightning_dopt.rounds import ReplicaSync
 from lightning_dopt.topology import mixing_matrix, mixing_row, random_matching
@@ -238,8 +238,29 @@ def scenario_bf16(rank: int, world_size: int) -> dict[str, Any]:
             "groups": [b.dtype for b in sync.state.new_buffers()]}
 
 
+def exchange_payload(rank: int) -> list[torch.Tensor]:
+    """What ``rank`` sends in the large-exchange scenario: tensors above, at and below gloo's piece size (not
+    multiples of it, several dtypes) and an empty one."""
+    generator = torch.Generator().manual_seed(rank)
+    over = GLOO_CHUNK_BYTES // 4 * 3 + 12_345
+    return [torch.randn(over, generator=generator), torch.randint(0, 256, (GLOO_CHUNK_BYTES * 2 + 7,),
+                                                                   generator=generator, dtype=torch.uint8),
+            torch.randn(GLOO_CHUNK_BYTES // 8, generator=generator, dtype=torch.float64), torch.empty(0),
+            torch.randn(10, generator=generator, dtype=torch.float64)]
+
+
+def scenario_large_exchange(rank: int, world_size: int) -> dict[str, Any]:
+    """One ``exchange_each`` with the partner of tensors larger than a gloo piece."""
+    comm = Communicator()
+    payload = exchange_payload(rank)
+    received = [torch.empty_like(t) for t in payload]
+    peer = 1 - rank
+    comm.exchange_each([(peer, payload)], [(peer, received)], purpose="round")
+    return {"received": received, "stats": comm.stats.state_dict()}
+
+
 SCENARIOS = {
-    2: ["bf16"],
+    2: ["bf16", "large_exchange"],
     3: ["odd", "static:one_peer_exponential", "static:complete", "gradients"],
     4: ["random", "noisy", "static:ring", "static:exponential", "static:torus", "static:one_peer_exponential",
         "bytes", "average", "swap", "broadcast"],
@@ -507,6 +528,17 @@ def test_bf16_pair_gets_rounded_average(world2: list[dict[str, Any]]) -> None:
         exact = (a.double() + b.double()) / 2
         assert torch.equal(end_a, exact.to(a.dtype)), "not the correctly rounded average"
         assert not torch.equal(end_a, a)
+
+
+def test_exchange_of_tensors_larger_than_a_gloo_piece_is_exact(world2: list[dict[str, Any]]) -> None:
+    for rank, records in enumerate(world2):
+        record = records["large_exchange"]
+        expected = exchange_payload(1 - rank)
+        assert all(torch.equal(got, want) for got, want in zip(record["received"], expected))
+        nbytes = sum(t.numel() * t.element_size() for t in expected)
+        stats = record["stats"]
+        assert (stats["bytes_sent"], stats["bytes_received"]) == (nbytes, nbytes)
+        assert stats["messages"] == 2 * 4  # counted per tensor (the empty one is not sent), not per piece
 
 
 # ------------------------------------------------------------------------------------------ the helper itself
