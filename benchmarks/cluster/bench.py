@@ -366,6 +366,12 @@ def seed_table(rows: list[Row], extra: list[tuple[Row, int]], target: float, cfg
     return "\n".join(lines)
 
 
+def _trial_range(probe: dict[str, Any], mode: str) -> str:
+    """``fastest–slowest`` seconds of one probe mode over every trial of both ranks."""
+    times = [t for rank in probe["all_seconds"] for t in rank[mode]]
+    return f"{min(times):.2f}–{max(times):.2f}"
+
+
 def probe_table(probe: dict[str, Any]) -> str:
     """The 2-rank exchange probe (``probe_exchange.py``)."""
     labels = {"one_message": "one message each way (`batch_isend_irecv`, as `lightning_dopt` exchanged before 1 MiB "
@@ -377,8 +383,8 @@ def probe_table(probe: dict[str, Any]) -> str:
     lines = [f"Exchange probe: two ranks on the same emulated links swap {4 * probe['values'] / 1e6:.1f} MB each way "
              f"with gloo (`benchmarks/cluster/probe_exchange.py`; median of 3 trials × 2 ranks; one direction at "
              f"link rate takes {probe['bound_seconds']:.2f} s):\n",
-             "| how | seconds |", "|---|---:|"]
-    lines += [f"| {labels[k]} | {v:.2f} |" for k, v in probe["median_seconds"].items()]
+             "| how | median (s) | fastest–slowest trial (s) |", "|---|---:|---:|"]
+    lines += [f"| {labels[k]} | {v:.2f} | {_trial_range(probe, k)} |" for k, v in probe["median_seconds"].items()]
     return "\n".join(lines)
 
 
@@ -400,7 +406,7 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
             f"{ddp.step_median_rank0:.2f} s (the rest is compute not hidden behind the transfer, and latency).")
     if floor is not None:
         text += (f" A step with no communication at all (`no_sync`) took {floor.step_median_rank0:.2f} s on this "
-                 f"loaded machine, so no method could be more than {ddp.step_median_rank0 / floor.step_median_rank0:.1f}× "
+                 f"machine, so no method could be more than {ddp.step_median_rank0 / floor.step_median_rank0:.1f}× "
                  f"faster than `ddp` here.")
     round_comm = key.comm_per_step * cfg["local_steps"] if key.comm_per_step is not None else None
     payload = key.bytes_per_step * cfg["local_steps"]
@@ -418,17 +424,17 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
     if probe is not None:
         m = probe["median_seconds"]
         out.append(
-            f"**Why a round is slower than the link.** The exchange probe above shows that gloo does not run the two "
-            f"directions of one large `isend`/`irecv` pair concurrently: swapping the fp32 model took "
-            f"{m['one_message']:.2f} s as one message each way, {m['one_message'] / probe['bound_seconds']:.1f}× the "
-            f"one-direction time, against {m['chunks_32']:.2f} s when the same bytes go as 32 interleaved chunks and "
-            f"{m['two_groups']:.2f} s on one process group per direction. `lightning_dopt`'s pairwise rounds send "
-            f"one flat buffer each way, so they pay the serialized time"
+            f"**Full-duplex exchanges.** Swapping the fp32 model between two ranks (exchange probe above; bound "
+            f"{probe['bound_seconds']:.2f} s) took {_trial_range(probe, 'one_message')} s as one message each way: "
+            f"gloo sometimes runs the two directions of one large `isend`/`irecv` pair one after the other. As 32 "
+            f"interleaved chunks it took {_trial_range(probe, 'chunks_32')} s, on one process group per direction "
+            f"{_trial_range(probe, 'two_groups')} s"
+            + (f", and through `Communicator.exchange_each`, which cuts its messages into 1 MiB pieces on gloo, "
+               f"{_trial_range(probe, 'package')} s" if "package" in m else "")
+            + " (fastest–slowest trial of either rank). In a multi-rank run a round's wait also covers the partner's "
+              "encoding and load imbalance"
             + (f" (fp32 gossip: {fp32.comm_per_step * cfg['local_steps']:.2f} s per round in communication calls)"
-               if fp32 is not None and fp32.comm_per_step is not None else "")
-            + ". Sending it in chunks (or one direction per process group) would make the transfer full duplex; "
-              "in a loaded multi-rank run the wait also covers the partner's encoding and load imbalance, so a "
-              "round would gain less than the probe's factor.")
+               if fp32 is not None and fp32.comm_per_step is not None else "") + ".")
     if power is not None:
         faster = key.step_median_rank0 < power.step_median_rank0
         out.append(
@@ -483,7 +489,7 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
         if overlap.comm_per_step is not None and key.comm_per_step is not None:
             text += (f"; the training loop still waited {overlap.comm_per_step:.2f} s per step for the background "
                      f"round (blocking: {key.comm_per_step:.2f} s in its communication calls), because a round "
-                     f"(encoding plus the serialized exchange, on cores that the local steps also use) takes longer "
+                     f"(encoding plus the exchange, on cores that the local steps also use) takes longer "
                      f"than the {cfg['local_steps'] - 1} local steps it is meant to hide behind")
         text += (f". Staleness cost accuracy per step: the target came at step "
                  f"{overlap.step_to_target if overlap.step_to_target is not None else '–'} instead of "
@@ -506,7 +512,7 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
         f"{min(loads):.1f}–{max(loads):.1f}), so compute is slow and noisy, which shrinks every speed-up: on "
         f"accelerators, compute per step would be far below the {floor.step_median_rank0 if floor else float('nan'):.2f} s "
         f"measured here while `ddp`'s {transfer:.1f} s of transfer would stay, so communication-light methods would "
-        f"gain more, not less. One run per contender (plus the seeds above): differences of a few tenths of a point "
+        f"gain more, not less. One run per contender" + (" (plus the seeds above)" if extra else "") + f": differences of a few tenths of a point "
         f"in accuracy, or a few percent in time, are within run-to-run noise. The tbf links model bandwidth only, "
         f"with no propagation delay (tc netem is unavailable here).")
     return out
