@@ -30,6 +30,13 @@ def human_bytes(value: float) -> str:
     return f"{value:.3g}TB"
 
 
+def ddp_reference_bytes(pl_module: L.LightningModule, steps: int, world_size: int) -> int:
+    """What DDP would send per rank in ``steps`` optimizer steps: a ring all-reduce of the trainable parameters'
+    gradients every step, ``steps · 2(n-1)/n · P`` bytes for ``P`` gradient bytes on ``n`` ranks."""
+    gradient_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
+    return steps * ring_allreduce_bytes(gradient_bytes, world_size)
+
+
 class CommReport(L.Callback):
     """At the end of training, gather every rank's communication counters and compare with DDP.
 
@@ -44,20 +51,18 @@ class CommReport(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
-        gradient_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
         if not isinstance(strategy, GossipLocalStrategy):
             if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
-                ddp_bytes = trainer.global_step * ring_allreduce_bytes(gradient_bytes, trainer.world_size)
+                ddp_bytes = ddp_reference_bytes(pl_module, trainer.global_step, trainer.world_size)
                 rank_zero_info(f"DDP: {trainer.global_step} optimizer steps on {trainer.world_size} ranks; a ring "
                                f"all-reduce of the gradients sends {_megabytes(ddp_bytes)} per rank (formula "
                                "2(n-1)/n · P per step; DDP's own traffic is not counted).")
             return
-        ddp_bytes = strategy.steps * ring_allreduce_bytes(gradient_bytes, trainer.world_size)
+        ddp_bytes = ddp_reference_bytes(pl_module, strategy.steps, trainer.world_size)
         self.rows = []
         for rank, stats in enumerate(strategy.gather_comm_stats()):
-            training = sum(stats.bytes_sent_by_purpose.get(p, 0) for p in ("warmup", "aggregate", "round"))
-            self.rows.append({"rank": rank, "bytes_sent": stats.bytes_sent, "training_bytes_sent": training,
-                              "by_purpose": dict(stats.bytes_sent_by_purpose), "rounds": stats.rounds,
+            self.rows.append({"rank": rank, "bytes_sent": stats.bytes_sent,
+                              "training_bytes_sent": stats.training_bytes_sent, "by_purpose": dict(stats.bytes_sent_by_purpose), "rounds": stats.rounds,
                               "seconds": stats.seconds, "ddp_bytes_sent": ddp_bytes})
         lines = [f"Communication after {strategy.steps} optimizer steps on {trainer.world_size} ranks "
                  f"(topology={strategy.topology}, local_steps={strategy.local_steps}):",

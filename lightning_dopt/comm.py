@@ -40,6 +40,8 @@ from torch import Tensor
 
 
 PURPOSES = ("start", "warmup", "aggregate", "round", "eval", "monitor", "checkpoint", "control", "final")
+TRAINING_PURPOSES = ("warmup", "aggregate", "round")
+"""The purposes that replace DDP's gradient all-reduce: what ``CommStats.training_bytes_sent`` counts."""
 """What a payload was for: ``start`` (initial broadcast), ``warmup`` (DDP-style gradient averaging),
 ``aggregate`` (AdaCons gradient combination),
 ``round`` (synchronization rounds), ``eval`` (consensus model for evaluation), ``monitor`` (consensus distance),
@@ -57,6 +59,11 @@ class CommStats:
     rounds: int = 0
     seconds: float = 0.0
     bytes_sent_by_purpose: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def training_bytes_sent(self) -> int:
+        """Bytes sent for training itself (:data:`TRAINING_PURPOSES`: warm-up, gradient aggregation, rounds)."""
+        return sum(self.bytes_sent_by_purpose.get(purpose, 0) for purpose in TRAINING_PURPOSES)
 
     def record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
         if purpose not in PURPOSES:

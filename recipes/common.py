@@ -22,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-import lightning_dopt  # noqa: F401  (registers gossip_local, local_sgd, adacons, ... before the CLI parses)
+import lightning_dopt  # registers gossip_local, local_sgd, adacons, ... before the CLI parses
 
 __all__ = ["WANDB_LOGGERS", "DoptCLI", "LogStrategyOptions", "replace_wandb_logger", "strategy_options",
            "use_offline_wandb", "wandb_available"]
@@ -185,6 +185,12 @@ class DoptCLI(LightningCLI):
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         rank_zero_info(self.summary(results[0] if results else {}))
+
+    def model_label(self) -> str:
+        """``Averaged model (n replicas)`` when the tested model is the average of the replicas, else ``Model``."""
+        trainer = self.trainer
+        averaged = isinstance(trainer.strategy, lightning_dopt.GossipLocalStrategy) and trainer.world_size > 1
+        return f"Averaged model ({trainer.world_size} replicas)" if averaged else "Model"
 
     def summary(self, metrics: dict[str, float]) -> str:
         """The line printed after ``fit`` + ``test``: the test metrics and the training time."""

@@ -196,10 +196,6 @@ class AllReduceCounter:
         dist.all_reduce = counting_all_reduce  # type: ignore[assignment]
 
 
-def ring_bytes(payload: float, world_size: int) -> float:
-    return 2 * (world_size - 1) / world_size * payload
-
-
 class AverageForEvaluation(pl.Callback):
     """For torch's post-local SGD, whose replicas differ between averaging steps: evaluate the exact average
     (one all-reduce of the parameters, counted as evaluation) and restore each rank's replica afterwards."""

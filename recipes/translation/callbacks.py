@@ -10,8 +10,6 @@ cost ``steps · 2(n−1)/n · P`` for ``P`` gradient bytes, with ``bytes_counted
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,17 +17,13 @@ from typing import Any
 import lightning as L
 
 from lightning_dopt import GossipLocalStrategy
-from lightning_dopt.comm import ring_allreduce_bytes
-
-TRAINING_PURPOSES = ("warmup", "aggregate", "round")
+from lightning_dopt.callbacks import ddp_reference_bytes
+from recipes.translation.tokenizer import atomic_write
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        json.dump(payload, file, indent=1)
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps(payload, indent=1).encode())
 
 
 class RunSummary(L.Callback):
@@ -54,10 +48,9 @@ class RunSummary(L.Callback):
         strategy = trainer.strategy
         if isinstance(strategy, GossipLocalStrategy):
             stats = strategy.comm_stats
-            training = sum(stats.bytes_sent_by_purpose.get(p, 0) for p in TRAINING_PURPOSES)
-            return {"training_bytes_sent": training, "bytes_sent": stats.bytes_sent, "bytes_counted": True}
-        gradient_bytes = sum(p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad)
-        estimate = trainer.global_step * ring_allreduce_bytes(gradient_bytes, trainer.world_size)
+            return {"training_bytes_sent": stats.training_bytes_sent, "bytes_sent": stats.bytes_sent,
+                    "bytes_counted": True}
+        estimate = ddp_reference_bytes(pl_module, trainer.global_step, trainer.world_size)
         return {"training_bytes_sent": estimate, "bytes_sent": estimate, "bytes_counted": False}
 
     @staticmethod

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser
 
-from lightning_dopt import GossipLocalStrategy
 from recipes.common import DoptCLI
 from recipes.translation.data import TranslationData
 from recipes.translation.module import TranslationModule
@@ -28,9 +27,7 @@ class TranslationCLI(DoptCLI):
     def summary(self, metrics: dict[str, float]) -> str:
         """``Averaged model (2 replicas): test BLEU 5.12, chrF 30.1 on 400 held-out verses ...``."""
         trainer, data = self.trainer, self.datamodule
-        averaged = isinstance(trainer.strategy, GossipLocalStrategy) and trainer.world_size > 1
-        who = f"Averaged model ({trainer.world_size} replicas)" if averaged else "Model"
-        return (f"{who}: test BLEU {metrics.get('test/bleu', float('nan')):.2f}, chrF "
+        return (f"{self.model_label()}: test BLEU {metrics.get('test/bleu', float('nan')):.2f}, chrF "
                 f"{metrics.get('test/chrf', float('nan')):.2f} on {len(data.splits.get('test', [])):,} held-out "
                 f"pairs after {trainer.global_step} steps (fit: {self.fit_seconds:.0f} s on {trainer.world_size} "
                 f"processes, strategy {type(trainer.strategy).__name__}).")

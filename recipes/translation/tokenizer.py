@@ -100,7 +100,7 @@ def train_or_load(lines: Sequence[str], vocab_size: int, cache_dir: str | Path |
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             model = _train(lines, vocab_size, model_type, character_coverage, num_threads)
-            _atomic_write(path, model)
+            atomic_write(path, model)
     return Tokenizer(path)
 
 
@@ -120,7 +120,9 @@ def _train(lines: Sequence[str], vocab_size: int, model_type: str, character_cov
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a synced temporary file in the same directory renamed over it: a
+    crash leaves the old file or none, never a partial one."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
@@ -135,5 +137,5 @@ def _atomic_write(path: Path, payload: bytes) -> None:
         raise
 
 
-__all__ = ["BOS_ID", "CACHE_ENV", "EOS_ID", "MODEL_TYPES", "PAD_ID", "UNK_ID", "Tokenizer", "cache_key",
+__all__ = ["BOS_ID", "CACHE_ENV", "EOS_ID", "MODEL_TYPES", "PAD_ID", "UNK_ID", "Tokenizer", "atomic_write", "cache_key",
            "default_cache_dir", "train_or_load"]

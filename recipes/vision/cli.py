@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from lightning_dopt import GossipLocalStrategy
 from recipes.common import DoptCLI
 from recipes.vision.data import ImageClassificationData
 from recipes.vision.module import ImageClassifier
@@ -30,13 +29,11 @@ class VisionCLI(DoptCLI):
         (``Model:`` for other strategies). With a spawn launcher this process did not train, so the counts it
         cannot know are left out."""
         trainer, data = self.trainer, self.datamodule
-        averaged = isinstance(trainer.strategy, GossipLocalStrategy) and trainer.world_size > 1
-        who = f"Averaged model ({trainer.world_size} replicas)" if averaged else "Model"
         images = f"{len(data.test_dataset):,} " if data.test_dataset is not None else ""
         epochs = trainer.current_epoch
         progress = (f" after {trainer.global_step} optimizer steps in {epochs} epoch{'' if epochs == 1 else 's'}"
                     if trainer.global_step else "")
-        return (f"{who}: test accuracy {100 * metrics.get('test/acc', float('nan')):.2f}% on {images}{data.source} "
+        return (f"{self.model_label()}: test accuracy {100 * metrics.get('test/acc', float('nan')):.2f}% on {images}{data.source} "
                 f"test images{progress} (fit: {self.fit_seconds:.0f} s on {trainer.world_size} processes, "
                 f"strategy {type(trainer.strategy).__name__}).")
 

