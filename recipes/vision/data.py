@@ -315,6 +315,7 @@ class ImageClassificationData(LightningDataModule):
         self.in_channels, self.image_size, self.num_classes = SHAPES[source]
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
+        self._normalization: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.train_dataset: TensorDataset | None = None
         self.val_dataset: TensorDataset | None = None
         self.test_dataset: TensorDataset | None = None
@@ -375,9 +376,18 @@ class ImageClassificationData(LightningDataModule):
         """uint8 images of a batch -> normalized float32, augmented when ``train`` (call after :meth:`setup`)."""
         if self.mean is None or self.std is None:
             raise RuntimeError("call setup() before transforming batches")
+        mean, std = self._normalization_on(images.device)
         if train:
-            return prepare_batch(images, self.mean, self.std, self.crop_padding, self.flip)
-        return prepare_batch(images, self.mean, self.std)
+            return prepare_batch(images, mean, std, self.crop_padding, self.flip)
+        return prepare_batch(images, mean, std)
+
+    def _normalization_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``mean`` and ``std`` as float32 tensors on ``device``, made once per device (not a host-to-device copy
+        per batch)."""
+        if device not in self._normalization:
+            self._normalization[device] = (torch.tensor(self.mean, dtype=torch.float32, device=device),
+                                           torch.tensor(self.std, dtype=torch.float32, device=device))
+        return self._normalization[device]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch

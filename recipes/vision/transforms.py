@@ -38,16 +38,17 @@ def random_hflip(x: Tensor) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def prepare_batch(images: Tensor, mean: Sequence[float], std: Sequence[float], crop_padding: int = 0,
-                  flip: bool = False) -> Tensor:
+def prepare_batch(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor,
+                  crop_padding: int = 0, flip: bool = False) -> Tensor:
     """uint8 ``[B, C, H, W]`` -> float32 ``(x/255 − mean_c) / std_c``, after random crop (``crop_padding`` > 0)
-    and random horizontal flip (``flip``). Padding is black (0) before normalization, as in torchvision."""
+    and random horizontal flip (``flip``). Padding is black (0) before normalization, as in torchvision.
+    ``mean``/``std`` given as float32 tensors on the images' device are used without a copy."""
     x = images.float().div_(255.0)
     x = random_crop(x, crop_padding)
     if flip:
         x = random_hflip(x)
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x.sub_(mean_t).div_(std_t)
 
 
