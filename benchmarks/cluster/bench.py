@@ -172,17 +172,10 @@ def run_contender(name: str, cfg: dict[str, Any], cluster: netns.EmulatedCluster
     load_end = os.getloadavg()
     if not run.ok:
         rank = run.failed_rank if run.failed_rank is not None else 0
-        tail = run.log_tail(rank)
-        pending = "PENDING:" in tail
         reason = "timed out" if run.timed_out else f"rank {rank} exited with {run.returncodes[rank]}"
-        print(f"{name}: {'pending' if pending else 'FAILED'} ({reason}, {run.seconds:.0f} s); "
-              f"logs in {work / 'logs'}; tail of rank {rank}:\n{tail}", flush=True)
-        if not pending:
-            return None
-        result = {"contender": name, "status": "pending", "reason": "GossipLocalStrategy has no `overlap` option "
-                  "in this checkout", "config": cfg, "command": command}
-        result_path(results_dir, name, cfg["seed"]).write_text(json.dumps(result))
-        return result
+        print(f"{name}: FAILED ({reason}, {run.seconds:.0f} s); logs in {work / 'logs'}; tail of rank {rank}:\n"
+              f"{run.log_tail(rank)}", flush=True)
+        return None
     ranks = [json.loads((work / f"rank{k}.json").read_text()) for k in range(cfg["ranks"])]
     result = {"contender": name, "status": "ok", "config": cfg, "command": command,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -517,7 +510,7 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
         f"with no propagation delay (tc netem is unavailable here).")
     return out
 
-def doc_section(rows: list[Row], results: list[dict[str, Any]], pending: list[dict[str, Any]], failed: list[str],
+def doc_section(rows: list[Row], results: list[dict[str, Any]], failed: list[str],
                 cfg: dict[str, Any], target: float, skip: int, report_command: str, images: list[Path],
                 out: Path, probe: dict[str, Any] | None = None, extra: list[tuple[Row, int]] | None = None,
                 extra_commands: list[str] | None = None) -> str:
@@ -603,9 +596,6 @@ def doc_section(rows: list[Row], results: list[dict[str, Any]], pending: list[di
                      "before the benchmark recorded that it leaves it out" + (
                          " (`no_sync`'s value, which contains nothing else, shows its size)." if "no_sync" in early
                          else "."))
-    if pending:
-        notes.append("- Pending: " + "; ".join(f"`{p['contender']}` ({p['reason']}; the entry runs once "
-                                               "`GossipLocalStrategy(overlap=True)` exists)" for p in pending) + ".")
     if failed:
         notes.append("- Failed (no result): " + ", ".join(f"`{f}`" for f in failed) + ".")
     body = [SECTION_TITLE,
@@ -742,16 +732,12 @@ def main() -> None:
                 if result is None:
                     failed.append(name)
         print(f"ran {len(to_run)} contender(s) in {time.perf_counter() - started:.0f} s", flush=True)
-    everything = [r for n in ORDER if (r := stored(args.results_dir, n, cfg)) is not None]
-    results = [r for r in everything if r["status"] == "ok"]
-    pending = [r for r in everything if r["status"] == "pending"]
+    results = [r for n in ORDER if (r := stored(args.results_dir, n, cfg)) is not None and r["status"] == "ok"]
     if not results:
         raise SystemExit("no stored results for this configuration")
     rows = [summarize(r, args.target, args.skip) for r in results]
     print("\n" + markdown_table(rows, args.target, cfg))
     print("\n".join(checks(rows)))
-    for p in pending:
-        print(f"pending: {p['contender']} ({p['reason']})")
     if args.out:
         cmd = shlex.join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
         title = (f"{cfg['ranks']} ranks, {cfg['rate_mbit']:g} Mbit/s links, MLP {rows and results[0]['ranks'][0]['params']:,} "
@@ -763,7 +749,7 @@ def main() -> None:
             probe = None
         others = other_seeds(args.results_dir, cfg)
         extra = [(summarize(r, args.target, args.skip), r["config"]["seed"]) for r in others]
-        section = doc_section(rows, results, pending, failed, cfg, args.target, args.skip, cmd, images, out, probe,
+        section = doc_section(rows, results, failed, cfg, args.target, args.skip, cmd, images, out, probe,
                               extra, [r["command"] for r in others])
         write_section(out, SECTION_TITLE, section)
         print(f"wrote section '{SECTION_TITLE[3:]}' of {out} and {', '.join(map(str, images))}")

@@ -20,7 +20,6 @@ launcher starts no children. Every rank writes ``<result-dir>/rank<k>.json``:
 
 # No ``from __future__ import annotations``: DDP checks comm hooks' annotations at runtime.
 import argparse
-import inspect
 import json
 import math
 import os
@@ -49,11 +48,6 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "gossip_local_int8", "gossip_local_int8_overlap", "adacons", "no_sync")
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
-
-
-def overlap_available() -> bool:
-    """Whether this checkout's ``GossipLocalStrategy`` takes ``overlap`` (non-blocking rounds)."""
-    return "overlap" in inspect.signature(GossipLocalStrategy.__init__).parameters
 
 
 # ---------------------------------------------------------------------------------------------- model and data
@@ -153,9 +147,7 @@ def build_strategy(name: str, args: argparse.Namespace) -> Strategy | str:
     if name == "no_sync":  # reference: local training only (a round never comes), the compute floor of a step
         return GossipLocalStrategy(local_steps=10**9, **gloo)
     if name == "gossip_local_int8_overlap":
-        if not overlap_available():
-            raise SystemExit("PENDING: GossipLocalStrategy has no 'overlap' option in this checkout")
-        return GossipLocalStrategy(compression="int8", overlap=True, **common)  # type: ignore[call-arg]
+        return GossipLocalStrategy(compression="int8", overlap=True, **common)
     raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
 
 

@@ -29,8 +29,8 @@ def _load_netns():
 
 
 netns = _load_netns()
-pytestmark = pytest.mark.skipif(netns.missing_requirements() is not None,
-                                reason=f"emulated cluster {netns.missing_requirements()}")
+MISSING = netns.missing_requirements()  # as root this creates and deletes a probe namespace: ask once
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"emulated cluster {MISSING}")
 
 ALL_REDUCE = textwrap.dedent("""
     import os, sys, datetime, torch, torch.distributed as dist
