@@ -13,9 +13,11 @@ competes with communication for the same cores, which no GPU run would see). The
 time after each batch).
 
 Measures, per rank: optimizer steps per second over the steps after ``WARMUP`` (from ``on_train_batch_end``
-timestamps). "Fast ranks" are all but the slow one. Contenders: Lightning ``ddp`` (gradient all-reduce every step),
-``local`` (our strategy with no rounds at all: pure local training, the floor for communication cost),
-blocking ``gossip_local`` and ``overlap=True`` (random pairwise gossip) at each ``--local-steps`` value of ``H``.
+timestamps), and the share of its steps each rank trained on (the rest were skipped for partial work). "Fast ranks"
+are all but the slow one. Contenders: Lightning ``ddp`` (gradient all-reduce every step), ``local`` (our strategy
+with no rounds at all: pure local training, the floor for communication cost), blocking ``gossip_local`` and
+``overlap=True`` (random pairwise gossip) at each ``--local-steps`` value of ``H``, each also with
+``min_work=--min-work`` (a slow rank skips a share of its steps instead of holding the others back).
 """
 
 from __future__ import annotations
@@ -76,23 +78,32 @@ class StepClock(pl.Callback):
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.stamps: list[float] = []
+        self.skipped = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
         self.stamps.append(time.perf_counter())
+        self.skipped += bool(isinstance(outputs, dict) and outputs.get("dopt_skipped"))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stats = getattr(trainer.strategy, "comm_stats", None)
         with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as handle:
-            json.dump({"stamps": self.stamps, "wait_seconds": stats.seconds if stats else None}, handle)
+            json.dump({"stamps": self.stamps, "skipped": self.skipped,
+                       "wait_seconds": stats.seconds if stats else None}, handle)
 
 
-def strategy_for(name: str, local_steps: int) -> Any:
+CONTENDERS = ("blocking", "overlap", "blocking_partial", "overlap_partial")
+LABELS = {"local": "no communication", "ddp": "Lightning `ddp`", "blocking": "`gossip_local`",
+          "overlap": "`gossip_local`, `overlap=True`", "blocking_partial": "`gossip_local`, `min_work={w}`",
+          "overlap_partial": "`gossip_local`, `overlap=True, min_work={w}`"}
+
+
+def strategy_for(name: str, local_steps: int, min_work: float) -> Any:
     if name == "ddp":
         return "ddp_spawn"
     if name == "local":
         return GossipLocalStrategy(local_steps=NO_ROUNDS, start_method="spawn")
-    return GossipLocalStrategy(local_steps=local_steps, topology="random", overlap=name == "overlap",
-                               start_method="spawn")
+    return GossipLocalStrategy(local_steps=local_steps, topology="random", overlap=name.startswith("overlap"),
+                               min_work=min_work if name.endswith("_partial") else 1.0, start_method="spawn")
 
 
 def run(name: str, local_steps: int, straggler: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +116,7 @@ def run(name: str, local_steps: int, straggler: bool, args: argparse.Namespace) 
         callbacks: list[pl.Callback] = [StepClock(folder)]
         if straggler:
             callbacks.append(SlowRanks({args.ranks - 1: 2.0}))
-        trainer = pl.Trainer(accelerator="cpu", devices=args.ranks, strategy=strategy_for(name, local_steps),
+        trainer = pl.Trainer(accelerator="cpu", devices=args.ranks, strategy=strategy_for(name, local_steps, args.min_work),
                              max_steps=args.steps, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                              use_distributed_sampler=False)
@@ -116,6 +127,7 @@ def run(name: str, local_steps: int, straggler: bool, args: argparse.Namespace) 
         stamps = record["stamps"][WARMUP:]
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return {"contender": name, "H": local_steps, "straggler": straggler, "steps_per_s": rates,
+            "trained_share": [1.0 - record["skipped"] / len(record["stamps"]) for record in records],
             "wait_seconds": [record["wait_seconds"] for record in records]}
 
 
@@ -135,21 +147,22 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
              f"{args.compute * 1000:.0f} ms per step. Straggler: rank {args.ranks - 1} 2× slower "
              "(`lightning_dopt.emulation.SlowRanks`).", "",
              "| contender | H | fast ranks, steps/s | vs pure local | with a 2× slow rank, steps/s | kept | slow rank, "
-             "steps/s |", "|---|---|---|---|---|---|---|"]
-    for (name, h) in [("local", 1), ("ddp", 1)] + [(n, h) for h in args.local_steps for n in ("blocking", "overlap")]:
+             "steps/s | slow rank, share of steps trained |", "|---|---|---|---|---|---|---|---|"]
+    for (name, h) in [("local", 1), ("ddp", 1)] + [(n, h) for h in args.local_steps for n in CONTENDERS]:
         alone, slowed = by_key.get((name, h, False)), by_key.get((name, h, True))
         if alone is None:
             continue
-        label = {"local": "no communication", "ddp": "Lightning `ddp`", "blocking": "`gossip_local`",
-                 "overlap": "`gossip_local`, `overlap=True`"}[name]
+        label = LABELS[name].format(w=args.min_work)
         row = f"| {label} | {'–' if name in ('local', 'ddp') else h} | {fast(alone):.2f} | {fast(alone) / local:.2f} |"
         if slowed is not None:
-            row += (f" {fast(slowed):.2f} | {fast(slowed) / fast(alone):.0%} | {slowed['steps_per_s'][-1]:.2f} |")
+            row += (f" {fast(slowed):.2f} | {fast(slowed) / fast(alone):.0%} | {slowed['steps_per_s'][-1]:.2f} | "
+                    f"{slowed['trained_share'][-1]:.0%} |")
         else:
-            row += " | | |"
+            row += " | | | |"
         lines.append(row)
-    lines += ["", "\"kept\" is the fast ranks' rate with the slow rank divided by their rate without it. Raw per-rank "
-              "rates are in the JSON written with `--json`.", ""]
+    lines += ["", "\"kept\" is the fast ranks' rate with the slow rank divided by their rate without it. A step skipped "
+              "for partial work still counts as a step of the slow rank. Raw per-rank rates and trained shares are "
+              "in the JSON written with `--json`.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +173,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--compute", type=float, default=0.1, help="emulated compute seconds per step")
     parser.add_argument("--local-steps", type=int, nargs="+", default=[1], help="values of H to run")
+    parser.add_argument("--min-work", type=float, default=0.5, help="min_work of the partial-work contenders")
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
+                        help="gossip contenders to run at each H (local and ddp always run)")
     parser.add_argument("--out", type=Path, help="markdown file whose section to rewrite (docs/benchmarks.md)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
@@ -167,7 +183,7 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     plan = [("local", 1, False), ("ddp", 1, False), ("ddp", 1, True)]
     for h in args.local_steps:
-        for name in ("blocking", "overlap"):
+        for name in args.contenders:
             plan += [(name, h, False), (name, h, True)]
     results = []
     for name, h, straggler in plan:

@@ -229,7 +229,8 @@ class OverlappedRounds:
     process group (and a side CUDA stream on GPU): the optimizer never races with it, and the training loop's
     collectives (evaluation, logging) never interleave with the round's messages. Before the exchange the thread
     all-reduces a small ``flags`` vector (one float64 per rank and flag) so that every rank learns, one round
-    later, the same stop requests and non-finite replicas; a round with a non-finite replica is not exchanged.
+    later, the same stop requests, non-finite replicas (block ``[n, 2n)``) and paces; a round with a non-finite
+    replica is not exchanged.
 
     Memory: the snapshot and the mixing buffer (two copies of the round state) plus the receive buffers.
     Cost per round: the blocking round's bytes plus ``2(n−1)/n · 8 · len(flags)`` bytes of flags.
@@ -270,7 +271,7 @@ class OverlappedRounds:
         try:
             with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
                 self.comm.all_reduce_([flags], purpose="control", op="max")
-                if bool(flags[flags.numel() // 2:].max() == 0):  # second half: non-finite replicas
+                if not self._flags_nonfinite(flags):
                     self.sync.mix_buffers_(self._mixed, round_index, self.comm)
                 if self._stream is not None:
                     self._stream.synchronize()
@@ -296,10 +297,15 @@ class OverlappedRounds:
             raise self._error
         flags = self._flags
         assert flags is not None
-        if bool(flags[flags.numel() // 2:].max() == 0):
+        if not self._flags_nonfinite(flags):
             torch._foreach_sub_(self._mixed, self._snapshot)
             self.sync.round_state.add_(self._mixed)
         return flags
+
+    def _flags_nonfinite(self, flags: Tensor) -> bool:
+        """Whether some rank reported a non-finite replica: block ``[n, 2n)`` of the flags (the strategy's layout)."""
+        n = self.comm.world_size
+        return bool(flags[n:2 * n].max() > 0)
 
     def abandon(self, wait: float = 5.0) -> None:
         """Give up on a round in flight (after an error elsewhere): wait briefly for the thread, never apply it.

@@ -9,9 +9,11 @@ Lightning) and each rank's replica, optimizer state, counters and RNG in a per-r
 
 Communication per rank and optimizer step, for a model of ``P`` bytes on ``n`` ranks:
 DDP ``2(n-1)/n · P``; ``complete`` ``2(n-1)/n · P / H``; ``random`` and ``one_peer_exponential``
-``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H``; plus ``2(n-1)/n · 16n`` bytes of control flags
-per round (stop requests, non-finite replicas), which replace Lightning's per-batch SIGTERM broadcast.
-With ``overlap=True`` the rounds run in a background thread, one round stale (:class:`OverlappedRounds`).
+``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H``; plus ``2(n-1)/n · 24n`` bytes of control flags
+per round (stop requests, non-finite replicas, pace), which replace Lightning's per-batch SIGTERM broadcast.
+With ``overlap=True`` the rounds run in a background thread, one round stale (:class:`OverlappedRounds`). With
+``min_work < 1`` a persistently slow rank skips a share of its batches instead of holding the others back
+(:mod:`lightning_dopt.pacing`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -49,6 +52,7 @@ from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
+from lightning_dopt.pacing import WorkPacer, check_min_work
 from lightning_dopt.rounds import OuterOptimizerFactory, OverlappedRounds, ReplicaSync, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, OASISScaling, Preconditioner, finite_difference_hvp, make_preconditioner
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
@@ -214,6 +218,13 @@ class GossipLocalStrategy(DDPStrategy):
             the next local steps compute, and apply it one round later with the delta rule
             ``x ← x + (mixed − snapshot)`` (:class:`~lightning_dopt.rounds.OverlappedRounds`; staleness one round).
             Not with AdaCons rounds or an outer optimizer.
+        min_work: the least share of its batches a rank trains on. Below 1.0, a rank persistently slower than the
+            median rank skips whole optimizer steps (its work fraction adapts at every round to the median's pace,
+            never below ``min_work``) instead of making the others wait for it at rounds (partial work,
+            :mod:`lightning_dopt.pacing`). Skipped steps still count as steps (rounds, ``global_step``,
+            schedulers); the user's ``training_step`` is not called for them and ``on_train_batch_end`` receives
+            ``{"loss": 0, "dopt_skipped": True}``. Needs automatic optimization. 1.0 (default): every rank trains
+            on every batch.
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -244,6 +255,7 @@ class GossipLocalStrategy(DDPStrategy):
         scaling_eps: float = 1e-8,
         scaling_alpha_min: float = 1e-4,
         overlap: bool = False,
+        min_work: float = 1.0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -279,6 +291,11 @@ class GossipLocalStrategy(DDPStrategy):
             raise ValueError("overlap=True applies to gossip and Local SGD rounds; AdaCons (aggregation='adacons') and "
                              "outer optimizers need every rank's current pseudo-gradient at the round: use "
                              "overlap=False with them")
+        min_work = check_min_work(min_work)
+        if min_work < 1.0 and aggregation == "adacons" and local_steps == 1:
+            raise ValueError("min_work < 1 lets a slow rank skip steps between rounds, and aggregation='adacons' with "
+                             "local_steps=1 combines every rank's gradient at every step: use local_steps > 1 or "
+                             "min_work=1.0")
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -310,6 +327,7 @@ class GossipLocalStrategy(DDPStrategy):
         self.scaling_eps = scaling_eps
         self.scaling_alpha_min = scaling_alpha_min
         self.overlap = overlap
+        self.min_work = min_work
         self._preconditioners: list[tuple[list[torch.Tensor], Preconditioner]] = []
         self._outer_factory = outer_factory
         # Plain Python state only: spawn launchers pickle the strategy. Tensors are created in setup().
@@ -322,6 +340,10 @@ class GossipLocalStrategy(DDPStrategy):
         self._restored_combiners: dict[int, dict[str, Any]] = {}
         self._restored: dict[str, Any] | None = None
         self._overlapped: OverlappedRounds | None = None
+        self._pacer: WorkPacer | None = None
+        self._skipping = False  # the current optimizer step (all its micro-batches) is skipped (partial work)
+        self._skipped_steps = 0
+        self._pace_window: tuple[float, int] | None = None  # (start time, trained steps) of the window measured
         self._setups = 0
         self._sigterm = False  # this rank received SIGTERM (set by the signal handler)
         self._stop_requested = False  # some rank received SIGTERM: every rank stops at the next batch boundary
@@ -376,6 +398,13 @@ class GossipLocalStrategy(DDPStrategy):
             if fitting and self.overlap:
                 timeout = self._timeout.total_seconds() if self._timeout is not None else None
                 self._overlapped = OverlappedRounds(self._sync, self._comm.background(self._timeout), timeout)
+        self._pacer, self._skipping, self._skipped_steps = None, False, 0
+        if fitting and self._sync is not None and self.min_work < 1.0:
+            if not self.lightning_module.automatic_optimization:
+                raise ValueError("min_work < 1 skips whole optimizer steps of a slow rank, which needs automatic "
+                                 "optimization (with manual optimization the strategy cannot tell which optimizer "
+                                 "calls make up a step): use min_work=1.0")
+            self._pacer = WorkPacer(self.min_work)
         self._setups += 1
 
     def _load_sidecar_state(self, sidecar: dict[str, Any]) -> None:
@@ -434,8 +463,17 @@ class GossipLocalStrategy(DDPStrategy):
 
     @property
     def steps(self) -> int:
-        """Optimizer steps taken in this fit (counted once per batch, at the last optimizer)."""
+        """Optimizer steps taken in this fit (counted once per batch, at the last optimizer), trained or skipped."""
         return self._steps
+
+    @property
+    def _trained_steps(self) -> int:
+        return self._steps - self._skipped_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps this rank skipped in this fit (partial work, ``min_work < 1``)."""
+        return self._skipped_steps
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -446,6 +484,7 @@ class GossipLocalStrategy(DDPStrategy):
             self._check_equal_batches()
             self._sigterm = self._stop_requested = self._requeue = self._requeue_requested = False
             self._take_over_sigterm(self.lightning_module.trainer)
+        self._pace_window = None  # the first window (start-up) is not measured
 
     def _check_equal_batches(self) -> None:
         """Ranks that run different numbers of batches would deadlock at a round: fail early instead."""
@@ -471,8 +510,22 @@ class GossipLocalStrategy(DDPStrategy):
                 "rank equally long data, or set limit_train_batches / max_steps.")
 
     # ----------------------------------------------------------------------------------- optimization
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's ``training_step``, or, on a step skipped for partial work, a loss with no path to the
+        parameters (Lightning refuses ``None`` in distributed runs), marked ``dopt_skipped``."""
+        if self._skipping:
+            return {"loss": torch.zeros((), device=self.root_device, requires_grad=True), "dopt_skipped": True}
+        return super().training_step(*args, **kwargs)
+
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
+        if self._skipping:
+            # Lightning needs the closure to run (it zeroes the gradients); the optimizer, clipping and the
+            # before-optimizer-step hooks do not: a skipped step leaves the replica and optimizer state untouched.
+            output = closure()
+            self._skipped_steps += 1
+            self._after_step()
+            return output
         raw_closure = closure
         if self._comm is not None and self._steps < self.warmup_steps:
             closure = self._averaging_gradients(optimizer, closure)
@@ -548,6 +601,9 @@ class GossipLocalStrategy(DDPStrategy):
         sync = self._sync
         local_phase = self._steps > self.warmup_steps and not self._combines_gradients
         round_due = local_phase and (self._steps - self.warmup_steps) % self.local_steps == 0
+        if round_due and self._pacer is not None and self._pace_window is not None:
+            start, trained_before = self._pace_window
+            self._pacer.observe(time.perf_counter() - start, self._trained_steps - trained_before)
         if sync is not None and not local_phase:
             self._handle_flags(self._all_reduce_flags())
             if self.average_buffers:
@@ -563,6 +619,10 @@ class GossipLocalStrategy(DDPStrategy):
         if round_due:
             for _, preconditioner in self._preconditioners:
                 preconditioner.refresh()
+        if self._pacer is not None:
+            if round_due:
+                self._pace_window = (time.perf_counter(), self._trained_steps)
+            self._skipping = self._steps >= self.warmup_steps and not self._pacer.next_step_trains()
         if sync is None:
             return
         logged = {f"comm/{key}": float(value) for key, value in self._log_counters().items()}
@@ -597,16 +657,20 @@ class GossipLocalStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ control: stop requests and NaN checks
     def _local_flags(self) -> torch.Tensor:
-        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}]`` with this rank's two entries set."""
+        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}, busy_0..busy_{n-1}]`` with this rank's three
+        entries set (busy: seconds per trained step, :class:`~lightning_dopt.pacing.WorkPacer`; 0 without one)."""
         assert self._sync is not None and self._comm is not None
-        flags = torch.zeros(2 * self.world_size, dtype=torch.float64, device=self._comm.device)
+        n = self.world_size
+        flags = torch.zeros(3 * n, dtype=torch.float64, device=self._comm.device)
         flags[self.global_rank] = 2.0 if self._requeue else float(self._sigterm)
-        flags[self.world_size + self.global_rank] = float(not self._sync.is_finite())
+        flags[n + self.global_rank] = float(not self._sync.is_finite())
+        if self._pacer is not None:
+            flags[2 * n + self.global_rank] = self._pacer.seconds_per_trained_step
         self._flags_step = self._steps
         return flags
 
     def _all_reduce_flags(self) -> torch.Tensor:
-        """Blocking check point: every rank learns every rank's flags (``2n`` float64, counted as ``control``)."""
+        """Blocking check point: every rank learns every rank's flags (``3n`` float64, counted as ``control``)."""
         assert self._comm is not None
         flags = self._local_flags()
         self._comm.all_reduce_([flags], purpose="control", op="max")
@@ -614,10 +678,11 @@ class GossipLocalStrategy(DDPStrategy):
 
     def _handle_flags(self, flags: torch.Tensor | None) -> None:
         """Act on all-reduced flags, identically on every rank: raise on a non-finite replica, or request a stop
-        at the next batch boundary when some rank received SIGTERM."""
+        at the next batch boundary when some rank received SIGTERM; then adapt this rank's work fraction to the
+        ranks' pace."""
         if flags is None:
             return
-        sigterm, nonfinite = flags.view(2, -1).cpu().tolist()
+        sigterm, nonfinite, busy = flags.view(3, -1).cpu().tolist()
         bad = [rank for rank, value in enumerate(nonfinite) if value]
         if bad:
             names = ", ".join(map(str, bad))
@@ -630,9 +695,13 @@ class GossipLocalStrategy(DDPStrategy):
             self._stop_requested = True
             self._sigterm_ranks = [rank for rank, value in enumerate(sigterm) if value]
             self._requeue_requested = max(sigterm) >= 2.0
+        if self._pacer is not None:
+            self._pacer.adapt(busy)
 
     def _drain(self) -> None:
-        """Finish and apply a background round in flight (before evaluation, checkpoints and the end of fit)."""
+        """Finish and apply a background round in flight (before evaluation, checkpoints and the end of fit). The
+        interruption is not training work: the pace window in progress is not measured."""
+        self._pace_window = None
         if self._overlapped is not None:
             self._handle_flags(self._overlapped.finish())
 
@@ -697,6 +766,18 @@ class GossipLocalStrategy(DDPStrategy):
         if self._sync is not None:
             self._drain()
             self._sync.average_("final")
+        if self._pacer is not None:
+            self._report_partial_work()
+
+    def _report_partial_work(self) -> None:
+        """Tell (on rank 0) how many optimizer steps each rank skipped: one ``n``-float64 all-reduce."""
+        assert self._comm is not None
+        skipped = torch.zeros(self.world_size, dtype=torch.float64, device=self._comm.device)
+        skipped[self.global_rank] = self._skipped_steps
+        self._comm.all_reduce_([skipped], purpose="control", op="max")
+        counts = ", ".join(f"rank {rank}: {int(value)}" for rank, value in enumerate(skipped.tolist()))
+        rank_zero_info(f"lightning_dopt: optimizer steps skipped for partial work (min_work={self.min_work}) out of "
+                       f"{self._steps}: {counts}")
 
     # ------------------------------------------------------------------------------------- evaluation
     # Validation inside fit swaps the exact average in and the replica back out. Test, predict and standalone

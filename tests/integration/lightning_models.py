@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import lightning as L
@@ -167,3 +168,38 @@ class NaNInjector(L.Callback):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+class SleepyRegressionModel(RegressionModel):
+    """RegressionModel whose ``training_step`` also sleeps ``step_sleep`` seconds (emulated compute) and counts its
+    calls, so a rank's skipped steps can be told from its trained ones."""
+
+    def __init__(self, step_sleep: float = 0.02, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step_sleep = step_sleep
+        self.training_calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.training_calls += 1
+        time.sleep(self.step_sleep)
+        return super().training_step(batch, batch_idx)
+
+
+class PartialWorkRecorder(L.Callback):
+    """Saves each rank's step counts to ``<out_dir>/partial-rank<r>.pt`` at the end of fit: the strategy's steps and
+    skipped steps, ``global_step``, the module's ``training_step`` calls and the batches whose output was marked
+    ``dopt_skipped``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.marked_skipped = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self.marked_skipped += bool(isinstance(outputs, dict) and outputs.get("dopt_skipped"))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = trainer.strategy
+        torch.save({"steps": strategy.steps, "skipped": strategy.skipped_steps, "global_step": trainer.global_step,
+                    "training_calls": pl_module.training_calls, "marked_skipped": self.marked_skipped,
+                    "rounds": strategy.comm_stats.rounds},
+                   os.path.join(self.out_dir, f"partial-rank{trainer.global_rank}.pt"))

@@ -1,0 +1,71 @@
+"""Partial work (``min_work < 1``) in Lightning: a slow rank skips whole optimizer steps and nobody else does
+(CPU/gloo, spawn, 2 ranks; rank 1 made 3× slower by ``SlowRanks``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+
+from lightning_dopt import GossipLocalStrategy
+from lightning_dopt.emulation import SlowRanks
+from lightning_models import ManualTwoOptimizerModel, PartialWorkRecorder, SleepyRegressionModel, load_ranks
+
+pytestmark = pytest.mark.timeout(180)
+
+STEPS = 32
+
+
+def fit(root: Path, strategy: GossipLocalStrategy, model: L.LightningModule, **kwargs: Any) -> None:
+    trainer = L.Trainer(default_root_dir=root, accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                        callbacks=[SlowRanks({1: 3.0}), PartialWorkRecorder(str(root))], **kwargs)
+    trainer.fit(model)
+
+
+@pytest.mark.parametrize("min_work, options, accumulate", [
+    (1.0, {}, 1),
+    (0.25, {"overlap": True}, 2),
+    (0.25, {"scaling": "adam"}, 1),
+], ids=["off", "overlap-accumulate2", "blocking-scaling"])
+def test_only_the_slow_rank_skips_and_every_rank_keeps_the_same_steps(tmp_path: Path, min_work: float,
+                                                                      options: dict[str, Any],
+                                                                      accumulate: int) -> None:
+    L.seed_everything(0)
+    strategy = GossipLocalStrategy(local_steps=1, min_work=min_work, start_method="spawn", **options)
+    fit(tmp_path, strategy, SleepyRegressionModel(samples=64 * accumulate), accumulate_grad_batches=accumulate)
+    ranks = load_ranks(str(tmp_path), "partial", 2)
+    for rank in ranks:
+        # skipped steps are still steps: same global_step, rounds and step counter everywhere
+        assert rank["steps"] == rank["global_step"] == rank["rounds"] == STEPS, rank
+        # the module's training_step ran for every micro-batch of the trained steps only
+        assert rank["training_calls"] == accumulate * (STEPS - rank["skipped"]), rank
+        assert rank["marked_skipped"] == accumulate * rank["skipped"], rank
+    assert ranks[0]["skipped"] == 0  # the reference (faster) rank never skips
+    if min_work == 1.0:
+        assert ranks[1]["skipped"] == 0
+    else:
+        # 3x slower: the fraction settles near 1/3 after a few measured rounds (patience); never below min_work
+        assert STEPS // 4 <= ranks[1]["skipped"] <= STEPS - STEPS // 4 + 1, ranks[1]
+
+
+def test_manual_optimization_is_refused_before_training(tmp_path: Path) -> None:
+    strategy = GossipLocalStrategy(local_steps=2, min_work=0.5, start_method="spawn")
+    with pytest.raises(Exception, match="min_work < 1 skips whole optimizer steps of a slow rank, which needs "
+                                        "automatic optimization"):
+        fit(tmp_path, strategy, ManualTwoOptimizerModel())
+    assert not list(tmp_path.glob("partial-rank*.pt"))
+
+
+@pytest.mark.parametrize("options, text", [
+    ({"min_work": 0.0}, r"min_work must be a number in \(0, 1\]"),
+    ({"min_work": 1.5}, r"min_work must be a number in \(0, 1\]"),
+    ({"min_work": True}, r"min_work must be a number in \(0, 1\]"),
+    ({"min_work": 0.5, "topology": "complete", "aggregation": "adacons"}, "use local_steps > 1 or min_work=1.0"),
+])
+def test_bad_min_work_options_are_refused_at_construction(options: dict[str, Any], text: str) -> None:
+    with pytest.raises(ValueError, match=text):
+        GossipLocalStrategy(**options)
