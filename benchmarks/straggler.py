@@ -116,7 +116,8 @@ def run(name: str, local_steps: int, straggler: bool, args: argparse.Namespace) 
         callbacks: list[pl.Callback] = [StepClock(folder)]
         if straggler:
             callbacks.append(SlowRanks({args.ranks - 1: 2.0}))
-        trainer = pl.Trainer(accelerator="cpu", devices=args.ranks, strategy=strategy_for(name, local_steps, args.min_work),
+        strategy = strategy_for(name, local_steps, args.min_work)
+        trainer = pl.Trainer(accelerator="cpu", devices=args.ranks, strategy=strategy,
                              max_steps=args.steps, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                              use_distributed_sampler=False)
@@ -160,8 +161,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
         else:
             row += " | | | |"
         lines.append(row)
-    lines += ["", "\"kept\" is the fast ranks' rate with the slow rank divided by their rate without it. A step skipped "
-              "for partial work still counts as a step of the slow rank. Raw per-rank rates and trained shares are "
+    lines += ["", "\"kept\" is the fast ranks' rate with the slow rank divided by their rate without it. A step "
+              "skipped for partial work still counts as a step of the slow rank. Raw per-rank rates and trained shares are "
               "in the JSON written with `--json`.", ""]
     return "\n".join(lines) + "\n"
 

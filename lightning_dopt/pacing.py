@@ -20,18 +20,23 @@ the share::
     f_i = 1                          if c_i ≤ (1 + slack) · p
     f_i = max(min_work, p / c_i)     otherwise
 
-Why this keeps pace: a trained step costs ``w_i`` and a skipped one ``s_i ≪ w_i``, so ``c_i = w_i + s_i (1 − f_i)/f_i``
-and a rank's time per step is ``f_i · c_i``, which the rule sets to ``p``. ``c_i`` hardly depends on ``f_i`` (only
-through ``s_i``), so the fixed-point iteration converges without oscillating (its derivative is ``s_i / p < 1``); a
-rank ``k`` times slower than the reference settles at ``f_i ≈ 1/k``. Noise is kept out: the slack leaves ranks within
-10 % of the reference alone, and a rank starts skipping only once its last ``PATIENCE`` windows each (not just their
-average) were over the slack: a one-off pause, such as a garbage collection, does not count.
+Why this keeps pace: a trained step costs ``w_i`` and a skipped one ``s_i`` (the batch is still loaded and the batch
+hooks still run), so ``c_i = w_i + s_i (1 − f_i)/f_i`` and a rank's time per step is ``f_i · c_i``, which the rule sets
+to ``p``: the fixed point is ``f_i = (p − s_i)/(w_i − s_i)``. ``c_i`` depends on ``f_i`` only through ``s_i``, so the
+iteration converges without oscillating when ``s_i < p`` (its derivative is ``s_i / p``); a rank ``k`` times slower
+than the reference settles at ``f_i ≈ 1/k``. When the slowness is in what a skipped step still does (``s_i ≥ p``,
+e.g. a slow input pipeline), no share keeps pace: the rank sits at ``min_work`` and still holds the others back.
+
+Noise is kept out: the slack leaves ranks within 10 % of the reference alone, and a rank starts skipping only once
+its last ``PATIENCE`` windows each (not just their average) were over the slack: a one-off pause, such as a garbage
+collection, does not count.
 
 Skipping. The rank trains on a batch when its credit reaches one (``credit += f_i`` per optimizer step), which spreads
 the trained steps evenly. A skipped step still counts as an optimizer step, so every rank keeps the same round
 schedule, epoch boundaries, ``global_step`` and learning-rate schedule. The price is data, not bytes: a rank at
 ``f_i`` trains on that share of its shard's batches in expectation (which ones depends on timing, so runs with
-partial work are not reproducible bit for bit).
+partial work are not reproducible bit for bit). No step is skipped during warm-up (``warmup_steps``), when every
+step averages gradients.
 """
 
 from __future__ import annotations
@@ -93,10 +98,11 @@ class WorkPacer:
             return
         reference = known[(len(known) - 1) // 2]
         limit = (1.0 + self.slack) * reference
-        self._windows_over = self._windows_over + 1 if self._last_window > limit else 0
         if own <= limit:
-            self.fraction = 1.0
-        elif self.fraction < 1.0 or self._windows_over >= self.patience:
+            self.fraction, self._windows_over = 1.0, 0
+            return
+        self._windows_over = self._windows_over + 1 if self._last_window > limit else 0
+        if self.fraction < 1.0 or self._windows_over >= self.patience:
             self.fraction = max(self.min_work, reference / own)
 
     def next_step_trains(self) -> bool:

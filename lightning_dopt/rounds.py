@@ -37,6 +37,11 @@ from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.topology import mixing_row
 
 
+# The round's control flags: FLAG_BLOCKS blocks of n float64 (one entry per rank), all-reduced with max.
+STOP_BLOCK, NONFINITE_BLOCK, PACE_BLOCK = range(3)
+FLAG_BLOCKS = 3
+
+
 def _is_averaged(tensor: Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
@@ -229,8 +234,8 @@ class OverlappedRounds:
     process group (and a side CUDA stream on GPU): the optimizer never races with it, and the training loop's
     collectives (evaluation, logging) never interleave with the round's messages. Before the exchange the thread
     all-reduces a small ``flags`` vector (one float64 per rank and flag) so that every rank learns, one round
-    later, the same stop requests, non-finite replicas (block ``[n, 2n)``) and paces; a round with a non-finite
-    replica is not exchanged.
+    later, the same stop requests, non-finite replicas and paces (``FLAG_BLOCKS`` blocks of ``n``); a round with a
+    non-finite replica is not exchanged.
 
     Memory: the snapshot and the mixing buffer (two copies of the round state) plus the receive buffers.
     Cost per round: the blocking round's bytes plus ``2(n−1)/n · 8 · len(flags)`` bytes of flags.
@@ -302,10 +307,10 @@ class OverlappedRounds:
             self.sync.round_state.add_(self._mixed)
         return flags
 
-    def _flags_nonfinite(self, flags: Tensor) -> bool:
-        """Whether some rank reported a non-finite replica: block ``[n, 2n)`` of the flags (the strategy's layout)."""
-        n = self.comm.world_size
-        return bool(flags[n:2 * n].max() > 0)
+    @staticmethod
+    def _flags_nonfinite(flags: Tensor) -> bool:
+        """Whether some rank reported a non-finite replica (block ``NONFINITE_BLOCK`` of the flags)."""
+        return bool(flags.view(FLAG_BLOCKS, -1)[NONFINITE_BLOCK].max() > 0)
 
     def abandon(self, wait: float = 5.0) -> None:
         """Give up on a round in flight (after an error elsewhere): wait briefly for the thread, never apply it.

@@ -53,7 +53,8 @@ from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
 from lightning_dopt.pacing import WorkPacer, check_min_work
-from lightning_dopt.rounds import OuterOptimizerFactory, OverlappedRounds, ReplicaSync, diloco_outer_optimizer
+from lightning_dopt.rounds import (FLAG_BLOCKS, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK, OuterOptimizerFactory,
+                                   OverlappedRounds, ReplicaSync, diloco_outer_optimizer)
 from lightning_dopt.scaling import SCALINGS, OASISScaling, Preconditioner, finite_difference_hvp, make_preconditioner
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
@@ -223,8 +224,9 @@ class GossipLocalStrategy(DDPStrategy):
             never below ``min_work``) instead of making the others wait for it at rounds (partial work,
             :mod:`lightning_dopt.pacing`). Skipped steps still count as steps (rounds, ``global_step``,
             schedulers); the user's ``training_step`` is not called for them and ``on_train_batch_end`` receives
-            ``{"loss": 0, "dopt_skipped": True}``. Needs automatic optimization. 1.0 (default): every rank trains
-            on every batch.
+            ``{"loss": 0, "dopt_skipped": True}``. Needs automatic optimization and no collectives inside
+            ``training_step`` (``self.log(..., sync_dist=True)`` per step, ``all_gather``, ``sync_batchnorm``),
+            which a skipping rank would not join. 1.0 (default): every rank trains on every batch.
         timeout: bound on every collective and point-to-point wait (default 10 minutes).
         start_method: ``"popen"`` (scripts, torchrun, SLURM), ``"spawn"`` or ``"fork"`` (notebooks, tests).
     """
@@ -343,6 +345,7 @@ class GossipLocalStrategy(DDPStrategy):
         self._pacer: WorkPacer | None = None
         self._skipping = False  # the current optimizer step (all its micro-batches) is skipped (partial work)
         self._skipped_steps = 0
+        self._fit_first_step = 0  # self._steps when this fit began (after a resume: the restored count)
         self._pace_window: tuple[float, int] | None = None  # (start time, trained steps) of the window measured
         self._setups = 0
         self._sigterm = False  # this rank received SIGTERM (set by the signal handler)
@@ -398,12 +401,17 @@ class GossipLocalStrategy(DDPStrategy):
             if fitting and self.overlap:
                 timeout = self._timeout.total_seconds() if self._timeout is not None else None
                 self._overlapped = OverlappedRounds(self._sync, self._comm.background(self._timeout), timeout)
-        self._pacer, self._skipping, self._skipped_steps = None, False, 0
+        if fitting:
+            self._pacer, self._skipping, self._skipped_steps, self._fit_first_step = None, False, 0, self._steps
         if fitting and self._sync is not None and self.min_work < 1.0:
             if not self.lightning_module.automatic_optimization:
                 raise ValueError("min_work < 1 skips whole optimizer steps of a slow rank, which needs automatic "
                                  "optimization (with manual optimization the strategy cannot tell which optimizer "
                                  "calls make up a step): use min_work=1.0")
+            if self._layer_sync is not None:
+                raise ValueError("min_work < 1 cannot be combined with sync_batchnorm: a rank that skips a step does "
+                                 "not run the forward pass whose BatchNorm layers all-reduce their statistics, so the "
+                                 "ranks would deadlock. Use sync_batchnorm=False or min_work=1.0")
             self._pacer = WorkPacer(self.min_work)
         self._setups += 1
 
@@ -523,8 +531,9 @@ class GossipLocalStrategy(DDPStrategy):
             # Lightning needs the closure to run (it zeroes the gradients); the optimizer, clipping and the
             # before-optimizer-step hooks do not: a skipped step leaves the replica and optimizer state untouched.
             output = closure()
-            self._skipped_steps += 1
-            self._after_step()
+            if optimizer is self.optimizers[-1]:
+                self._skipped_steps += 1
+                self._after_step()
             return output
         raw_closure = closure
         if self._comm is not None and self._steps < self.warmup_steps:
@@ -603,7 +612,7 @@ class GossipLocalStrategy(DDPStrategy):
         round_due = local_phase and (self._steps - self.warmup_steps) % self.local_steps == 0
         if round_due and self._pacer is not None and self._pace_window is not None:
             start, trained_before = self._pace_window
-            self._pacer.observe(time.perf_counter() - start, self._trained_steps - trained_before)
+            self._pacer.observe(self._pace_clock() - start, self._trained_steps - trained_before)
         if sync is not None and not local_phase:
             self._handle_flags(self._all_reduce_flags())
             if self.average_buffers:
@@ -621,7 +630,7 @@ class GossipLocalStrategy(DDPStrategy):
                 preconditioner.refresh()
         if self._pacer is not None:
             if round_due:
-                self._pace_window = (time.perf_counter(), self._trained_steps)
+                self._pace_window = (self._pace_clock(), self._trained_steps)
             self._skipping = self._steps >= self.warmup_steps and not self._pacer.next_step_trains()
         if sync is None:
             return
@@ -629,6 +638,13 @@ class GossipLocalStrategy(DDPStrategy):
         if self.consensus_interval and self._steps % self.consensus_interval == 0:
             logged["dopt/consensus_distance"] = sync.consensus_distance()
         self._log(logged, on_step=True, on_epoch=False)
+
+    def _pace_clock(self) -> float:
+        """Wall time for the pace windows; on GPU after the queued kernels finish (one stream synchronization per
+        round), so a slow device is not mistaken for a fast host."""
+        if self.root_device.type == "cuda":
+            torch.cuda.current_stream(self.root_device).synchronize()
+        return time.perf_counter()
 
     # ---------------------------------------------------- Lightning's own collectives, with failures named
     @contextmanager
@@ -648,26 +664,39 @@ class GossipLocalStrategy(DDPStrategy):
             return super().broadcast(obj, src)
 
     def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_collective_in_skippable_step("reduce (LightningModule.log with sync_dist=True)")
         with self._guard("reduce (LightningModule.log with sync_dist)"):
             return super().reduce(tensor, *args, **kwargs)
 
     def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
+        self._refuse_collective_in_skippable_step("all_gather")
         with self._guard("all_gather"):
             return super().all_gather(tensor, group=group, sync_grads=sync_grads)
 
+    def _refuse_collective_in_skippable_step(self, operation: str) -> None:
+        """With partial work a skipping rank does not run ``training_step``, so a collective there would meet a
+        different collective (or none) on that rank: refuse it on the first call, which every rank makes (the
+        first steps always train)."""
+        module = self.lightning_module
+        if self._pacer is not None and module is not None and module._current_fx_name == "training_step":
+            raise RuntimeError(
+                f"{operation} inside training_step cannot be combined with min_work < 1: a slow rank skips "
+                "training_step on some steps and would not join it, deadlocking the ranks. Log per-step values "
+                "without sync_dist (or with on_step=False, on_epoch=True), move the collective out of "
+                "training_step, or use min_work=1.0")
+
     # ------------------------------------------------------------------ control: stop requests and NaN checks
     def _local_flags(self) -> torch.Tensor:
-        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}, busy_0..busy_{n-1}]`` with this rank's three
-        entries set (busy: seconds per trained step, :class:`~lightning_dopt.pacing.WorkPacer`; 0 without one)."""
+        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}, pace_0..pace_{n-1}]`` with this rank's three
+        entries set (pace: seconds per trained step, :class:`~lightning_dopt.pacing.WorkPacer`; 0 without one)."""
         assert self._sync is not None and self._comm is not None
-        n = self.world_size
-        flags = torch.zeros(3 * n, dtype=torch.float64, device=self._comm.device)
-        flags[self.global_rank] = 2.0 if self._requeue else float(self._sigterm)
-        flags[n + self.global_rank] = float(not self._sync.is_finite())
+        flags = torch.zeros(FLAG_BLOCKS, self.world_size, dtype=torch.float64, device=self._comm.device)
+        flags[STOP_BLOCK, self.global_rank] = 2.0 if self._requeue else float(self._sigterm)
+        flags[NONFINITE_BLOCK, self.global_rank] = float(not self._sync.is_finite())
         if self._pacer is not None:
-            flags[2 * n + self.global_rank] = self._pacer.seconds_per_trained_step
+            flags[PACE_BLOCK, self.global_rank] = self._pacer.seconds_per_trained_step
         self._flags_step = self._steps
-        return flags
+        return flags.view(-1)
 
     def _all_reduce_flags(self) -> torch.Tensor:
         """Blocking check point: every rank learns every rank's flags (``3n`` float64, counted as ``control``)."""
@@ -682,7 +711,8 @@ class GossipLocalStrategy(DDPStrategy):
         ranks' pace."""
         if flags is None:
             return
-        sigterm, nonfinite, busy = flags.view(3, -1).cpu().tolist()
+        blocks = flags.view(FLAG_BLOCKS, -1).cpu().tolist()
+        sigterm, nonfinite, paces = blocks[STOP_BLOCK], blocks[NONFINITE_BLOCK], blocks[PACE_BLOCK]
         bad = [rank for rank, value in enumerate(nonfinite) if value]
         if bad:
             names = ", ".join(map(str, bad))
@@ -696,7 +726,7 @@ class GossipLocalStrategy(DDPStrategy):
             self._sigterm_ranks = [rank for rank, value in enumerate(sigterm) if value]
             self._requeue_requested = max(sigterm) >= 2.0
         if self._pacer is not None:
-            self._pacer.adapt(busy)
+            self._pacer.adapt(paces)
 
     def _drain(self) -> None:
         """Finish and apply a background round in flight (before evaluation, checkpoints and the end of fit). The
@@ -777,7 +807,7 @@ class GossipLocalStrategy(DDPStrategy):
         self._comm.all_reduce_([skipped], purpose="control", op="max")
         counts = ", ".join(f"rank {rank}: {int(value)}" for rank, value in enumerate(skipped.tolist()))
         rank_zero_info(f"lightning_dopt: optimizer steps skipped for partial work (min_work={self.min_work}) out of "
-                       f"{self._steps}: {counts}")
+                       f"{self._steps - self._fit_first_step} in this fit: {counts}")
 
     # ------------------------------------------------------------------------------------- evaluation
     # Validation inside fit swaps the exact average in and the replica back out. Test, predict and standalone

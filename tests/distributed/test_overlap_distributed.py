@@ -19,7 +19,7 @@ from torch import nn
 
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator, PeerFailure
-from lightning_dopt.rounds import OverlappedRounds, ReplicaSync
+from lightning_dopt.rounds import FLAG_BLOCKS, OverlappedRounds, ReplicaSync
 
 ROUNDS = 24
 WIDTH = 48
@@ -39,7 +39,7 @@ def state(sync: ReplicaSync) -> np.ndarray:
 
 
 def no_flags(comm: Communicator) -> torch.Tensor:
-    return torch.zeros(2 * comm.world_size, dtype=torch.float64)
+    return torch.zeros(FLAG_BLOCKS * comm.world_size, dtype=torch.float64)
 
 
 def local_progress(sync: ReplicaSync, rank: int, round_index: int) -> np.ndarray:
@@ -157,7 +157,7 @@ def test_delta_rule_keeps_local_progress_and_preserves_the_mean(world4: list[dic
 
 
 def test_flags_reach_every_rank_and_a_non_finite_flag_skips_the_exchange(world4: list[dict[str, Any]]) -> None:
-    expected = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    expected = [0.0, 1.0, 0.0, 0.0] + [0.0, 0.0, 1.0, 0.0] + [0.0] * 4  # stop, non-finite, pace blocks
     assert all(rank["flags"] == expected for rank in world4)
     assert all(rank["flags_unchanged"] for rank in world4)
     assert all("still in flight" in rank["in_flight_twice"] for rank in world4)

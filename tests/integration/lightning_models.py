@@ -203,3 +203,12 @@ class PartialWorkRecorder(L.Callback):
                     "training_calls": pl_module.training_calls, "marked_skipped": self.marked_skipped,
                     "rounds": strategy.comm_stats.rounds},
                    os.path.join(self.out_dir, f"partial-rank{trainer.global_rank}.pt"))
+
+
+class SyncLoggingModel(SleepyRegressionModel):
+    """Logs its loss with ``sync_dist=True`` on every step: a collective inside ``training_step``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
