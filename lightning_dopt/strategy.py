@@ -438,6 +438,10 @@ class GossipLocalStrategy(DDPStrategy):
         if self.scaling == "oasis" and trainer.accumulate_grad_batches != 1:
             raise ValueError("scaling='oasis' cannot be combined with gradient accumulation (its Hessian-vector "
                              "products re-run the last micro-batch only): set accumulate_grad_batches=1")
+        if trainer.gradient_clip_val:
+            rank_zero_warn(f"lightning_dopt: gradient_clip_val={trainer.gradient_clip_val} with scaling="
+                           f"{self.scaling!r} clips the scaled gradient D⁻¹g that the optimizer receives, not the raw "
+                           "gradient g; pick the threshold for D⁻¹g (docs/scaling.md, 'The update')")
         preconditioners = []
         for index, optimizer in enumerate(self.optimizers):
             params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -727,6 +731,12 @@ class GossipLocalStrategy(DDPStrategy):
             self._requeue_requested = max(sigterm) >= 2.0
         if self._pacer is not None:
             self._pacer.adapt(paces)
+
+    def finish_rounds(self) -> None:
+        """Wait for the background round in flight (``overlap=True``) and apply it; nothing to do otherwise. The
+        strategy does this itself before evaluation, checkpoints and the end of fit; call it (on every rank at the
+        same point) to start a timer or read the replicas after all communication has landed."""
+        self._drain()
 
     def _drain(self) -> None:
         """Finish and apply a background round in flight (before evaluation, checkpoints and the end of fit). The

@@ -52,7 +52,7 @@ from results_doc import write_section  # noqa: E402
 
 SECTION_TITLE = "## Emulated cluster: ranks on rate-limited links (issue: emulated-cluster benchmark)"
 ORDER = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
-         "gossip_local_int8", "gossip_local_int8_overlap", "adacons", "no_sync")
+         "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "adacons", "no_sync")
 KEY = "gossip_local_int8"
 CONFIG_KEYS = ("ranks", "rate_mbit", "steps", "batch_size", "eval_every", "hidden", "lr", "momentum", "local_steps",
                "warmup", "powersgd_rank", "test_limit", "seed", "threads")
@@ -68,6 +68,7 @@ DESCRIPTIONS = {
     "gossip_local": "`GossipLocalStrategy()` (random pairwise gossip), fp32",
     "gossip_local_int8": "`GossipLocalStrategy(compression=\"int8\")`",
     "gossip_local_int8_overlap": "`GossipLocalStrategy(compression=\"int8\", overlap=True)`",
+    "gossip_local_int4": "`GossipLocalStrategy(compression=\"int4\")`",
     "adacons": "registered `\"adacons\"` (AdaCons gradient combination every step)",
     "no_sync": "reference, not a contender: `GossipLocalStrategy(local_steps=10**9)`, i.e. every rank trains alone "
                "and never synchronizes (the evaluated model is still the exact average): the compute floor of a step "
@@ -117,10 +118,10 @@ def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, s
         return (w * full + rounds * full) / steps, "≈"
     if name == "gossip_local":
         return (w * full + rounds * 4 * params) / steps, "≈"
-    if name.startswith("gossip_local_int8"):
+    if name.startswith(("gossip_local_int8", "gossip_local_int4")):
         sys.path.insert(0, str(REPO))
         from lightning_dopt.compress import make_codec
-        payload = make_codec("int8").payload_bytes(params)
+        payload = make_codec(name.split("_")[2]).payload_bytes(params)
         anchors = sum(1 for r in range(rounds) if r % 16 == 15)
         return (w * full + (rounds - anchors) * payload + anchors * ring(payload, n)) / steps, "≈"
     if name == "adacons":
@@ -273,11 +274,11 @@ def markdown_table(rows: list[Row], target: float, cfg: dict[str, Any]) -> str:
 
 
 def checks(rows: list[Row]) -> list[str]:
-    """The issue's targets for ``gossip_local`` int8 (and the overlap variant when it ran) against ``ddp``."""
+    """The issue's targets for ``gossip_local`` int8 (and the overlap and int4 variants when they ran) against ``ddp``."""
     by = {r.name: r for r in rows}
     ddp, power = by.get("ddp"), by.get("ddp_powersgd")
     out = []
-    for name in (KEY, "gossip_local_int8_overlap"):
+    for name in (KEY, "gossip_local_int8_overlap", "gossip_local_int4"):
         r = by.get(name)
         if r is None or ddp is None:
             continue
@@ -310,7 +311,8 @@ def plot(rows: list[Row], target: float, img_dir: Path, title: str) -> list[Path
     styles = {"ddp": ("k", "-"), "ddp_powersgd": ("tab:purple", "-"), "ddp_fp16": ("tab:gray", "--"),
               "ddp_bf16": ("tab:brown", "--"), "post_local_sgd": ("tab:olive", "-."), "local_sgd": ("tab:cyan", "-."),
               "gossip_local": ("tab:blue", "-"), "gossip_local_int8": ("tab:red", "-"),
-              "gossip_local_int8_overlap": ("tab:orange", "-"), "adacons": ("tab:green", ":"),
+              "gossip_local_int8_overlap": ("tab:orange", "-"), "gossip_local_int4": ("tab:pink", "-"),
+              "adacons": ("tab:green", ":"),
               "no_sync": ("silver", ":")}
     paths = []
     for kind, xlabel, filename in (("time", "training wall time (s, evaluation excluded)", "cluster_accuracy_vs_time.png"),
@@ -443,6 +445,9 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
             + (f" Its accuracy: {power.final_accuracy:.2f} % at the end, target "
                + (f"reached at step {power.step_to_target} ({power.time_to_target:.0f} s)."
                   if power.time_to_target is not None else "not reached.")))
+    int4 = by.get("gossip_local_int4")
+    if int4 is not None and power is not None:
+        out.append(_int4_against_powersgd(int4, key, power))
     if key.time_to_target is not None and ddp.time_to_target is not None:
         out.append(
             f"**Time to {target:g} %.** `ddp` reached it at step {ddp.step_to_target} after {ddp.time_to_target:.0f} s "
@@ -509,6 +514,25 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
         f"in accuracy, or a few percent in time, are within run-to-run noise. The tbf links model bandwidth only, "
         f"with no propagation delay (tc netem is unavailable here).")
     return out
+
+def _int4_against_powersgd(int4: Row, int8: Row, power: Row) -> str:
+    """The int4 contender against PowerSGD and int8: bytes, time per step, time to the target."""
+    in_comm = (f", {int4.comm_per_step:.3f} s of it in communication calls" if int4.comm_per_step is not None else "")
+    text = (f"**int4 against PowerSGD.** `gossip_local_int4` sends {int4.bytes_per_step / 1e6:.3f} MB per step "
+            f"({int4.bytes_per_step / power.bytes_per_step:.2f}× PowerSGD's average, "
+            f"{int4.bytes_per_step / int8.bytes_per_step:.2f}× int8's) and took {int4.step_median_rank0:.3f} s per "
+            f"step{in_comm}, against PowerSGD's {power.step_median_rank0:.3f} s and int8's "
+            f"{int8.step_median_rank0:.3f} s. Sending {int8.bytes_per_step / int4.bytes_per_step:.1f}× fewer bytes "
+            f"than int8 saved {int8.step_median_rank0 - int4.step_median_rank0:.3f} s per step; the rest of its step "
+            f"is compute and the int4 encoding with stochastic rounding (see the codec throughput above) on cores the "
+            f"local steps also use.")
+    if int4.time_to_target is not None and power.time_to_target is not None:
+        text += (f" It reached the target at step {int4.step_to_target} after {int4.time_to_target:.0f} s of training "
+                 f"against PowerSGD's step {power.step_to_target} after {power.time_to_target:.0f} s (PowerSGD's "
+                 f"first two steps are uncompressed all-reduces), and ended at {int4.final_accuracy:.2f} % against "
+                 f"{power.final_accuracy:.2f} %.")
+    return text
+
 
 def doc_section(rows: list[Row], results: list[dict[str, Any]], failed: list[str],
                 cfg: dict[str, Any], target: float, skip: int, report_command: str, images: list[Path],

@@ -45,7 +45,7 @@ from recipes.vision.data import load_idx_dataset  # noqa: E402
 
 DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
-              "gossip_local_int8", "gossip_local_int8_overlap", "adacons", "no_sync")
+              "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "adacons", "no_sync")
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
@@ -148,6 +148,8 @@ def build_strategy(name: str, args: argparse.Namespace) -> Strategy | str:
         return GossipLocalStrategy(local_steps=10**9, **gloo)
     if name == "gossip_local_int8_overlap":
         return GossipLocalStrategy(compression="int8", overlap=True, **common)
+    if name == "gossip_local_int4":
+        return GossipLocalStrategy(compression="int4", **common)
     raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
 
 
@@ -277,9 +279,9 @@ class Recorder(pl.Callback):
             return
         # overlap=True: the strategy first waits for the round in flight; that wait is training time (it would
         # otherwise happen at the next round), so do it here, before the evaluation clock starts.
-        drain = getattr(trainer.strategy, "_drain", None)
-        if callable(drain):
-            drain()
+        finish_rounds = getattr(trainer.strategy, "finish_rounds", None)
+        if callable(finish_rounds):
+            finish_rounds()
         started = time.perf_counter()
         self._comm_at_eval_start = self._comm_seconds(trainer)
         self._eval_started = (started, self._settled_tx())

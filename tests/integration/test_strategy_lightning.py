@@ -293,6 +293,19 @@ def test_single_process_world_trains_without_communication(tmp_path: Path) -> No
     assert strategy.comm_stats.bytes_sent == 0 and strategy.comm_stats.rounds == 0
 
 
+def test_clipping_with_scaling_warns_that_it_clips_the_scaled_gradient(tmp_path: Path) -> None:
+    strategy = GossipLocalStrategy(local_steps=2, scaling="adam")
+    trainer = make_trainer(tmp_path, strategy, devices=1, max_steps=2, gradient_clip_val=1.0)
+    try:
+        with pytest.warns(UserWarning, match=r"gradient_clip_val=1.0 with scaling='adam' clips the scaled gradient"):
+            trainer.fit(RegressionModel())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    strategy.finish_rounds()  # public and a no-op without a round in flight
+    assert strategy.steps == 2
+
+
 def test_adacons_combines_gradients_once_per_real_step_and_keeps_replicas_identical(tmp_path: Path) -> None:
     L.seed_everything(1)
     strategy = spawn(topology="complete", aggregation="adacons", adacons_momentum=0.5, preserve_scale=True)
