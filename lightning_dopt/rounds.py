@@ -1,7 +1,9 @@
 """What happens at a synchronization round, and the exact averages around it.
 
-A rank's *replica state* is every floating-point parameter and (by default) every floating-point buffer
+A rank's *replica state* is every floating-point parameter and (by default) every persistent floating-point buffer
 of the module, e.g. BatchNorm running statistics; integer buffers (``num_batches_tracked``) are *counters*.
+Non-persistent buffers (``register_buffer(..., persistent=False)``: constants such as a sinusoidal position table,
+left out of ``state_dict``) are neither sent nor averaged.
 Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` the consensus model and
 ``P`` the state's size in bytes.
 
@@ -46,6 +48,13 @@ def _is_averaged(tensor: Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
+def persistent_buffers(module: nn.Module) -> list[Tensor]:
+    """The buffers that ``module.state_dict()`` holds, in ``module.buffers()`` order, each once."""
+    non_persistent = {id(buffer) for sub in module.modules() for name, buffer in sub._buffers.items()
+                      if buffer is not None and name in sub._non_persistent_buffers_set}
+    return [buffer for buffer in module.buffers() if id(buffer) not in non_persistent]
+
+
 class ReplicaSync:
     """Keeps the replicas of one module close together: gossip rounds, exact averages, evaluation swaps.
 
@@ -57,12 +66,13 @@ class ReplicaSync:
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
                  round_combiner: AdaConsCombiner | None = None,
                  outer_optimizer: OuterOptimizerFactory | None = None, extra_state: Sequence[Tensor] = ()) -> None:
+        buffers = persistent_buffers(module)
         averaged = [p for p in module.parameters() if _is_averaged(p)]
         if average_buffers:
-            averaged += [b for b in module.buffers() if _is_averaged(b)]
+            averaged += [b for b in buffers if _is_averaged(b)]
         self.state = FlatState(averaged)
-        self.float_buffers = FlatState([b for b in module.buffers() if _is_averaged(b)])
-        self.counters = FlatState([b for b in module.buffers() if not _is_averaged(b)])
+        self.float_buffers = FlatState([b for b in buffers if _is_averaged(b)])
+        self.counters = FlatState([b for b in buffers if not _is_averaged(b)])
         self.everything = FlatState(list(module.parameters()) + list(module.buffers()))
         self.comm = comm
         self.topology = topology

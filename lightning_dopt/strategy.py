@@ -180,7 +180,8 @@ class GossipLocalStrategy(DDPStrategy):
         topology: one of :data:`~lightning_dopt.topology.TOPOLOGIES`. ``complete`` is Local SGD (exact mean
             by all-reduce); ``random`` is SwarmSGD's random pairwise matching.
         warmup_steps: number of initial optimizer steps that average gradients every step (DDP-equivalent).
-        average_buffers: also average floating-point buffers (BatchNorm running statistics) at rounds.
+        average_buffers: also average persistent floating-point buffers (BatchNorm running statistics) at rounds
+            (non-persistent buffers, constants left out of ``state_dict``, are never sent).
         eval_model: ``"average"`` evaluates validation/test/predict on the exact global average,
             ``"local"`` on each rank's replica.
         consensus_interval: if set, log the consensus distance every this many optimizer steps
