@@ -52,7 +52,8 @@ from results_doc import write_section  # noqa: E402
 
 SECTION_TITLE = "## Emulated cluster: ranks on rate-limited links (issue: emulated-cluster benchmark)"
 ORDER = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
-         "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "adacons", "no_sync")
+         "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8", "adacons",
+         "no_sync")
 KEY = "gossip_local_int8"
 CONFIG_KEYS = ("ranks", "rate_mbit", "steps", "batch_size", "eval_every", "hidden", "lr", "momentum", "local_steps",
                "warmup", "powersgd_rank", "test_limit", "seed", "threads")
@@ -69,6 +70,7 @@ DESCRIPTIONS = {
     "gossip_local_int8": "`GossipLocalStrategy(compression=\"int8\")`",
     "gossip_local_int8_overlap": "`GossipLocalStrategy(compression=\"int8\", overlap=True)`",
     "gossip_local_int4": "`GossipLocalStrategy(compression=\"int4\")`",
+    "gossip_local_int8_h8": "`GossipLocalStrategy(compression=\"int8\", local_steps=8)`",
     "adacons": "registered `\"adacons\"` (AdaCons gradient combination every step)",
     "no_sync": "reference, not a contender: `GossipLocalStrategy(local_steps=10**9)`, i.e. every rank trains alone "
                "and never synchronizes (the evaluated model is still the exact average): the compute floor of a step "
@@ -77,6 +79,12 @@ DESCRIPTIONS = {
 
 
 # ------------------------------------------------------------------------------------------------- formulas
+def local_steps_of(name: str, cfg: dict[str, Any]) -> int:
+    """H of a contender: the configured ``local_steps``, or the fixed H its name ends with (``_h8``)."""
+    suffix = name.rsplit("_h", 1)[-1] if "_h" in name else ""
+    return int(suffix) if suffix.isdigit() else cfg["local_steps"]
+
+
 def ring(payload: float, n: int) -> float:
     """Bytes one rank sends in a ring all-reduce of ``payload`` bytes: ``2(n−1)/n · payload``."""
     return 2 * (n - 1) / n * payload
@@ -101,7 +109,7 @@ def powersgd_payload(shapes: list[tuple[int, ...]], rank: int, min_rate: float =
 def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, str]:
     """Bytes per rank and step from the algorithm's definition, and whether that is exact (``=``) or ignores small
     control messages / anchor-round details (``≈``)."""
-    n, steps, h, w = cfg["ranks"], cfg["steps"], cfg["local_steps"], cfg["warmup"]
+    n, steps, h, w = cfg["ranks"], cfg["steps"], local_steps_of(name, cfg), cfg["warmup"]
     full = ring(4 * params, n)
     if name == "ddp":
         return full, "="
@@ -229,7 +237,7 @@ def summarize(result: dict[str, Any], target: float, skip: int) -> Row:
             return formula * step
         return counted
 
-    medians = [statistics.median(window_step_times(r["clock"], cfg["local_steps"], skip)) for r in ranks]
+    medians = [statistics.median(window_step_times(r["clock"], local_steps_of(name, cfg), skip)) for r in ranks]
     rank0 = ranks[0]
     reached = next((e for e in rank0["evals"] if e["accuracy"] >= target), None)
     curve = [(e["clock"], statistics.fmean(sent(r, r["evals"][i]["counted_bytes"], e["step"]) for r in ranks),
@@ -262,7 +270,7 @@ def markdown_table(rows: list[Row], target: float, cfg: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         h = "1" if r.name in ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "adacons") else (
-            "∞" if r.name == "no_sync" else str(cfg["local_steps"]))
+            "∞" if r.name == "no_sync" else str(local_steps_of(r.name, cfg)))
         speed = f"{ddp.step_median_rank0 / r.step_median_rank0:.2f}×" if ddp else "–"
         delta = f"{r.final_accuracy - ddp.final_accuracy:+.2f}" if ddp and r.name != "ddp" else "(ref)"
         lines.append(
@@ -274,11 +282,11 @@ def markdown_table(rows: list[Row], target: float, cfg: dict[str, Any]) -> str:
 
 
 def checks(rows: list[Row]) -> list[str]:
-    """The issue's targets for ``gossip_local`` int8 (and the overlap and int4 variants when they ran) against ``ddp``."""
+    """The issue's targets for ``gossip_local`` int8 (and its variants that ran) against ``ddp``."""
     by = {r.name: r for r in rows}
     ddp, power = by.get("ddp"), by.get("ddp_powersgd")
     out = []
-    for name in (KEY, "gossip_local_int8_overlap", "gossip_local_int4"):
+    for name in (KEY, "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8"):
         r = by.get(name)
         if r is None or ddp is None:
             continue
@@ -312,6 +320,7 @@ def plot(rows: list[Row], target: float, img_dir: Path, title: str) -> list[Path
               "ddp_bf16": ("tab:brown", "--"), "post_local_sgd": ("tab:olive", "-."), "local_sgd": ("tab:cyan", "-."),
               "gossip_local": ("tab:blue", "-"), "gossip_local_int8": ("tab:red", "-"),
               "gossip_local_int8_overlap": ("tab:orange", "-"), "gossip_local_int4": ("tab:pink", "-"),
+              "gossip_local_int8_h8": ("tab:red", "--"),
               "adacons": ("tab:green", ":"),
               "no_sync": ("silver", ":")}
     paths = []
@@ -448,6 +457,9 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
     int4 = by.get("gossip_local_int4")
     if int4 is not None and power is not None:
         out.append(_int4_against_powersgd(int4, key, power))
+    longer = by.get("gossip_local_int8_h8")
+    if longer is not None and power is not None:
+        out.append(_longer_phases_against_powersgd(longer, key, power, ddp, cfg))
     if key.time_to_target is not None and ddp.time_to_target is not None:
         out.append(
             f"**Time to {target:g} %.** `ddp` reached it at step {ddp.step_to_target} after {ddp.time_to_target:.0f} s "
@@ -531,6 +543,24 @@ def _int4_against_powersgd(int4: Row, int8: Row, power: Row) -> str:
                  f"against PowerSGD's step {power.step_to_target} after {power.time_to_target:.0f} s (PowerSGD's "
                  f"first two steps are uncompressed all-reduces), and ended at {int4.final_accuracy:.2f} % against "
                  f"{power.final_accuracy:.2f} %.")
+    return text
+
+
+def _longer_phases_against_powersgd(longer: Row, int8: Row, power: Row, ddp: Row, cfg: dict[str, Any]) -> str:
+    """int8 gossip at H = 8 against PowerSGD: time per step and to the target, bought with final accuracy."""
+    h = local_steps_of(longer.name, cfg)
+    faster = longer.step_median_rank0 < power.step_median_rank0
+    text = (f"**Longer local phases.** `{longer.name}` (H = {h}, int8) sends {longer.bytes_per_step / 1e6:.3f} MB "
+            f"per step ({longer.bytes_per_step / power.bytes_per_step:.2f}× PowerSGD's average) and took "
+            f"{longer.step_median_rank0:.3f} s per step, "
+            + (f"{power.step_median_rank0 / longer.step_median_rank0:.2f}× faster than PowerSGD's "
+               f"{power.step_median_rank0:.3f} s" if faster else f"against PowerSGD's {power.step_median_rank0:.3f} s")
+            + f" (int8 at H = {cfg['local_steps']}: {int8.step_median_rank0:.3f} s).")
+    if longer.time_to_target is not None and power.time_to_target is not None:
+        text += (f" It reached the target at step {longer.step_to_target} after {longer.time_to_target:.0f} s "
+                 f"(PowerSGD: step {power.step_to_target}, {power.time_to_target:.0f} s).")
+    text += (f" The price is accuracy at the end of this one-epoch run: {longer.final_accuracy:.2f} % against "
+             f"PowerSGD's {power.final_accuracy:.2f} % and `ddp`'s {ddp.final_accuracy:.2f} %.")
     return text
 
 

@@ -45,7 +45,8 @@ from recipes.vision.data import load_idx_dataset  # noqa: E402
 
 DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
-              "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "adacons", "no_sync")
+              "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8", "adacons",
+              "no_sync")
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
@@ -150,6 +151,8 @@ def build_strategy(name: str, args: argparse.Namespace) -> Strategy | str:
         return GossipLocalStrategy(compression="int8", overlap=True, **common)
     if name == "gossip_local_int4":
         return GossipLocalStrategy(compression="int4", **common)
+    if name == "gossip_local_int8_h8":  # a fixed H = 8, whatever --local-steps says (the name says so)
+        return GossipLocalStrategy(compression="int8", **{**common, "local_steps": 8})
     raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
 
 
