@@ -49,7 +49,8 @@ def _is_averaged(tensor: Tensor) -> bool:
 
 
 def persistent_buffers(module: nn.Module) -> list[Tensor]:
-    """The buffers that ``module.state_dict()`` holds, in ``module.buffers()`` order, each once."""
+    """The buffers of ``module`` that no submodule registered as non-persistent, in ``module.buffers()`` order, each
+    once (the buffers ``state_dict`` holds, unless one tensor is registered both ways)."""
     non_persistent = {id(buffer) for sub in module.modules() for name, buffer in sub._buffers.items()
                       if buffer is not None and name in sub._non_persistent_buffers_set}
     return [buffer for buffer in module.buffers() if id(buffer) not in non_persistent]
@@ -390,6 +391,14 @@ class AnchoredCompression:
                 "residual": copies(self.residual), "mean_residual": copies(self.mean_residual)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_sizes = [tuple(saved.shape) for saved in state["anchor"]]
+        if saved_sizes != [tuple(mine.shape) for mine in self.anchor]:
+            raise RuntimeError(
+                f"the checkpoint's compression anchor has flat groups of sizes {saved_sizes}, this model's round state "
+                f"{[tuple(mine.shape) for mine in self.anchor]}: the checkpoint holds a different round state (another "
+                "model, or one written before lightning_dopt left non-persistent buffers out of rounds). Resume it "
+                "with the code that wrote it, or load only the averaged weights with "
+                "LightningModule.load_from_checkpoint and start a new fit")
         for mine, saved in zip(self.anchor, state["anchor"]):
             mine.copy_(saved)
         self.generator.set_state(state["generator"])

@@ -734,9 +734,10 @@ class GossipLocalStrategy(DDPStrategy):
             self._pacer.adapt(paces)
 
     def finish_rounds(self) -> None:
-        """Wait for the background round in flight (``overlap=True``) and apply it; nothing to do otherwise. The
+        """Wait for the background round in flight (``overlap=True``) and apply it; no communication otherwise. The
         strategy does this itself before evaluation, checkpoints and the end of fit; call it (on every rank at the
-        same point) to start a timer or read the replicas after all communication has landed."""
+        same point) to start a timer or read the replicas after all communication has landed. With ``min_work < 1``
+        the pace window in progress is then not measured (the interruption is not training work)."""
         self._drain()
 
     def _drain(self) -> None:

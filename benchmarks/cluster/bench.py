@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -80,9 +81,10 @@ DESCRIPTIONS = {
 
 # ------------------------------------------------------------------------------------------------- formulas
 def local_steps_of(name: str, cfg: dict[str, Any]) -> int:
-    """H of a contender: the configured ``local_steps``, or the fixed H its name ends with (``_h8``)."""
-    suffix = name.rsplit("_h", 1)[-1] if "_h" in name else ""
-    return int(suffix) if suffix.isdigit() else cfg["local_steps"]
+    """H of a contender: the configured ``local_steps``, or the fixed H its name ends with (``_h8``; ``train.py``
+    builds that contender with the same H)."""
+    fixed = re.fullmatch(r".*_h([1-9][0-9]*)", name)
+    return int(fixed.group(1)) if fixed else cfg["local_steps"]
 
 
 def ring(payload: float, n: int) -> float:
@@ -527,6 +529,7 @@ def interpretation(rows: list[Row], cfg: dict[str, Any], results: list[dict[str,
         f"with no propagation delay (tc netem is unavailable here).")
     return out
 
+
 def _int4_against_powersgd(int4: Row, int8: Row, power: Row) -> str:
     """The int4 contender against PowerSGD and int8: bytes, time per step, time to the target."""
     in_comm = (f", {int4.comm_per_step:.3f} s of it in communication calls" if int4.comm_per_step is not None else "")
@@ -535,9 +538,9 @@ def _int4_against_powersgd(int4: Row, int8: Row, power: Row) -> str:
             f"{int4.bytes_per_step / int8.bytes_per_step:.2f}× int8's) and took {int4.step_median_rank0:.3f} s per "
             f"step{in_comm}, against PowerSGD's {power.step_median_rank0:.3f} s and int8's "
             f"{int8.step_median_rank0:.3f} s. Sending {int8.bytes_per_step / int4.bytes_per_step:.1f}× fewer bytes "
-            f"than int8 saved {int8.step_median_rank0 - int4.step_median_rank0:.3f} s per step; the rest of its step "
-            f"is compute and the int4 encoding with stochastic rounding (see the codec throughput above) on cores the "
-            f"local steps also use.")
+            f"than int8 changed its step by {int4.step_median_rank0 - int8.step_median_rank0:+.3f} s; the rest of its "
+            f"step is compute and the int4 encoding with stochastic rounding (see the codec throughput above) on cores "
+            f"the local steps also use.")
     if int4.time_to_target is not None and power.time_to_target is not None:
         text += (f" It reached the target at step {int4.step_to_target} after {int4.time_to_target:.0f} s of training "
                  f"against PowerSGD's step {power.step_to_target} after {power.time_to_target:.0f} s (PowerSGD's "
@@ -559,8 +562,11 @@ def _longer_phases_against_powersgd(longer: Row, int8: Row, power: Row, ddp: Row
     if longer.time_to_target is not None and power.time_to_target is not None:
         text += (f" It reached the target at step {longer.step_to_target} after {longer.time_to_target:.0f} s "
                  f"(PowerSGD: step {power.step_to_target}, {power.time_to_target:.0f} s).")
-    text += (f" The price is accuracy at the end of this one-epoch run: {longer.final_accuracy:.2f} % against "
-             f"PowerSGD's {power.final_accuracy:.2f} % and `ddp`'s {ddp.final_accuracy:.2f} %.")
+    text += (f" At the end of this one-epoch run (one seed) it held {longer.final_accuracy:.2f} % against "
+             f"PowerSGD's {power.final_accuracy:.2f} % ({longer.final_accuracy - power.final_accuracy:+.2f} points) "
+             f"and `ddp`'s {ddp.final_accuracy:.2f} %. Its evaluations every {cfg['eval_every']} steps fall inside "
+             f"local phases whenever {cfg['eval_every']} is not a multiple of {h}; they evaluate the exact average "
+             f"of the replicas all the same.")
     return text
 
 
@@ -607,7 +613,8 @@ def doc_section(rows: list[Row], results: list[dict[str, Any]], failed: list[str
         f"`post_local_sgd` the benchmark all-reduces a copy of the parameters; the other torch contenders keep "
         f"identical replicas). Evaluation time and traffic are excluded from the training time and the bytes.",
         f"- Time per step: training wall time at `on_train_batch_end` on every rank (evaluation excluded), per step "
-        f"over windows of {cfg['local_steps']} steps (one round each for H = {cfg['local_steps']}) after the first "
+        f"over windows of H steps (one round each; H = {cfg['local_steps']} unless the contender's name fixes it) "
+        f"after the first "
         f"{skip} steps; median over windows on rank 0, and the mean over ranks of each rank's median. Speed-up = "
         f"ddp's rank-0 median / the contender's.",
         f"- Bytes sent per step and rank, training only: `lightning_dopt` = its `comm_stats` counters (purposes "

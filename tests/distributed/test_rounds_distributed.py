@@ -24,6 +24,7 @@ from torch import nn
 
 from helpers import run_ranks
 from lightning_dopt.comm import GLOO_CHUNK_BYTES, Communicator, ring_allreduce_bytes
+from lightning_dopt.compress import make_codec
 from lightning_dopt.gradients import GradientAverager
 from lightning_dopt.rounds import ReplicaSync
 from lightning_dopt.topology import mixing_matrix, mixing_row, random_matching
@@ -73,7 +74,7 @@ def counters(model: nn.Module) -> list[int]:
 
 def rank_seed(scenario: str, rank: int) -> int:
     return {"random": 100, "noisy": 200, "static": 300, "odd": 400, "average": 500, "swap": 600,
-            "broadcast": 700, "bf16": 800}[scenario] + rank
+            "broadcast": 700, "bf16": 800, "non_persistent": 900}[scenario] + rank
 
 
 def consensus_sq(states: np.ndarray) -> float:
@@ -238,6 +239,26 @@ def scenario_bf16(rank: int, world_size: int) -> dict[str, Any]:
             "groups": [b.dtype for b in sync.state.new_buffers()]}
 
 
+def scenario_non_persistent(rank: int, world_size: int) -> dict[str, Any]:
+    """A model with a rank-specific non-persistent float buffer: one gossip round and one exact average."""
+    model = make_model(rank_seed("non_persistent", rank))
+    model.register_buffer("table", torch.full((WIDTH,), float(rank)), persistent=False)
+    sync = ReplicaSync(model, Communicator(), "random", seed=SEED)
+    sync.gossip_round(0)
+    sync.average_("final")
+    compressed = ReplicaSync(model, Communicator(), "random", seed=SEED, codec=make_codec("int8"))
+    assert compressed.compression is not None
+    older = compressed.compression.state_dict()  # as an older version wrote it: the table inside the anchor
+    older["anchor"] = [torch.cat([anchor, model.table]) for anchor in older["anchor"]]
+    try:
+        compressed.compression.load_state_dict(older)
+        refused = ""
+    except RuntimeError as error:
+        refused = str(error)
+    return {"nbytes": sync.state.nbytes, "table": model.table.tolist(),
+            "bytes_sent": sync.comm.stats.bytes_sent_by_purpose["round"], "refused": refused}
+
+
 def exchange_payload(rank: int) -> list[torch.Tensor]:
     """What ``rank`` sends in the large-exchange scenario: tensors above, at and below gloo's piece size (not
     multiples of it, several dtypes) and an empty one."""
@@ -260,7 +281,7 @@ def scenario_large_exchange(rank: int, world_size: int) -> dict[str, Any]:
 
 
 SCENARIOS = {
-    2: ["bf16", "large_exchange"],
+    2: ["bf16", "large_exchange", "non_persistent"],
     3: ["odd", "static:one_peer_exponential", "static:complete", "gradients"],
     4: ["random", "noisy", "static:ring", "static:exponential", "static:torus", "static:one_peer_exponential",
         "bytes", "average", "swap", "broadcast"],
@@ -449,6 +470,15 @@ def test_byte_accounting_of_one_round(world4: list[dict[str, Any]]) -> None:
         assert (stats["bytes_sent"], stats["bytes_received"]) == (expected, expected)
         assert stats["bytes_sent_by_purpose"] == {"round": expected}
         assert stats["rounds"] == 1
+
+
+def test_non_persistent_buffers_are_neither_sent_nor_averaged(world2: list[dict[str, Any]]) -> None:
+    for rank, record in enumerate(world2):
+        assert record["non_persistent"]["nbytes"] == 4 * (WIDTH * WIDTH + 5 * WIDTH)  # without the 64-value table
+        assert record["non_persistent"]["bytes_sent"] == record["non_persistent"]["nbytes"]  # the random round
+        assert record["non_persistent"]["table"] == [float(rank)] * WIDTH  # untouched by the round and the average
+        # compression state of another round-state layout is refused with the reason, not copied half-way
+        assert "the checkpoint holds a different round state" in record["non_persistent"]["refused"]
 
 
 # ---------------------------------------------------------------------------------- exact averages and swaps
