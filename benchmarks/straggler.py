@@ -162,8 +162,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
             row += " | | | |"
         lines.append(row)
     lines += ["", "\"kept\" is the fast ranks' rate with the slow rank divided by their rate without it. A step "
-              "skipped for partial work still counts as a step of the slow rank. Raw per-rank rates and trained shares are "
-              "in the JSON written with `--json`.", ""]
+              "skipped for partial work still counts as a step of the slow rank. Raw per-rank rates and trained "
+              "shares are in the JSON written with `--json`.", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,8 @@ class CommReport(L.Callback):
         self.rows = []
         for rank, stats in enumerate(strategy.gather_comm_stats()):
             self.rows.append({"rank": rank, "bytes_sent": stats.bytes_sent,
-                              "training_bytes_sent": stats.training_bytes_sent, "by_purpose": dict(stats.bytes_sent_by_purpose), "rounds": stats.rounds,
+                              "training_bytes_sent": stats.training_bytes_sent,
+                              "by_purpose": dict(stats.bytes_sent_by_purpose), "rounds": stats.rounds,
                               "seconds": stats.seconds, "ddp_bytes_sent": ddp_bytes})
         lines = [f"Communication after {strategy.steps} optimizer steps on {trainer.world_size} ranks "
                  f"(topology={strategy.topology}, local_steps={strategy.local_steps}):",

@@ -40,13 +40,13 @@ from torch import Tensor
 
 
 PURPOSES = ("start", "warmup", "aggregate", "round", "eval", "monitor", "checkpoint", "control", "final")
-TRAINING_PURPOSES = ("warmup", "aggregate", "round")
-"""The purposes that replace DDP's gradient all-reduce: what ``CommStats.training_bytes_sent`` counts."""
 """What a payload was for: ``start`` (initial broadcast), ``warmup`` (DDP-style gradient averaging),
 ``aggregate`` (AdaCons gradient combination),
 ``round`` (synchronization rounds), ``eval`` (consensus model for evaluation), ``monitor`` (consensus distance),
 ``checkpoint`` (averaged model for the main checkpoint file), ``control`` (small bookkeeping messages),
 ``final`` (the exact average at the end of fit)."""
+TRAINING_PURPOSES = ("warmup", "aggregate", "round")
+"""The purposes that replace DDP's gradient all-reduce: what ``CommStats.training_bytes_sent`` counts."""
 
 
 @dataclass

@@ -33,8 +33,9 @@ class VisionCLI(DoptCLI):
         epochs = trainer.current_epoch
         progress = (f" after {trainer.global_step} optimizer steps in {epochs} epoch{'' if epochs == 1 else 's'}"
                     if trainer.global_step else "")
-        return (f"{self.model_label()}: test accuracy {100 * metrics.get('test/acc', float('nan')):.2f}% on {images}{data.source} "
-                f"test images{progress} (fit: {self.fit_seconds:.0f} s on {trainer.world_size} processes, "
+        accuracy = 100 * metrics.get("test/acc", float("nan"))
+        return (f"{self.model_label()}: test accuracy {accuracy:.2f}% on {images}{data.source} test images{progress} "
+                f"(fit: {self.fit_seconds:.0f} s on {trainer.world_size} processes, "
                 f"strategy {type(trainer.strategy).__name__}).")
 
 
