@@ -14,7 +14,8 @@ operation                   counted as sent                        counted as re
 ``exchange`` (point-to-p.)  ``b`` per destination (exact)          ``b`` per source (exact)
 ==========================  =====================================  ===========================
 
-Collective sizes are the standard bandwidth-optimal costs (what DDP's ring all-reduce pays); point-to-point
+For a sum or mean of bf16/fp16 tensors ``b`` is the size of their fp32 copy, which is what travels (sums are
+accumulated in fp32). Collective sizes are the standard bandwidth-optimal costs (what DDP's ring all-reduce pays); point-to-point
 sizes are exact. ``seconds`` is host wall time the training loop spent inside these calls (on CUDA the kernels
 are asynchronous, so it measures launch and wait, not device transfer time); a communicator used from a
 background thread does not count its time (the training loop records how long it waited for that thread).
@@ -107,6 +108,11 @@ def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
 
 def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _is_narrow_float(tensor: Tensor) -> bool:
+    """A real floating-point dtype with fewer bits than fp32 (bf16, fp16, the fp8 types)."""
+    return tensor.is_floating_point() and tensor.element_size() < 4
 
 
 GLOO_CHUNK_BYTES = 1 << 20
@@ -312,17 +318,27 @@ class Communicator:
     def all_reduce_(self, tensors: Sequence[Tensor], purpose: str, op: str = "mean") -> None:
         """In-place all-reduce of each tensor with ``op`` in {"mean", "sum", "max", "min"}.
 
-        Cost per tensor: a ring all-reduce, ``2(n-1)/n`` times its bytes sent and received.
+        Sums and means of floating-point tensors narrower than fp32 (bf16, fp16) are accumulated in fp32: the
+        tensor is reduced as an fp32 copy and rounded back once. (The backends add in the tensor's own dtype, where
+        an fp16 sum overflows above 65504, e.g. BatchNorm ``running_var`` times the ranks, and every bf16 addition
+        rounds to 8 significant bits.) ``max``/``min`` are exact in any dtype and travel as they are.
+
+        Cost per tensor: a ring all-reduce, ``2(n-1)/n`` times the bytes of what travels (twice a half-precision
+        tensor's own bytes for a sum or mean) sent and received.
         """
         reduce_op = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
                      "min": dist.ReduceOp.MIN}[op]
         start = time.perf_counter()
+        payload = 0
         with self.guarded("all-reduce", purpose, None):
             for tensor in tensors:
-                dist.all_reduce(tensor, op=reduce_op, group=self.group)
+                travelling = tensor.float() if op in ("mean", "sum") and _is_narrow_float(tensor) else tensor
+                dist.all_reduce(travelling, op=reduce_op, group=self.group)
                 if op == "mean":
-                    tensor.div_(self.world_size)
-        payload = sum(_nbytes(t) for t in tensors)
+                    travelling.div_(self.world_size)
+                if travelling is not tensor:
+                    tensor.copy_(travelling)
+                payload += _nbytes(travelling)
         moved = ring_allreduce_bytes(payload, self.world_size)
         self._record(purpose, moved, moved, len(tensors), time.perf_counter() - start)
 

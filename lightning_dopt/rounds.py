@@ -223,6 +223,8 @@ class ReplicaSync:
         spread = torch.zeros((), dtype=torch.float64, device=local[0].device) if local else torch.zeros(())
         norm = spread.clone()
         for mine, mean in zip(local, average):
+            if mine.is_floating_point() and mine.element_size() < 4:  # the difference in fp32, not in bf16/fp16
+                mine, mean = mine.float(), mean.float()
             spread += torch.linalg.vector_norm(mine - mean, dtype=torch.float64) ** 2
             norm += torch.linalg.vector_norm(mean, dtype=torch.float64) ** 2
         self.comm.all_reduce_([spread], purpose=purpose, op="mean")

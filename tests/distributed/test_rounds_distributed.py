@@ -74,7 +74,7 @@ def counters(model: nn.Module) -> list[int]:
 
 def rank_seed(scenario: str, rank: int) -> int:
     return {"random": 100, "noisy": 200, "static": 300, "odd": 400, "average": 500, "swap": 600,
-            "broadcast": 700, "bf16": 800, "non_persistent": 900}[scenario] + rank
+            "broadcast": 700, "bf16": 800, "non_persistent": 900, "narrow": 1000}[scenario] + rank
 
 
 def consensus_sq(states: np.ndarray) -> float:
@@ -259,6 +259,21 @@ def scenario_non_persistent(rank: int, world_size: int) -> dict[str, Any]:
             "bytes_sent": sync.comm.stats.bytes_sent_by_purpose["round"], "refused": refused}
 
 
+def scenario_narrow_average(rank: int, world_size: int) -> dict[str, Any]:
+    """Exact averages of a half-precision model: fp16 BatchNorm statistics whose sum over ranks exceeds fp16's
+    largest value (65504), and bf16 weights whose sum needs more than bf16's 8 significant bits."""
+    model = make_model(rank_seed("narrow", rank)).to(torch.float16)
+    model[0].to(torch.bfloat16)
+    with torch.no_grad():
+        model[1].running_var.fill_(40_000.0 + 1_000.0 * rank)
+    sync = ReplicaSync(model, Communicator(), "random", seed=SEED)
+    before = [t.detach().clone() for t in sync.state.tensors]
+    distance = sync.consensus_distance()
+    sync.average_("final")
+    return {"before": before, "after": [t.detach().clone() for t in sync.state.tensors], "distance": distance,
+            "sent": sync.comm.stats.bytes_sent_by_purpose, "nbytes": sync.state.nbytes}
+
+
 def exchange_payload(rank: int) -> list[torch.Tensor]:
     """What ``rank`` sends in the large-exchange scenario: tensors above, at and below gloo's piece size (not
     multiples of it, several dtypes) and an empty one."""
@@ -281,7 +296,7 @@ def scenario_large_exchange(rank: int, world_size: int) -> dict[str, Any]:
 
 
 SCENARIOS = {
-    2: ["bf16", "large_exchange", "non_persistent"],
+    2: ["bf16", "large_exchange", "non_persistent", "narrow_average"],
     3: ["odd", "static:one_peer_exponential", "static:complete", "gradients"],
     4: ["random", "noisy", "static:ring", "static:exponential", "static:torus", "static:one_peer_exponential",
         "bytes", "average", "swap", "broadcast"],
@@ -558,6 +573,19 @@ def test_bf16_pair_gets_rounded_average(world2: list[dict[str, Any]]) -> None:
         exact = (a.double() + b.double()) / 2
         assert torch.equal(end_a, exact.to(a.dtype)), "not the correctly rounded average"
         assert not torch.equal(end_a, a)
+
+
+def test_exact_averages_of_half_precision_tensors_accumulate_in_fp32(world2: list[dict[str, Any]]) -> None:
+    first, second = (rank["narrow_average"] for rank in world2)
+    for a, b, end_a, end_b in zip(first["before"], second["before"], first["after"], second["after"]):
+        assert end_a.dtype == a.dtype and torch.equal(end_a, end_b)
+        exact = ((a.double() + b.double()) / 2).to(a.dtype)  # the fp32 sum of two half values is exact
+        assert torch.equal(end_a, exact), f"{a.dtype}: not the correctly rounded mean"
+    running_var = first["after"][-1]
+    assert running_var.dtype == torch.float16 and bool((running_var == 40_500.0).all())  # 81,000 > 65,504
+    assert math.isfinite(first["distance"]) and first["distance"] > 0
+    # the sums travel as fp32 copies (twice the half-precision bytes of the state), the int64 counter as it is
+    assert first["sent"]["final"] == ring_allreduce_bytes(2 * first["nbytes"], 2) + ring_allreduce_bytes(8, 2)
 
 
 def test_exchange_of_tensors_larger_than_a_gloo_piece_is_exact(world2: list[dict[str, Any]]) -> None:
