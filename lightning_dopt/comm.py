@@ -161,6 +161,11 @@ class FlatState:
         return buffers
 
     @property
+    def group_count(self) -> int:
+        """How many buffers :meth:`new_buffers` returns."""
+        return len(self._groups)
+
+    @property
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors)
 
@@ -168,29 +173,32 @@ class FlatState:
     def nbytes(self) -> int:
         return sum(_nbytes(t) for t in self.tensors)
 
-    def _views(self, buffers: Sequence[Tensor]) -> Iterable[tuple[list[Tensor], list[Tensor]]]:
+    def _views(self, buffers: Sequence[Tensor]) -> Iterable[tuple[list[int], list[Tensor], list[Tensor]]]:
         for indices, buffer in zip(self._groups, buffers):
             tensors = [self.tensors[i] for i in indices]
             views = [view.view_as(t) for view, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
-            yield tensors, views
+            yield indices, tensors, views
 
     @torch.no_grad()
     def pack(self, into: Sequence[Tensor]) -> Sequence[Tensor]:
         """Copy the tensors into the buffers ``into`` and return them."""
-        for tensors, views in self._views(into):
+        for _, tensors, views in self._views(into):
             torch._foreach_copy_(views, tensors)
         return into
 
     @torch.no_grad()
     def unpack(self, source: Sequence[Tensor]) -> None:
         """Copy the buffers ``source`` back into the tensors, in place."""
-        for tensors, views in self._views(source):
+        for _, tensors, views in self._views(source):
             torch._foreach_copy_(tensors, views)
 
     @torch.no_grad()
-    def add_(self, source: Sequence[Tensor]) -> None:
-        """Add the buffers ``source`` to the tensors, in place (``x ← x + δ``)."""
-        for tensors, views in self._views(source):
+    def add_(self, source: Sequence[Tensor], scales: Sequence[float] | None = None) -> None:
+        """Add the buffers ``source`` to the tensors, in place: ``x_k ← x_k + δ_k``, or ``x_k ← x_k + scales[k] · δ_k``
+        with one factor per tensor (``source`` is then scaled in place)."""
+        for indices, tensors, views in self._views(source):
+            if scales is not None:
+                torch._foreach_mul_(views, [float(scales[i]) for i in indices])
             torch._foreach_add_(tensors, views)
 
 

@@ -28,13 +28,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lightning_dopt.comm import Communicator, FlatState, PeerFailure
-from lightning_dopt.compress import Codec, error_feedback_encode
+from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode
 from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.topology import mixing_row
 
@@ -56,6 +56,62 @@ def persistent_buffers(module: nn.Module) -> list[Tensor]:
     return [buffer for buffer in module.buffers() if id(buffer) not in non_persistent]
 
 
+class MixedStatistics(Protocol):
+    """State that travels with the replica in every round and is mixed with the same weights, e.g. a
+    preconditioner's statistics (:class:`~lightning_dopt.scaling.Preconditioner`). It keeps changing between rounds
+    by a decay: after ``k`` updates since :meth:`mark` its value is ``decay_since_mark() · (value at the mark) + new``,
+    which lets a round applied late (:class:`OverlappedRounds`) put the mixed value where it belongs."""
+
+    def mixed_state(self) -> list[Tensor]:
+        """The live tensors to mix (fixed list, the same shapes on every rank)."""
+
+    def mark(self) -> None:
+        """Start measuring the decay (called when a round's snapshot is taken)."""
+
+    def decay_since_mark(self) -> float:
+        """The factor by which the values held at :meth:`mark` have been scaled since."""
+
+
+class RoundState:
+    """The tensors a round mixes, as flat buffers: the replica state's, then those of the statistics that travel with
+    it. The two parts have buffers of their own (never one buffer across both), so each can be encoded its own way
+    and a late round can scale the statistics' part (:meth:`add_`)."""
+
+    def __init__(self, replica: FlatState, statistics: FlatState) -> None:
+        self.replica = replica
+        self.statistics = statistics
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return self.replica.tensors + self.statistics.tensors
+
+    def new_buffers(self) -> list[Tensor]:
+        return self.replica.new_buffers() + self.statistics.new_buffers()
+
+    def split(self, buffers: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``buffers`` as (the replica's buffers, the statistics' buffers)."""
+        count = self.replica.group_count
+        return list(buffers[:count]), list(buffers[count:])
+
+    def pack(self, into: Sequence[Tensor]) -> Sequence[Tensor]:
+        replica, statistics = self.split(into)
+        self.replica.pack(replica)
+        self.statistics.pack(statistics)
+        return into
+
+    def unpack(self, source: Sequence[Tensor]) -> None:
+        replica, statistics = self.split(source)
+        self.replica.unpack(replica)
+        self.statistics.unpack(statistics)
+
+    def add_(self, delta: Sequence[Tensor], statistics_scales: Sequence[float]) -> None:
+        """``x ← x + δ`` for the replica and ``v_k ← v_k + scales[k] · δ_k`` for each statistics tensor (``delta`` is
+        scaled in place)."""
+        replica, statistics = self.split(delta)
+        self.replica.add_(replica)
+        self.statistics.add_(statistics, statistics_scales)
+
+
 class ReplicaSync:
     """Keeps the replicas of one module close together: gossip rounds, exact averages, evaluation swaps.
 
@@ -66,7 +122,8 @@ class ReplicaSync:
     def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
                  round_combiner: AdaConsCombiner | None = None,
-                 outer_optimizer: OuterOptimizerFactory | None = None, extra_state: Sequence[Tensor] = ()) -> None:
+                 outer_optimizer: OuterOptimizerFactory | None = None,
+                 statistics: Sequence[MixedStatistics] = ()) -> None:
         buffers = persistent_buffers(module)
         averaged = [p for p in module.parameters() if _is_averaged(p)]
         if average_buffers:
@@ -80,16 +137,22 @@ class ReplicaSync:
         self.seed = seed
         self._work = self.state.new_buffers()
         self._backup = self.state.new_buffers()
-        # Rounds mix the replica state plus ``extra_state`` (e.g. preconditioner statistics) in the same messages;
+        # Rounds mix the replica state plus the ``statistics`` (e.g. preconditioner statistics) in the same exchange;
         # evaluation, exact averages and the consensus distance concern the replica state alone.
-        self.extra = FlatState(list(extra_state))
-        self.round_state = FlatState(averaged + list(extra_state)) if extra_state else self.state
-        self._round_work = self.round_state.new_buffers() if extra_state else self._work
+        self.statistics = list(statistics)
+        self.extra = FlatState([tensor for part in self.statistics for tensor in part.mixed_state()])
+        self.round_state = RoundState(self.state, self.extra)
+        self._round_work = self.round_state.new_buffers() if self.extra.tensors else self._work
         self._received: list[list[Tensor]] = []
         self.swapped = False
         self._toggled = False
         self.anchor_interval = anchor_interval
-        self.compression = AnchoredCompression(self.round_state, comm, codec, seed) if codec is not None else None
+        self.compression = AnchoredCompression(self.state, comm, codec, seed) if codec is not None else None
+        # Statistics are never sent as differences from an anchor: a small statistic would decode below zero. They
+        # travel cast to bf16 (relative error ≤ 2^-8, sign kept, so a mix stays within the ranks' values).
+        self.statistics_compression = AnchoredCompression(self.extra, comm, CastCodec(torch.bfloat16), seed,
+                                                          anchored=False) \
+            if codec is not None and self.extra.tensors else None
         self.pseudo_gradients: PseudoGradientRounds | None = None
         if round_combiner is not None or outer_optimizer is not None:
             if codec is not None or topology != "complete":
@@ -132,14 +195,19 @@ class ReplicaSync:
         background thread while the training loop keeps stepping."""
         compression = self.compression
         refresh = self.topology == "complete" or round_index % self.anchor_interval == self.anchor_interval - 1
+        replica, statistics = self.round_state.split(work)
         if compression is not None and refresh:
-            compression.average_round(work, comm)
+            compression.average_round(replica, comm)
+            if self.statistics_compression is not None:
+                self.statistics_compression.average_round(statistics, comm)
         elif self.topology == "complete":
             comm.all_reduce_(work, purpose="round", op="mean")
         else:
             row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
             if compression is not None and (row.send_to or row.recv_from):
-                compression.graph_round(work, row, comm)
+                compression.graph_round(replica, row, comm)
+                if self.statistics_compression is not None:
+                    self.statistics_compression.graph_round(statistics, row, comm)
             elif row.send_to or row.recv_from:
                 received = self._receive_buffers(len(row.recv_from))
                 comm.exchange(work, row.send_to, received, row.recv_from, purpose="round")
@@ -156,6 +224,15 @@ class ReplicaSync:
         for tensor in self.round_state.tensors:
             per_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
         return all(bool(torch.stack(results).all()) for results in per_device.values())
+
+    def mark_statistics(self) -> None:
+        """Start measuring how much the statistics decay until a late round result is applied."""
+        for part in self.statistics:
+            part.mark()
+
+    def statistics_scales(self) -> list[float]:
+        """For each statistics tensor, the decay since :meth:`mark_statistics` (see :class:`OverlappedRounds`)."""
+        return [part.decay_since_mark() for part in self.statistics for _ in part.mixed_state()]
 
     def _receive_buffers(self, count: int) -> list[list[Tensor]]:
         while len(self._received) < count:
@@ -241,6 +318,10 @@ class OverlappedRounds:
         at round r:    s_i ← x_i  (one snapshot);  start  m_i ← Σ_j W_ij(r) s_j  in the background
         at round r+1:  x_i ← x_i + (m_i − s_i);    then start round r+1 from the new x_i
 
+    Statistics that travel with the replica (:class:`MixedStatistics`, e.g. preconditioner EMAs) decay meanwhile
+    by a factor ``βᵏ``, so their delta is scaled by it: ``v_i ← v_i + βᵏ (m_i − s_i)``, exactly where the mixed value
+    would be had the round been applied at the snapshot (the plain delta could drive an EMA of squares below zero).
+
     Staleness is one round: each replica mixes with its partners' states of one round earlier. For ½/½ pairs the
     two corrections are opposite, ``(s_j − s_i)/2`` and ``(s_i − s_j)/2``, so the global mean is preserved exactly
     (up to float rounding; in expectation with compression). The thread works on its own buffers and its own
@@ -277,6 +358,7 @@ class OverlappedRounds:
         if self._thread is not None:
             raise RuntimeError(f"round {self._round_index} is still in flight; finish() it before starting another")
         self.sync.round_state.pack(self._snapshot)
+        self.sync.mark_statistics()
         torch._foreach_copy_(self._mixed, self._snapshot)
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
@@ -317,7 +399,7 @@ class OverlappedRounds:
         assert flags is not None
         if not self._flags_nonfinite(flags):
             torch._foreach_sub_(self._mixed, self._snapshot)
-            self.sync.round_state.add_(self._mixed)
+            self.sync.round_state.add_(self._mixed, self.sync.statistics_scales())
         return flags
 
     @staticmethod
@@ -358,6 +440,9 @@ class AnchoredCompression:
     sends it to every rank; all ranks decode the same payloads, so ``a ← a + mean`` and ``x_i ← a`` are identical
     everywhere.
 
+    With ``anchored=False`` there is no anchor (``a = 0``) and no error feedback: values travel as themselves. The
+    strategy sends preconditioner statistics that way, cast to bf16, whose relative rounding keeps every value's sign.
+
     Error: each decoded value is within one quantization step of the block's range of ``x − a``, which shrinks as
     replicas agree and the anchor is refreshed; stochastic rounding makes it zero-mean, so the global mean is
     preserved in expectation (biased codecs carry the rest in an error-feedback residual). Bytes per rank and round
@@ -367,23 +452,32 @@ class AnchoredCompression:
     ``n = 4`` the mix is ``c · (15 + 1.5)/16`` (0.266 × fp32 gossip for int8, 0.137 for int4).
     """
 
-    def __init__(self, state: FlatState, comm: Communicator, codec: Codec, seed: int) -> None:
+    def __init__(self, state: FlatState, comm: Communicator, codec: Codec, seed: int, anchored: bool = True) -> None:
         self.state = state
         self.comm = comm
         self.codec = codec
-        self.anchor = state.new_buffers()
+        self.anchored = anchored
+        # Without an anchor the values are sent as they are: a zero-size stand-in per buffer instead of a copy.
+        self.anchor = state.new_buffers() if anchored else [torch.zeros(()) for _ in range(state.group_count)]
         self.reset_anchor_()  # this rank's state until the common start (broadcast_) or a restore sets it
-        device = self.anchor[0].device if self.anchor else torch.device("cpu")
+        device = state.tensors[0].device if state.tensors else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed * 65_537 + comm.rank)
-        self.residual: list[Tensor] | None = None if codec.unbiased else [
-            torch.zeros(a.numel(), dtype=torch.float32, device=a.device) for a in self.anchor]
-        self.mean_residual: list[Tensor] | None = None if codec.unbiased else [
-            torch.zeros(stop - start, dtype=torch.float32, device=a.device)
-            for a, (start, stop) in zip(self.anchor, (self._chunks(a.numel())[comm.rank] for a in self.anchor))]
+        sizes = [buffer.numel() for buffer in self.anchor]
+        self.residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
+            torch.zeros(size, dtype=torch.float32, device=device) for size in sizes]
+        self.mean_residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
+            torch.zeros(stop - start, dtype=torch.float32, device=device)
+            for start, stop in (self._chunks(size)[comm.rank] for size in sizes)]
 
     def reset_anchor_(self) -> None:
-        """Anchor ← the module's current state (call only when every rank holds the same state)."""
-        self.state.pack(self.anchor)
+        """Anchor ← the module's current state (call only when every rank holds the same state); nothing to do when
+        not ``anchored``."""
+        if self.anchored:
+            self.state.pack(self.anchor)
+
+    def _difference(self, mine: Tensor, anchor: Tensor) -> Tensor:
+        """``x − a`` in fp32 (``x`` itself without an anchor)."""
+        return mine.float() - anchor.float() if self.anchored else mine.float()
 
     def state_dict(self) -> dict[str, Any]:
         def copies(tensors: list[Tensor] | None) -> list[Tensor] | None:
@@ -398,7 +492,8 @@ class AnchoredCompression:
             raise RuntimeError(
                 f"the checkpoint's compression anchor has flat groups of sizes {saved_sizes}, this model's round state "
                 f"{[tuple(mine.shape) for mine in self.anchor]}: the checkpoint holds a different round state (another "
-                "model, or one written before lightning_dopt left non-persistent buffers out of rounds). Resume it "
+                "model, or one written before lightning_dopt left non-persistent buffers out of rounds or sent "
+                "preconditioner statistics apart from the anchored replica). Resume it "
                 "with the code that wrote it, or load only the averaged weights with "
                 "LightningModule.load_from_checkpoint and start a new fit")
         for mine, saved in zip(self.anchor, state["anchor"]):
@@ -436,7 +531,7 @@ class AnchoredCompression:
         sent, own = [], []
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             residual = self.residual[index] if self.residual is not None else None
-            payload, decoded = self._encode(mine.float() - anchor.float(), residual)
+            payload, decoded = self._encode(self._difference(mine, anchor), residual)
             sent.append(payload)
             own.append(decoded)
         received = [[self._empty_payload(mine.numel(), mine.device) for mine in work] for _ in row.recv_from]
@@ -445,7 +540,7 @@ class AnchoredCompression:
             others = [self._decode(payloads[index], mine.numel(), mine.device) for payloads in received]
             mixed = own[index].clone()
             _mix_(mixed, row.self_weight, others, row.recv_weights)
-            mine.copy_(anchor.float() + mixed)
+            mine.copy_(anchor.float() + mixed if self.anchored else mixed)
 
     @torch.no_grad()
     def average_round(self, work: list[Tensor], comm: Communicator | None = None) -> None:
@@ -456,7 +551,7 @@ class AnchoredCompression:
         peers = [peer for peer in range(world_size) if peer != rank]
         differences, outgoing, incoming = [], {p: [] for p in peers}, {p: [] for p in peers}
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
-            difference = mine.float() - anchor.float()
+            difference = self._difference(mine, anchor)
             chunks = self._chunks(mine.numel())
             for peer in peers:
                 start, stop = chunks[peer]
@@ -489,8 +584,11 @@ class AnchoredCompression:
             for owner, (start, stop) in enumerate(chunks):
                 mean[start:stop] = means[index] if owner == rank else \
                     self._decode(incoming_means[owner][index], stop - start, mine.device)
-            anchor.copy_(anchor.float() + mean)
-            mine.copy_(anchor)
+            if self.anchored:
+                anchor.copy_(anchor.float() + mean)
+                mine.copy_(anchor)
+            else:
+                mine.copy_(mean)
 
     def _chunks(self, numel: int) -> list[tuple[int, int]]:
         """``[start, stop)`` of each rank's chunk, aligned to the codec's block size."""

@@ -8,14 +8,20 @@ The strategy calls :meth:`Preconditioner.accumulate` with this rank's gradient a
 the rank's *statistics* ``v``, not ``D``), then :meth:`Preconditioner.apply_` (``g ← g / D`` in place) before clipping
 and the user's optimizer (plain SGD, possibly with momentum). At a synchronization round it averages
 :meth:`Preconditioner.statistics` across ranks like the parameters and calls :meth:`Preconditioner.refresh`, which
-recomputes ``D`` from the averaged statistics. The families, with ``t`` the number of accumulate calls so far (the
-same on every rank) and all arithmetic elementwise::
+recomputes ``D`` from the averaged statistics. The families, all arithmetic elementwise::
 
-    adam     v ← β v + (1 − β) g²           D = sqrt(max(v, 0) / (1 − βᵗ)) + eps      (bias-corrected)
-    rmsprop  v ← β v + (1 − β) g²           D = sqrt(max(v, 0)) + eps                  (no bias correction)
-    oasis    v ← β v + (1 − β) z ⊙ (H z)    D = max(|v| / (1 − βᵗ), alpha_min)        (bias-corrected)
+    adam     v ← β v + (1 − β) g²           D = sqrt(max(v, 0) / w) + eps             (bias-corrected)
+    rmsprop  v ← β v + (1 − β) g²           D = sqrt(max(v, 0)) + eps                 (no bias correction)
+    oasis    v ← β v + (1 − β) z ⊙ (H z)    D = max(|v| / w, alpha_min)               (bias-corrected)
+    then, per tensor:                       D ← max(D, relative_floor · mean(D))
 
-Defaults: ``β = 0.999``, ``eps = 1e-8``, ``alpha_min = 1e-4``. The exact constants and the exact UPDATE rule of
+``w`` is the bias-correction weight, an EMA of ones updated with the statistics (``w ← β w + (1 − β)``, so
+``w = 1 − βᵗ`` after ``t`` accumulate calls). It travels with the statistics (:meth:`Preconditioner.mixed_state`)
+and is mixed like them, so ``D`` comes from ``mean v / mean w``: the right bias correction also when ranks
+accumulated different numbers of steps (a step skipped for partial work, or because a gradient scaler found
+Inf/NaN), and identical on every rank after an exact average.
+
+Defaults: ``β = 0.999``, ``eps = 1e-8``, ``alpha_min = 1e-4``, ``relative_floor = 1e-2``. The exact constants and the exact UPDATE rule of
 2406.00846 were not available (``research/algorithms.md`` §3.2); these are the standard Adam (second moment only,
 no first-moment momentum, as in the "Adam-type scaling" analyses), RMSProp and OASIS (Jahani et al., ICLR 2022)
 families. For OASIS, ``z`` is a Rademacher vector and ``z ⊙ (H z)`` a one-sample Hutchinson estimate of the
@@ -25,7 +31,13 @@ curvature), hence ``|v|``. OASIS is bias-corrected like Adam, as a replacement f
 ``D₀``: without it, after the first local phase of ``H`` steps ``v ≈ (1 − β^H)·diag(H)`` (0.8 % of the curvature
 for ``H = 8, β = 0.999``) and the steps would be over a hundred times too long. ``max(v, 0)`` in Adam/RMSProp only
 matters for averaged statistics that went slightly negative (e.g. after a lossy codec); it keeps ``D`` finite.
-Floors: ``D ≥ eps`` (adam, rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the (finite) statistics.
+Floors: ``D ≥ eps`` (adam, rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the (finite) statistics, and
+``D ≥ relative_floor · mean(D)`` within each parameter tensor. The relative floor is what keeps a frozen ``D`` safe: a
+coordinate whose statistics are (near) zero, because it had no gradient yet (an unused embedding row) or because
+they were rounded to zero, would otherwise get ``D = eps = 1e-8`` and, at its next gradient, a step ``1e8`` times
+longer than intended. With ``relative_floor = 1e-2`` no coordinate's step exceeds 100 times that of a typical
+coordinate with the same gradient (per-step Adam, whose ``v`` contains the current gradient, bounds the ratio by
+``1/√(1 − β₂) ≈ 32``). ``relative_floor = 0`` gives the plain formulas.
 
 ``D`` is FROZEN within a local phase: it changes only in :meth:`~Preconditioner.refresh` and
 :meth:`~Preconditioner.load_state_dict`, never in ``accumulate``. Until the first refresh after at least one
@@ -35,11 +47,17 @@ scaled SGD step with the averaged gradient, and averaging the models at a round 
 each rank scaled by its own, continuously updated ``D_m`` (common "Local Adam"), the average would move by
 ``−γ · mean_m(D_m⁻¹ g_m)``, which is not a scaled method for any single preconditioner.
 
-Communication: the statistics are as large as the model (one value per parameter, fp32; fp64 for fp64 parameters).
-Folded into the round's message they double its size for an fp32 model (triple it for a bf16 model). With an
-all-reduce every rank gets the exact mean, so ``D`` is identical on all ranks. With gossip (pairwise averaging) the
-statistics are only pulled together, so ``D`` is identical only approximately (exactly at consensus of the
-statistics), and the consistency argument above holds only approximately too.
+Communication: the statistics are as large as the model (one value per parameter, fp32; fp64 for fp64 parameters),
+plus one value for ``w``. Folded into the round's message they double its size for an fp32 model (triple it for a
+bf16 model). With an all-reduce every rank gets the exact mean, so ``D`` is identical on all ranks. With gossip
+(pairwise averaging) the statistics are only pulled together, so ``D`` is identical only approximately (exactly at
+consensus of the statistics), and the consistency argument above holds only approximately too.
+
+Rounds applied late (``overlap=True``) must not apply the round's change ``m − s`` to statistics that decayed
+meanwhile: with ``k`` accumulate calls since the snapshot ``s``, the statistics are ``βᵏ s + u``, and the round's
+result belongs at ``βᵏ m + u = v + βᵏ (m − s)``. :meth:`Preconditioner.mark` and
+:meth:`Preconditioner.decay_since_mark` give that factor ``βᵏ``; with it, mixed statistics stay convex
+combinations of the ranks' statistics (never below zero for adam/rmsprop).
 
 Precision: statistics and ``D`` are fp32 (fp64 for fp64 parameters) even when parameters and gradients are bf16/fp16;
 ``apply_`` divides in fp32 and writes the result back in the gradient's dtype. Non-finite gradients poison the
@@ -71,6 +89,13 @@ def _check_beta(beta: float) -> float:
 def _check_positive(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_relative_floor(value: float, name: str = "relative_floor") -> float:
+    """A relative floor must be a number in ``[0, 1)`` (0 disables it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1) (0 disables it), got {value!r}")
     return float(value)
 
 
@@ -106,9 +131,11 @@ class Preconditioner(ABC):
 
     name: str
 
-    def __init__(self, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8) -> None:
+    def __init__(self, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8,
+                 relative_floor: float = 1e-2) -> None:
         self.beta = _check_beta(beta)
         self.eps = _check_positive(eps, "eps")
+        self.relative_floor = check_relative_floor(relative_floor)
         if isinstance(params, Tensor):
             raise TypeError("params must be a sequence of tensors (e.g. list(model.parameters())), got a single "
                             f"Tensor of shape {tuple(params.shape)}; wrap it in a list")
@@ -118,17 +145,35 @@ class Preconditioner(ABC):
                 raise TypeError(f"params[{k}] must be a torch.Tensor, got {type(p).__name__}")
         self._stats = [torch.zeros(p.shape, dtype=_state_dtype(p.dtype), device=p.device) for p in params]
         self._diag = [torch.ones_like(v) for v in self._stats]
+        first = self._stats[0] if self._stats else torch.zeros(())
+        self._weight = torch.zeros(1, dtype=first.dtype, device=first.device)
+        self._decay = 1.0
         self.steps = 0
-        """Number of accumulate calls (``t`` of the bias correction)."""
+        """Number of accumulate calls on this rank."""
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(beta={self.beta}, floor={self.eps}, tensors={len(self._stats)}, "
-                f"steps={self.steps})")
+        return (f"{type(self).__name__}(beta={self.beta}, floor={self.eps}, relative_floor={self.relative_floor}, "
+                f"tensors={len(self._stats)}, steps={self.steps})")
 
     def statistics(self) -> list[Tensor]:
         """The LIVE statistics tensors, one per parameter in the constructor's order and shapes (the same on every
-        rank). Average them in place across ranks before :meth:`refresh`."""
+        rank)."""
         return list(self._stats)
+
+    def mixed_state(self) -> list[Tensor]:
+        """What a round mixes across ranks, LIVE: the statistics, then the one-element bias-correction weight ``w``.
+        Average them in place (all with the same weights) before :meth:`refresh`."""
+        return [*self._stats, self._weight]
+
+    def mark(self) -> None:
+        """Start measuring the decay of the statistics (:meth:`decay_since_mark`), e.g. at a round's snapshot."""
+        self._decay = 1.0
+
+    def decay_since_mark(self) -> float:
+        """``βᵏ`` for the ``k`` accumulate calls since :meth:`mark`: the factor by which the statistics (and ``w``)
+        held at the mark have been scaled since. A late round result ``m`` for a snapshot ``s`` belongs at
+        ``v + βᵏ (m − s)``."""
+        return self._decay
 
     def diagonal(self) -> list[Tensor]:
         """The LIVE frozen ``D``, one tensor per parameter. :meth:`refresh` overwrites them in place: clone to keep a
@@ -168,6 +213,8 @@ class Preconditioner(ABC):
                 torch._foreach_addcmul_(stats, given, given, value=1.0 - self.beta)
             else:
                 torch._foreach_add_(stats, given, alpha=1.0 - self.beta)
+        self._weight.mul_(self.beta).add_(1.0 - self.beta)
+        self._decay *= self.beta
         self.steps += 1
 
     def accumulate(self, grads: Sequence[Tensor | None]) -> None:
@@ -177,14 +224,18 @@ class Preconditioner(ABC):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """``D ← f(v)`` in place; ``D`` then stays frozen until the next refresh. ``D = 1`` while no step was
-        accumulated.
+        """``D ← f(v, w)`` in place; ``D`` then stays frozen until the next refresh. ``D = 1`` while no step was
+        accumulated (``w = 0``: on no rank whose statistics were mixed in).
 
         Raises ``ValueError`` (leaving ``D`` unchanged) if the statistics hold NaN/Inf, which would make ``D`` NaN or
-        Inf and every scaled step NaN or zero: one reduction and one host sync per refresh, i.e. per round."""
+        Inf and every scaled step NaN or zero: one reduction and two host syncs per refresh, i.e. per round."""
         if not self._diag:
             return
-        if self.steps == 0:
+        weight = float(self._weight)
+        if not math.isfinite(weight):
+            raise ValueError(f"{self.name} preconditioner bias-correction weight is {weight}; a non-finite value was "
+                             "mixed in")
+        if weight <= 0.0:
             for d in self._diag:
                 d.fill_(1.0)
             return
@@ -192,14 +243,16 @@ class Preconditioner(ABC):
                       "a non-finite gradient (or one whose square overflows) was accumulated: accumulate unscaled "
                       "gradients, and not on steps a gradient scaler skips")
         torch._foreach_copy_(self._diag, self._stats)
-        self._diagonal_from_statistics_(self._diag)
+        self._diagonal_from_statistics_(self._diag, weight)
+        if self.relative_floor > 0:
+            for d in self._diag:
+                if d.numel():
+                    d.clamp_min_(d.mean() * self.relative_floor)
 
     @abstractmethod
-    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
-        """Turn ``d`` (a copy of the statistics) into the diagonal, in place, floor included."""
-
-    def _bias_correction(self) -> float:
-        return 1.0 - self.beta ** self.steps
+    def _diagonal_from_statistics_(self, d: list[Tensor], weight: float) -> None:
+        """Turn ``d`` (a copy of the statistics) into the diagonal, in place, with bias-correction weight ``weight``
+        and the family's absolute floor."""
 
     @torch.no_grad()
     def apply_(self, grads: Sequence[Tensor | None]) -> None:
@@ -215,13 +268,19 @@ class Preconditioner(ABC):
             torch._foreach_copy_(gs, torch._foreach_div(gs, [d for _, d in mixed]))
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"name", "steps", "statistics", "diagonal"}``; the tensors are the live ones (like ``torch.optim``)."""
-        return {"name": self.name, "steps": self.steps, "statistics": list(self._stats), "diagonal": list(self._diag)}
+        """``{"name", "steps", "statistics", "diagonal", "weight"}``; the tensors are the live ones (like
+        ``torch.optim``)."""
+        return {"name": self.name, "steps": self.steps, "statistics": list(self._stats), "diagonal": list(self._diag),
+                "weight": self._weight}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy statistics, ``D`` and the step counter from :meth:`state_dict` output (same family and shapes)."""
-        expected = {"name", "steps", "statistics", "diagonal"}
+        """Copy statistics, ``D``, ``w`` and the step counter from :meth:`state_dict` output (same family and shapes).
+        A state written before ``w`` existed (no ``"weight"`` key) gets ``w = 1 − β^steps``, what it stood for."""
+        expected = {"name", "steps", "statistics", "diagonal", "weight"}
+        if isinstance(state, dict) and set(state) == expected - {"weight"}:
+            state = {**state, "weight": torch.full((1,), 1.0 - self.beta ** state["steps"] if
+                                                   isinstance(state["steps"], int) else math.nan)}
         if not isinstance(state, dict) or set(state) != expected:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"preconditioner state must be a dict with keys {sorted(expected)}, got {keys}")
@@ -236,20 +295,24 @@ class Preconditioner(ABC):
                 raise ValueError(f"preconditioner state '{key}' must hold {len(targets)} tensors")
             self._pairs(tensors, f"load_state_dict '{key}'", targets)
             _check_finite(tensors, f"preconditioner state '{key}'", "the checkpoint is corrupt")
+        weight = state["weight"]
+        if not isinstance(weight, Tensor) or weight.numel() != 1 or not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(f"preconditioner state 'weight' must be a one-element tensor in [0, 1], got {weight!r}")
         for key, targets in (("statistics", self._stats), ("diagonal", self._diag)):
             for target, x in zip(targets, state[key]):
                 target.copy_(x)
+        self._weight.copy_(weight.reshape(1))
         self.steps = steps
 
 
 class AdamScaling(Preconditioner):
-    """``v ← β v + (1 − β) g²``, ``D = sqrt(max(v, 0) / (1 − βᵗ)) + eps``."""
+    """``v ← β v + (1 − β) g²``, ``D = sqrt(max(v, 0) / w) + eps`` (``w = 1 − βᵗ`` on one rank)."""
 
     name = "adam"
 
-    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+    def _diagonal_from_statistics_(self, d: list[Tensor], weight: float) -> None:
         torch._foreach_clamp_min_(d, 0.0)
-        torch._foreach_div_(d, self._bias_correction())
+        torch._foreach_div_(d, weight)
         torch._foreach_sqrt_(d)
         torch._foreach_add_(d, self.eps)
 
@@ -260,14 +323,14 @@ class RMSPropScaling(Preconditioner):
 
     name = "rmsprop"
 
-    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+    def _diagonal_from_statistics_(self, d: list[Tensor], weight: float) -> None:
         torch._foreach_clamp_min_(d, 0.0)
         torch._foreach_sqrt_(d)
         torch._foreach_add_(d, self.eps)
 
 
 class OASISScaling(Preconditioner):
-    """``v ← β v + (1 − β) z ⊙ (H z)`` (Hutchinson), ``D = max(|v| / (1 − βᵗ), alpha_min)``.
+    """``v ← β v + (1 − β) z ⊙ (H z)`` (Hutchinson), ``D = max(|v| / w, alpha_min)``.
 
     Feed it Hessian-diagonal estimates with :meth:`accumulate_hessian_diagonal`, or let it draw the probe with
     ``generator`` through :meth:`accumulate_hutchinson`. :meth:`accumulate` (squared gradients) is refused.
@@ -276,8 +339,8 @@ class OASISScaling(Preconditioner):
     name = "oasis"
 
     def __init__(self, params: Sequence[Tensor], beta: float = 0.999, alpha_min: float = 1e-4,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__(params, beta, eps=_check_positive(alpha_min, "alpha_min"))
+                 generator: torch.Generator | None = None, relative_floor: float = 1e-2) -> None:
+        super().__init__(params, beta, eps=_check_positive(alpha_min, "alpha_min"), relative_floor=relative_floor)
         self.alpha_min = self.eps
         self.generator = generator
 
@@ -295,9 +358,9 @@ class OASISScaling(Preconditioner):
         ``z ⊙ hvp(z)``."""
         self.accumulate_hessian_diagonal(hutchinson_diagonal(hvp, self._stats, self.generator))
 
-    def _diagonal_from_statistics_(self, d: list[Tensor]) -> None:
+    def _diagonal_from_statistics_(self, d: list[Tensor], weight: float) -> None:
         torch._foreach_abs_(d)
-        torch._foreach_div_(d, self._bias_correction())
+        torch._foreach_div_(d, weight)
         torch._foreach_clamp_min_(d, self.alpha_min)
 
 
@@ -409,17 +472,19 @@ def finite_difference_hvp(grad_fn: Callable[[], list[Tensor]], params: Sequence[
 
 
 def make_preconditioner(name: str, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8,
-                        alpha_min: float = 1e-4, generator: torch.Generator | None = None) -> Preconditioner:
-    """The preconditioner family ``name`` (one of :data:`SCALINGS`) for ``params``. All of ``beta``, ``eps`` and
-    ``alpha_min`` are validated whichever family uses them (``eps`` by adam/rmsprop; ``alpha_min`` and
-    ``generator`` by oasis)."""
+                        alpha_min: float = 1e-4, generator: torch.Generator | None = None,
+                        relative_floor: float = 1e-2) -> Preconditioner:
+    """The preconditioner family ``name`` (one of :data:`SCALINGS`) for ``params``. All of ``beta``, ``eps``,
+    ``alpha_min`` and ``relative_floor`` are validated whichever family uses them (``eps`` by adam/rmsprop;
+    ``alpha_min`` and ``generator`` by oasis)."""
     if name not in SCALINGS:
         raise ValueError(f"unknown scaling {name!r}; valid choices: {', '.join(SCALINGS)}")
     _check_beta(beta)
     _check_positive(eps, "eps")
     _check_positive(alpha_min, "alpha_min")
+    check_relative_floor(relative_floor)
     if name == "adam":
-        return AdamScaling(params, beta, eps)
+        return AdamScaling(params, beta, eps, relative_floor)
     if name == "rmsprop":
-        return RMSPropScaling(params, beta, eps)
-    return OASISScaling(params, beta, alpha_min, generator)
+        return RMSPropScaling(params, beta, eps, relative_floor)
+    return OASISScaling(params, beta, alpha_min, generator, relative_floor)

@@ -55,7 +55,8 @@ from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, Gradient
 from lightning_dopt.pacing import WorkPacer, check_min_work
 from lightning_dopt.rounds import (FLAG_BLOCKS, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK, OuterOptimizerFactory,
                                    OverlappedRounds, ReplicaSync, diloco_outer_optimizer)
-from lightning_dopt.scaling import SCALINGS, OASISScaling, Preconditioner, finite_difference_hvp, make_preconditioner
+from lightning_dopt.scaling import (SCALINGS, OASISScaling, Preconditioner, check_relative_floor, finite_difference_hvp,
+                                    make_preconditioner)
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -216,6 +217,8 @@ class GossipLocalStrategy(DDPStrategy):
             extra forward/backward passes).
         scaling_beta, scaling_eps, scaling_alpha_min: EMA factor of the statistics, floor of ``D`` for adam/rmsprop,
             floor for oasis.
+        scaling_floor: relative floor of ``D``: within each parameter tensor ``D ≥ scaling_floor · mean(D)``, so a
+            coordinate whose statistics are (near) zero does not take a step ``1/eps`` times too long (0 disables it).
         overlap: run each round's exchange in a background thread (own process group, side CUDA stream) while
             the next local steps compute, and apply it one round later with the delta rule
             ``x ← x + (mixed − snapshot)`` (:class:`~lightning_dopt.rounds.OverlappedRounds`; staleness one round).
@@ -257,6 +260,7 @@ class GossipLocalStrategy(DDPStrategy):
         scaling_beta: float = 0.999,
         scaling_eps: float = 1e-8,
         scaling_alpha_min: float = 1e-4,
+        scaling_floor: float = 1e-2,
         overlap: bool = False,
         min_work: float = 1.0,
         accelerator: Accelerator | None = None,
@@ -284,7 +288,9 @@ class GossipLocalStrategy(DDPStrategy):
         if scaling is not None:
             if scaling not in SCALINGS:
                 raise ValueError(f"unknown scaling {scaling!r}; valid choices: None, {', '.join(SCALINGS)}")
-            make_preconditioner(scaling, [], beta=scaling_beta, eps=scaling_eps, alpha_min=scaling_alpha_min)
+            check_relative_floor(scaling_floor, "scaling_floor")
+            make_preconditioner(scaling, [], beta=scaling_beta, eps=scaling_eps, alpha_min=scaling_alpha_min,
+                                relative_floor=scaling_floor)
             if aggregation == "adacons" and local_steps == 1:
                 raise ValueError("scaling refreshes its preconditioner at rounds, and aggregation='adacons' with "
                                  "local_steps=1 has none: use local_steps > 1 or aggregation='mean'")
@@ -329,6 +335,7 @@ class GossipLocalStrategy(DDPStrategy):
         self.scaling_beta = scaling_beta
         self.scaling_eps = scaling_eps
         self.scaling_alpha_min = scaling_alpha_min
+        self.scaling_floor = scaling_floor
         self.overlap = overlap
         self.min_work = min_work
         self._preconditioners: list[tuple[list[torch.Tensor], Preconditioner]] = []
@@ -389,11 +396,10 @@ class GossipLocalStrategy(DDPStrategy):
                 self._steps, self._round = self._restored["steps"], self._restored["round"]
         if self.world_size > 1:
             self._comm = Communicator()
-            statistics = [t for _, preconditioner in self._preconditioners for t in preconditioner.statistics()]
             self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
                                      codec=self._codec, anchor_interval=self.anchor_interval,
                                      round_combiner=self._round_combiner(), outer_optimizer=self._outer_factory,
-                                     extra_state=statistics)
+                                     statistics=[preconditioner for _, preconditioner in self._preconditioners])
             if sidecar is None:
                 self._sync.broadcast_(src=0)
             else:
@@ -450,7 +456,7 @@ class GossipLocalStrategy(DDPStrategy):
                 self.seed * 65_537 + 1_000 * index + self.global_rank)
             preconditioners.append((params, make_preconditioner(
                 self.scaling, params, beta=self.scaling_beta, eps=self.scaling_eps,
-                alpha_min=self.scaling_alpha_min, generator=generator)))
+                alpha_min=self.scaling_alpha_min, generator=generator, relative_floor=self.scaling_floor)))
         return preconditioners
 
     def _round_combiner(self) -> AdaConsCombiner | None:

@@ -68,7 +68,7 @@ def as_list(x: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("beta", [0.9, 0.5, 0.0])
 def test_adam_matches_hand_arithmetic_with_bias_correction(beta):
     eps = 1e-3
-    pc = AdamScaling(params64(), beta=beta, eps=eps)
+    pc = AdamScaling(params64(), beta=beta, eps=eps, relative_floor=0.0)
     for step in range(3):
         pc.accumulate(step_grads(step))
     pc.refresh()
@@ -95,7 +95,7 @@ def test_adam_bias_correction_makes_a_constant_gradient_give_its_magnitude():
 @pytest.mark.parametrize("beta", [0.9, 0.5])
 def test_rmsprop_matches_hand_arithmetic_without_bias_correction(beta):
     eps = 1e-3
-    pc = RMSPropScaling(params64(), beta=beta, eps=eps)
+    pc = RMSPropScaling(params64(), beta=beta, eps=eps, relative_floor=0.0)
     for step in range(3):
         pc.accumulate(step_grads(step))
     pc.refresh()
@@ -111,7 +111,7 @@ def test_rmsprop_matches_hand_arithmetic_without_bias_correction(beta):
 @pytest.mark.parametrize("beta", [0.9, 0.5])
 def test_oasis_matches_hand_arithmetic(beta):
     alpha_min = 0.05
-    pc = OASISScaling(params64(), beta=beta, alpha_min=alpha_min)
+    pc = OASISScaling(params64(), beta=beta, alpha_min=alpha_min, relative_floor=0.0)
     for step in range(3):
         pc.accumulate_hessian_diagonal(step_grads(step))  # the GRADS values used as (signed) estimates
     pc.refresh()
@@ -198,7 +198,7 @@ def test_statistics_are_live_so_averaging_them_in_place_gives_every_rank_the_sam
 @pytest.mark.parametrize("name", SCALINGS)
 def test_floor_holds_with_zero_and_negative_statistics(name):
     eps, alpha_min = 1e-6, 1e-2
-    pc = make_preconditioner(name, [torch.zeros(5)], beta=0.9, eps=eps, alpha_min=alpha_min)
+    pc = make_preconditioner(name, [torch.zeros(5)], beta=0.9, eps=eps, alpha_min=alpha_min, relative_floor=0.0)
     feed(pc, [torch.zeros(5)])
     pc.statistics()[0].copy_(torch.tensor([0.0, -1e-3, -5.0, 1e-12, 4.0]))  # e.g. after a lossy averaging
     pc.refresh()
@@ -456,3 +456,83 @@ def test_oasis_with_bf16_parameters_and_probes():
     pc.refresh()
     assert pc.diagonal()[0].dtype == torch.float32
     assert torch.equal(pc.diagonal()[0], torch.full((16,), 3.0))
+
+
+# --- relative floor, the bias-correction weight, the decay since a mark --------------------------------------------
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_relative_floor_bounds_the_step_of_a_coordinate_without_statistics(name):
+    """A coordinate that has seen no gradient (an unused embedding row) gets D = relative_floor · mean(D), not eps: its
+    first gradient then takes a step at most 1/relative_floor times that of a typical coordinate."""
+    pc = make_preconditioner(name, [torch.zeros(4), torch.zeros(3)], beta=0.5, eps=1e-8, alpha_min=1e-8)
+    feed(pc, [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([5.0, 5.0, 5.0])])
+    pc.refresh()
+    plain = make_preconditioner(name, [torch.zeros(4), torch.zeros(3)], beta=0.5, eps=1e-8, alpha_min=1e-8,
+                                relative_floor=0.0)
+    feed(plain, [torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([5.0, 5.0, 5.0])])
+    plain.refresh()
+    first, floored = plain.diagonal()[0], pc.diagonal()[0]
+    assert first[0].item() <= 1e-8  # the plain formula: a step 1e8 times too long
+    assert floored[0].item() == pytest.approx(0.01 * first.mean().item(), rel=1e-6)
+    assert torch.equal(floored[1:], first[1:])  # coordinates above the floor are untouched
+    assert torch.equal(pc.diagonal()[1], plain.diagonal()[1])  # per tensor: a constant tensor is never floored
+    with pytest.raises(ValueError, match=r"relative_floor must be a number in \[0, 1\)"):
+        make_preconditioner(name, [torch.zeros(2)], relative_floor=1.0)
+
+
+@pytest.mark.parametrize("name", ["adam", "oasis"])
+def test_bias_correction_uses_the_mixed_weight_so_ranks_with_different_step_counts_agree(name):
+    """Rank 1 skipped two of three steps (partial work, or a gradient scaler's Inf step). Averaging mixed_state()
+    (statistics and w) gives both ranks the same D = f(mean v / mean w): the per-rank counts 1 − β^t would not."""
+    beta = 0.9
+    ranks = [make_preconditioner(name, params64(), beta=beta, alpha_min=1e-8, relative_floor=0.0) for _ in range(2)]
+    for step in range(3):
+        feed(ranks[0], step_grads(step))
+    feed(ranks[1], step_grads(0))
+    assert [pc.steps for pc in ranks] == [3, 1]
+    weights = [float(pc.mixed_state()[-1]) for pc in ranks]
+    assert weights == pytest.approx([1 - beta ** 3, 1 - beta], rel=1e-6)
+    for k in range(len(ranks[0].mixed_state())):
+        mean = (ranks[0].mixed_state()[k] + ranks[1].mixed_state()[k]) / 2
+        for pc in ranks:
+            pc.mixed_state()[k].copy_(mean)
+    for pc in ranks:
+        pc.refresh()
+    weight = (weights[0] + weights[1]) / 2
+    for k in range(2):
+        v = [(a + b) / 2 for a, b in zip(hand_ema(beta, k, name == "adam"), hand_ema_steps(beta, k, name == "adam", 1))]
+        expected = [math.sqrt(vi / weight) + 1e-8 if name == "adam" else max(abs(vi) / weight, 1e-8) for vi in v]
+        for pc in ranks:
+            assert as_list(pc.diagonal()[k]) == pytest.approx(expected, rel=1e-12)
+
+
+def hand_ema_steps(beta: float, k: int, square: bool, steps: int) -> list[float]:
+    """v after the first ``steps`` steps of GRADS, in plain Python floats."""
+    v = [0.0] * len(flat(0, k))
+    for step in range(steps):
+        v = [beta * vi + (1 - beta) * (x * x if square else x) for vi, x in zip(v, flat(step, k))]
+    return v
+
+
+def test_decay_since_mark_is_beta_to_the_accumulate_calls():
+    pc = AdamScaling(params64(), beta=0.5)
+    assert pc.decay_since_mark() == 1.0
+    feed(pc, step_grads(0))
+    pc.mark()
+    feed(pc, step_grads(1))
+    feed(pc, [None, None])  # a call without gradients still counts: w and the decay advance
+    assert pc.decay_since_mark() == 0.25
+    pc.mark()
+    assert pc.decay_since_mark() == 1.0
+
+
+def test_a_state_without_the_weight_loads_with_the_weight_it_stood_for():
+    pc = AdamScaling(params64(), beta=0.9)
+    for step in range(3):
+        pc.accumulate(step_grads(step))
+    older = {key: value for key, value in pc.state_dict().items() if key != "weight"}
+    restored = AdamScaling(params64(), beta=0.9)
+    restored.load_state_dict(older)
+    assert float(restored.mixed_state()[-1]) == pytest.approx(1 - 0.9 ** 3, rel=1e-6)
+    with pytest.raises(ValueError, match="'weight' must be a one-element tensor in"):
+        restored.load_state_dict({**pc.state_dict(), "weight": torch.tensor([1.5])})
