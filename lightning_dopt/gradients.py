@@ -77,13 +77,22 @@ class GradientAverager:
         self.comm = comm
 
     @torch.no_grad()
-    def average_(self) -> None:
+    def average_(self, loss_scale: float | None = None) -> None:
+        """``g ← mean_i g_i``. With a gradient scaler's ``loss_scale`` ``S_i`` (the gradients are ``S_i g_i``), every
+        rank sends ``g_i`` and gets back ``S_i · mean_j g_j``: the mean of the unscaled gradients, scaled by its own
+        ``S_i``, so that its scaler's unscale gives the mean whatever the other ranks' scales. A non-finite gradient
+        anywhere makes the mean non-finite everywhere, so every rank's scaler skips the step."""
         present = self.gradients.pack()
         count = len(present)
-        self._message[: self._message.numel() - count].copy_(self.gradients.buffer)
+        message = self._message[: self._message.numel() - count]
+        message.copy_(self.gradients.buffer)
+        if loss_scale is not None:
+            message.div_(loss_scale)
         self._message[self._message.numel() - count:].copy_(torch.tensor(present, dtype=torch.float32))
         self.comm.all_reduce_([self._message], purpose="warmup", op="sum")
-        self.gradients.buffer.copy_(self._message[: self._message.numel() - count]).div_(self.comm.world_size)
+        self.gradients.buffer.copy_(message).div_(self.comm.world_size)
+        if loss_scale is not None:
+            self.gradients.buffer.mul_(loss_scale)
         self.gradients.unpack([flag > 0 for flag in self._message[self._message.numel() - count:].tolist()])
 
 
@@ -139,17 +148,26 @@ class AdaConsCombiner:
             segment.mul_(factor)
 
     @torch.no_grad()
-    def combine_(self, vector: Tensor) -> None:
-        """``vector`` (this rank's contribution, fp32, 1-D) ← the AdaCons combination of all ranks' vectors."""
+    def combine_(self, vector: Tensor, skip_nonfinite: bool = False) -> None:
+        """``vector`` (this rank's contribution, fp32, 1-D) ← the AdaCons combination of all ranks' vectors.
+
+        With ``skip_nonfinite`` (gradients under a gradient scaler, which skips such steps) a non-finite vector on any
+        rank is detected in the first all-reduce (one host sync): ``vector`` becomes that non-finite result on every
+        rank, and neither the subspace momentum nor the stale weights take it in."""
         if self.stale_weights and self._weights is not None:
             norms = torch.stack([torch.linalg.vector_norm(s) for s in self._segments(vector)])
             local = vector.clone()
             self._scale_segments_(vector, worker_multipliers(self._weights[self.comm.rank], norms, self.eps))
             self.comm.all_reduce_([vector], purpose=self.purpose, op="sum")
+            if skip_nonfinite and not bool(torch.isfinite(vector).all()):
+                return
             self._weights = self._gathered_weights(*self._norms_and_dots(local, vector))
             return
         mean = vector.clone()
         self.comm.all_reduce_([mean], purpose=self.purpose, op="mean")
+        if skip_nonfinite and not bool(torch.isfinite(mean).all()):
+            vector.copy_(mean)
+            return
         norms, dots = self._norms_and_dots(vector, mean)
         weights = self._gathered_weights(norms, dots)
         self._scale_segments_(vector, worker_multipliers(weights[self.comm.rank], norms, self.eps))
@@ -184,8 +202,17 @@ class AdaConsGradients:
         self.comm = comm
 
     @torch.no_grad()
-    def combine_(self) -> None:
+    def combine_(self, loss_scale: float | None = None) -> None:
+        """Replace the gradients by their combination. With a gradient scaler's ``loss_scale`` ``S`` the combination is
+        of the unscaled gradients, scaled back by ``S`` (so the scaler's unscale yields it), and a non-finite gradient
+        on any rank leaves non-finite gradients on every rank (every scaler skips the step) without reaching the
+        subspace momentum."""
         present = torch.tensor(self.gradients.pack(), dtype=torch.float32, device=self.gradients.device)
         self.comm.all_reduce_([present], purpose="aggregate", op="max")
-        self.combiner.combine_(self.gradients.buffer)
+        buffer = self.gradients.buffer
+        if loss_scale is not None:
+            buffer.div_(loss_scale)
+        self.combiner.combine_(buffer, skip_nonfinite=loss_scale is not None)
+        if loss_scale is not None:
+            buffer.mul_(loss_scale)
         self.gradients.unpack([flag > 0 for flag in present.tolist()])

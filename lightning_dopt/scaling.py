@@ -99,16 +99,21 @@ def check_relative_floor(value: float, name: str = "relative_floor") -> float:
     return float(value)
 
 
-def _check_finite(tensors: Sequence[Tensor], what: str, advice: str) -> None:
-    """Raise ``ValueError`` if any tensor holds NaN/Inf: one fused reduction per tensor (``_foreach_norm`` with
-    ``ord=inf``, which NaN and ±Inf both reach) and one host sync for all of them. Meta and empty tensors are
-    skipped."""
-    checked = [(k, t) for k, t in enumerate(tensors) if t.numel() and t.device.type != "meta"]
+def all_finite(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether no tensor holds NaN or ±Inf: one fused reduction per tensor (``_foreach_norm`` with ``ord=inf``, which
+    NaN and ±Inf both reach) and one host sync for all of them. ``None``, meta and empty tensors are skipped."""
+    checked = [t for t in tensors if t is not None and t.numel() and t.device.type != "meta"]
     if not checked:
+        return True
+    largest = torch._foreach_norm(checked, ord=math.inf)
+    return bool(torch.isfinite(torch.stack([x.to(largest[0].device) for x in largest])).all())
+
+
+def _check_finite(tensors: Sequence[Tensor], what: str, advice: str) -> None:
+    """Raise ``ValueError`` if any tensor holds NaN/Inf (:func:`all_finite`)."""
+    if all_finite(tensors):
         return
-    largest = torch._foreach_norm([t for _, t in checked], ord=math.inf)
-    if bool(torch.isfinite(torch.stack([x.to(largest[0].device) for x in largest])).all()):
-        return
+    checked = [(k, t) for k, t in enumerate(tensors) if t.numel() and t.device.type != "meta"]
     counts = [(k, int((~torch.isfinite(t)).sum())) for k, t in checked]  # error path only: extra syncs are fine
     first = next(k for k, count in counts if count)
     raise ValueError(f"{what} hold NaN or Inf: {sum(c for _, c in counts)} of {sum(t.numel() for _, t in checked)} "
@@ -203,11 +208,14 @@ class Preconditioner(ABC):
         return given, matched
 
     @torch.no_grad()
-    def _ema_(self, values: Sequence[Tensor | None], what: str, square: bool) -> None:
-        """``v ← β v + (1 − β) x`` (``x = value²`` if ``square``) for every non-``None`` value; counts one step."""
+    def _ema_(self, values: Sequence[Tensor | None], what: str, square: bool, divisor: float = 1.0) -> None:
+        """``v ← β v + (1 − β) x`` with ``x = value / divisor`` (squared if ``square``) for every non-``None`` value;
+        counts one step."""
         given, stats = self._pairs(values, what, self._stats)
         if given:
             given = [x.detach().to(v.dtype) for x, v in zip(given, stats)]
+            if divisor != 1.0:
+                given = torch._foreach_div(given, divisor)
             torch._foreach_mul_(stats, self.beta)
             if square:
                 torch._foreach_addcmul_(stats, given, given, value=1.0 - self.beta)
@@ -217,10 +225,11 @@ class Preconditioner(ABC):
         self._decay *= self.beta
         self.steps += 1
 
-    def accumulate(self, grads: Sequence[Tensor | None]) -> None:
+    def accumulate(self, grads: Sequence[Tensor | None], loss_scale: float = 1.0) -> None:
         """This rank's statistics update from its local gradients (one call per optimizer step): ``v ← β v +
-        (1 − β) g²``. ``None`` entries (unused parameters) leave their statistics unchanged. ``D`` is not touched."""
-        self._ema_(grads, "accumulate", square=True)
+        (1 − β) g²`` with ``g = grads / loss_scale`` (the unscaled gradients of a gradient scaler's scaled ones).
+        ``None`` entries (unused parameters) leave their statistics unchanged. ``D`` is not touched."""
+        self._ema_(grads, "accumulate", square=True, divisor=_check_positive(loss_scale, "loss_scale"))
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -344,7 +353,7 @@ class OASISScaling(Preconditioner):
         self.alpha_min = self.eps
         self.generator = generator
 
-    def accumulate(self, grads: Sequence[Tensor | None]) -> None:
+    def accumulate(self, grads: Sequence[Tensor | None], loss_scale: float = 1.0) -> None:
         raise TypeError("OASISScaling takes Hessian-diagonal estimates z ⊙ (H z), not gradients: use "
                         "accumulate_hessian_diagonal(estimates) or accumulate_hutchinson(hvp)")
 

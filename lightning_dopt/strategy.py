@@ -55,8 +55,8 @@ from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, Gradient
 from lightning_dopt.pacing import WorkPacer, check_min_work
 from lightning_dopt.rounds import (FLAG_BLOCKS, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK, OuterOptimizerFactory,
                                    OverlappedRounds, ReplicaSync, diloco_outer_optimizer)
-from lightning_dopt.scaling import (SCALINGS, OASISScaling, Preconditioner, check_relative_floor, finite_difference_hvp,
-                                    make_preconditioner)
+from lightning_dopt.scaling import (SCALINGS, OASISScaling, Preconditioner, all_finite, check_relative_floor,
+                                    finite_difference_hvp, make_preconditioner)
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -498,6 +498,8 @@ class GossipLocalStrategy(DDPStrategy):
         super().on_train_start()
         if self._restored and self._restored.get("sidecar"):
             _set_rng_states(self._restored["sidecar"]["rng"])
+            if self._restored["sidecar"].get("precision"):  # after Lightning restored rank 0's from the main file
+                self.precision_plugin.load_state_dict(self._restored["sidecar"]["precision"])
         self._restored = None
         if self._comm is not None:
             self._check_equal_batches()
@@ -569,7 +571,7 @@ class GossipLocalStrategy(DDPStrategy):
 
         def averaged_closure() -> Any:
             output = closure()
-            averager.average_()
+            averager.average_(self._loss_scale())
             return output
 
         return averaged_closure
@@ -595,7 +597,7 @@ class GossipLocalStrategy(DDPStrategy):
 
         def combined_closure() -> Any:
             output = closure()
-            self._grad_combiners[index].combine_()
+            self._grad_combiners[index].combine_(self._loss_scale())
             return output
 
         return combined_closure
@@ -607,14 +609,27 @@ class GossipLocalStrategy(DDPStrategy):
 
         def scaled_closure() -> Any:
             output = closure()
+            grads = [p.grad for p in params]
+            loss_scale = self._loss_scale()
             if isinstance(preconditioner, OASISScaling):
                 preconditioner.accumulate_hutchinson(lambda probes: _closure_hvp(params, raw_closure, probes))
-            else:
-                preconditioner.accumulate([p.grad for p in params])
-            preconditioner.apply_([p.grad for p in params])
+            elif loss_scale is None:
+                preconditioner.accumulate(grads)
+            elif all_finite(grads):  # the scaler skips this step otherwise: its gradients are not accumulated
+                preconditioner.accumulate(grads, loss_scale=loss_scale)
+            preconditioner.apply_(grads)  # linear: dividing the scaled gradient by D scales the unscaled one
             return output
 
         return scaled_closure
+
+    def _loss_scale(self) -> float | None:
+        """The gradient scaler's current scale ``S`` under ``precision="16-mixed"``, ``None`` without one.
+
+        The precision plugin unscales the gradients only after the closure, so the wrappers above see ``S · g``:
+        they act on ``g`` (averaging, AdaCons, statistics) and hand back ``S ×`` their result, which the plugin's
+        unscale and non-finite check then treat like any gradient (one host sync per step for the scale)."""
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        return None if scaler is None else float(scaler.get_scale())
 
     def _after_step(self) -> None:
         self._steps += 1
@@ -919,6 +934,8 @@ class GossipLocalStrategy(DDPStrategy):
             "scaling": [{"state": preconditioner.state_dict(),
                          "generator": getattr(preconditioner, "generator", None) and
                          preconditioner.generator.get_state()} for _, preconditioner in self._preconditioners],
+            # each rank's gradient scaler skips (and so rescales) on its own: the main file holds rank 0's only
+            "precision": self.precision_plugin.state_dict(),
         }
 
     def remove_checkpoint(self, filepath: _PATH) -> None:

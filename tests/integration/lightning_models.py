@@ -212,3 +212,32 @@ class SyncLoggingModel(SleepyRegressionModel):
         loss = super().training_step(batch, batch_idx)
         self.log("train_loss", loss, sync_dist=True)
         return loss
+
+
+class NonFiniteStepModel(RegressionModel):
+    """RegressionModel whose loss is Inf on optimizer step ``bad_step`` on every rank (an fp16 overflow): a gradient
+    scaler must skip that step."""
+
+    def __init__(self, bad_step: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bad_step = bad_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if self.trainer.global_step == self.bad_step else loss
+
+
+class PrecisionRecorder(L.Callback):
+    """Saves each rank's gradient-scaler scale, preconditioner step counts and final state to
+    ``<out_dir>/precision-rank<r>.pt`` at the end of fit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        strategy = trainer.strategy
+        torch.save({"scale": None if scaler is None else scaler.get_scale(),
+                    "accumulated": [p.steps for _, p in getattr(strategy, "_preconditioners", [])],
+                    "state": state_snapshot(pl_module)},
+                   os.path.join(self.out_dir, f"precision-rank{trainer.global_rank}.pt"))
