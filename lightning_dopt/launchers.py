@@ -32,14 +32,24 @@ def check_no_ddp_wrapper(model: Any) -> None:
                                  "communication itself: pass the plain module (valid: an unwrapped LightningModule)")
 
 
+BeforeLaunch = Callable[[Any, Any], None]
+"""``before_launch(trainer, model)``: a check that raises before any rank process starts."""
+
+
 class CheckedSubprocessLauncher(_SubprocessScriptLauncher):
-    """Lightning's popen launcher that validates the model before any process starts and, when rank 0 fails,
-    ends the ranks it started instead of leaving them waiting."""
+    """Lightning's popen launcher that validates the model (and runs ``before_launch``) before any process starts
+    and, when rank 0 fails, ends the ranks it started instead of leaving them waiting."""
 
     child_exit_grace_s: float = 15.0
 
+    def __init__(self, *args: Any, before_launch: BeforeLaunch | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_launch = before_launch
+
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         check_no_ddp_wrapper(args[0] if args else None)
+        if self.before_launch is not None:
+            self.before_launch(trainer, args[0] if args else None)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         except BaseException:
@@ -64,8 +74,15 @@ class CheckedSubprocessLauncher(_SubprocessScriptLauncher):
 
 
 class CheckedMultiProcessingLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn/fork launcher that validates the model before any process starts."""
+    """Lightning's spawn/fork launcher that validates the model (and runs ``before_launch``) before any process
+    starts."""
+
+    def __init__(self, *args: Any, before_launch: BeforeLaunch | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_launch = before_launch
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         check_no_ddp_wrapper(args[0] if args else None)
+        if self.before_launch is not None:
+            self.before_launch(trainer, args[0] if args else None)
         return super().launch(function, *args, trainer=trainer, **kwargs)

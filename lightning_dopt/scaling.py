@@ -480,6 +480,56 @@ def finite_difference_hvp(grad_fn: Callable[[], list[Tensor]], params: Sequence[
     return [(gp - gm).div_(2.0 * h) for gp, gm in zip(plus, minus)]
 
 
+RandomState = tuple[Tensor, Tensor | None]
+"""The default CPU generator's state and, on a CUDA device, that device's generator state."""
+
+
+def capture_rng_state(device: torch.device) -> RandomState:
+    """The random state a forward pass on ``device`` draws from (dropout masks): CPU's, and the device's on CUDA."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def restore_rng_state(state: RandomState, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def replayed_closure_hvp(grad_closure: Callable[[], Any], params: Sequence[Tensor], vectors: Sequence[Tensor],
+                         rng_state: RandomState, buffers: Sequence[Tensor]) -> list[Tensor]:
+    """``H v`` of a step's loss by central differences (:func:`finite_difference_hvp`), re-running the step's
+    forward/backward ``grad_closure`` (which leaves the gradients in ``p.grad``) at ``x ± h v`` *as the step ran it*.
+
+    The two probes must differ only in the parameters: before each, the random generators are reset to
+    ``rng_state``, captured before the step's own forward pass, so dropout draws the same masks (fresh masks differ
+    by O(1) and the ``1/(2h)`` factor makes that a relative error above 10). Afterwards the ``buffers`` (BatchNorm
+    running statistics and counters, which each forward pass in training mode advances), the gradients and the
+    generators are put back as the step left them. Cost: two forward/backward passes, one copy of the buffers."""
+    params = list(params)
+    device = params[0].device if params else torch.device("cpu")
+    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    after_step = capture_rng_state(device)
+
+    def gradients() -> list[Tensor]:
+        for param in params:
+            param.grad = None
+        restore_rng_state(rng_state, device)
+        grad_closure()
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+    try:
+        return finite_difference_hvp(gradients, params, vectors)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, saved_buffers):
+                buffer.copy_(saved)
+        for param, gradient in zip(params, saved_grads):
+            param.grad = gradient
+        restore_rng_state(after_step, device)
+
+
 def make_preconditioner(name: str, params: Sequence[Tensor], beta: float = 0.999, eps: float = 1e-8,
                         alpha_min: float = 1e-4, generator: torch.Generator | None = None,
                         relative_floor: float = 1e-2) -> Preconditioner:

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -47,6 +49,7 @@ from torch.optim import Optimizer
 
 from lightning_dopt.checkpoint_files import (atomic_save, remove_other_saves, remove_sidecar_dir_if_empty,
                                              sidecar_path)
+from lightning_dopt.combinations import Setting, check as check_combination
 from lightning_dopt.comm import CommStats, Communicator, PeerFailure
 from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.aggregate import GUARDS
@@ -55,8 +58,8 @@ from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, Gradient
 from lightning_dopt.pacing import WorkPacer, check_min_work
 from lightning_dopt.rounds import (FLAG_BLOCKS, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK, OuterOptimizerFactory,
                                    OverlappedRounds, ReplicaSync, diloco_outer_optimizer)
-from lightning_dopt.scaling import (SCALINGS, OASISScaling, Preconditioner, all_finite, check_relative_floor,
-                                    finite_difference_hvp, make_preconditioner)
+from lightning_dopt.scaling import (SCALINGS, OASISScaling, Preconditioner, all_finite, capture_rng_state,
+                                    check_relative_floor, make_preconditioner, replayed_closure_hvp)
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -103,67 +106,26 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
-def _check_aggregation(aggregation: str, topology: str, local_steps: int, codec: Codec | None, momentum: float,
-                       guard: str, preserve_scale: bool, stale_weights: bool) -> None:
+def _check_adacons_options(aggregation: str, momentum: float, guard: str) -> None:
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid choices: {', '.join(AGGREGATIONS)}")
-    if aggregation == "mean":
-        return
-    if topology != "complete" or codec is not None:
-        raise ValueError("aggregation='adacons' combines the gradients (local_steps=1) or pseudo-gradients "
-                         "(local_steps>1) of every rank: it needs topology='complete' and no compression "
-                         f"(got topology={topology!r}, compression={codec!r})")
-    if local_steps > 1 and stale_weights:
-        raise ValueError("stale_weights applies to per-step gradients (local_steps=1); AdaCons rounds always "
-                         "compute fresh weights")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"adacons_momentum must be a number in [0, 1); got {momentum!r}")
     if guard not in GUARDS:
         raise ValueError(f"unknown adacons_guard {guard!r}; valid choices: {', '.join(GUARDS)}")
-    if stale_weights and preserve_scale:
-        raise ValueError("stale_weights=True cannot preserve the mean gradient's scale (the mean is never computed "
-                         "in that mode): use preserve_scale=False with a scale-invariant optimizer such as Adam")
 
 
-def _outer_optimizer_factory(outer_optimizer: str | OuterOptimizerFactory | None, topology: str,
-                             codec: Codec | None, aggregation: str, local_steps: int) -> OuterOptimizerFactory | None:
+def _outer_optimizer_factory(outer_optimizer: str | OuterOptimizerFactory | None) -> OuterOptimizerFactory | None:
     if outer_optimizer is None:
         return None
     if isinstance(outer_optimizer, str):
         if outer_optimizer != "diloco":
             raise ValueError(f"unknown outer_optimizer {outer_optimizer!r}; valid choices: None, 'diloco', or a "
                              "callable that builds a torch.optim.Optimizer from a list of tensors")
-        factory: OuterOptimizerFactory = diloco_outer_optimizer
-    elif callable(outer_optimizer):
-        factory = outer_optimizer
-    else:
-        raise ValueError(f"outer_optimizer must be None, 'diloco' or a callable; got {outer_optimizer!r}")
-    if topology != "complete" or codec is not None:
-        raise ValueError("an outer optimizer steps on the average pseudo-gradient of all ranks: it needs "
-                         f"topology='complete' and no compression (got topology={topology!r}, compression={codec!r})")
-    if aggregation == "adacons" and local_steps == 1:
-        raise ValueError("aggregation='adacons' with local_steps=1 combines gradients every step and has no rounds "
-                         "for an outer optimizer to act on: use local_steps > 1")
-    return factory
-
-
-def _closure_hvp(params: list[torch.Tensor], closure: Callable[[], Any],
-                 vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``H v`` of the step's local loss by central differences of gradients from re-running ``closure``; the
-    parameters and their gradients are restored afterwards."""
-    saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
-
-    def gradients() -> list[torch.Tensor]:
-        for param in params:
-            param.grad = None
-        closure()
-        return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-
-    try:
-        return finite_difference_hvp(gradients, params, vectors)
-    finally:
-        for param, gradient in zip(params, saved):
-            param.grad = gradient
+        return diloco_outer_optimizer
+    if callable(outer_optimizer):
+        return outer_optimizer
+    raise ValueError(f"outer_optimizer must be None, 'diloco' or a callable; got {outer_optimizer!r}")
 
 
 class GossipLocalStrategy(DDPStrategy):
@@ -282,29 +244,24 @@ class GossipLocalStrategy(DDPStrategy):
         _check_int("seed", seed, 0)
         _check_int("anchor_interval", anchor_interval, 1)
         codec = make_codec(compression, block_size=block_size)
-        _check_aggregation(aggregation, topology, local_steps, codec, adacons_momentum, adacons_guard,
-                           preserve_scale, stale_weights)
-        outer_factory = _outer_optimizer_factory(outer_optimizer, topology, codec, aggregation, local_steps)
+        _check_adacons_options(aggregation, adacons_momentum, adacons_guard)
+        outer_factory = _outer_optimizer_factory(outer_optimizer)
         if scaling is not None:
             if scaling not in SCALINGS:
                 raise ValueError(f"unknown scaling {scaling!r}; valid choices: None, {', '.join(SCALINGS)}")
             check_relative_floor(scaling_floor, "scaling_floor")
             make_preconditioner(scaling, [], beta=scaling_beta, eps=scaling_eps, alpha_min=scaling_alpha_min,
                                 relative_floor=scaling_floor)
-            if aggregation == "adacons" and local_steps == 1:
-                raise ValueError("scaling refreshes its preconditioner at rounds, and aggregation='adacons' with "
-                                 "local_steps=1 has none: use local_steps > 1 or aggregation='mean'")
         if not isinstance(overlap, bool):
             raise ValueError(f"overlap must be True or False; got {overlap!r}")
-        if overlap and (outer_factory is not None or aggregation == "adacons"):
-            raise ValueError("overlap=True applies to gossip and Local SGD rounds; AdaCons (aggregation='adacons') and "
-                             "outer optimizers need every rank's current pseudo-gradient at the round: use "
-                             "overlap=False with them")
         min_work = check_min_work(min_work)
-        if min_work < 1.0 and aggregation == "adacons" and local_steps == 1:
-            raise ValueError("min_work < 1 lets a slow rank skip steps between rounds, and aggregation='adacons' with "
-                             "local_steps=1 combines every rank's gradient at every step: use local_steps > 1 or "
-                             "min_work=1.0")
+        self._setting = Setting(
+            topology=topology, compression=None if codec is None else compression if isinstance(compression, str)
+            else repr(codec), overlap=overlap, scaling=scaling, aggregation=aggregation,
+            outer_optimizer=None if outer_optimizer is None else "diloco" if outer_optimizer == "diloco" else "custom",
+            local_steps=local_steps, min_work=min_work, warmup_steps=warmup_steps, stale_weights=stale_weights,
+            preserve_scale=preserve_scale)
+        check_combination(self._setting)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -365,19 +322,37 @@ class GossipLocalStrategy(DDPStrategy):
 
     # ----------------------------------------------------------------------------------------- launch
     def _configure_launcher(self) -> None:
+        """Called while the Trainer is built, once it has given the strategy its precision plugin and layer sync:
+        the combinations with those are checked here, before anything runs."""
         validate_topology(self.topology, self.world_size)
+        self._setting = replace(self._setting, precision=getattr(self.precision_plugin, "precision", "32-true"),
+                                sync_batchnorm=self._layer_sync is not None)
+        check_combination(self._setting)
         assert self.cluster_environment is not None
         if self._start_method == "popen":
-            self._launcher = CheckedSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+            self._launcher = CheckedSubprocessLauncher(self.cluster_environment, self.num_processes, self.num_nodes,
+                                                       before_launch=self.check_fit)
         else:
-            self._launcher = CheckedMultiProcessingLauncher(self, start_method=self._start_method)
+            self._launcher = CheckedMultiProcessingLauncher(self, start_method=self._start_method,
+                                                            before_launch=self.check_fit)
+
+    def check_fit(self, trainer: Any, model: Any) -> None:
+        """Check the combinations with the module's optimization mode and the Trainer's gradient accumulation.
+        The launcher calls it when ``fit`` starts, before any rank process is started (and :meth:`setup` again on
+        every rank): a refused combination is a ``ValueError`` naming the options."""
+        if not isinstance(model, LightningModule) or trainer is None:
+            return
+        check_combination(replace(self._setting, automatic_optimization=bool(model.automatic_optimization),
+                                  accumulate_grad_batches=int(trainer.accumulate_grad_batches)))
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: Any) -> None:
         """DDPStrategy.setup without the DDP wrapper: common start from rank 0, then local optimizers."""
         assert self.accelerator is not None and self.model is not None
-        self.accelerator.setup(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.check_fit(trainer, self.lightning_module)
+        self.accelerator.setup(trainer)
         if fitting and self._layer_sync:
             self.model = self._layer_sync.apply(self.model)
         self.precision_plugin.convert_module(self.model)
@@ -411,14 +386,6 @@ class GossipLocalStrategy(DDPStrategy):
         if fitting:
             self._pacer, self._skipping, self._skipped_steps, self._fit_first_step = None, False, 0, self._steps
         if fitting and self._sync is not None and self.min_work < 1.0:
-            if not self.lightning_module.automatic_optimization:
-                raise ValueError("min_work < 1 skips whole optimizer steps of a slow rank, which needs automatic "
-                                 "optimization (with manual optimization the strategy cannot tell which optimizer "
-                                 "calls make up a step): use min_work=1.0")
-            if self._layer_sync is not None:
-                raise ValueError("min_work < 1 cannot be combined with sync_batchnorm: a rank that skips a step does "
-                                 "not run the forward pass whose BatchNorm layers all-reduce their statistics, so the "
-                                 "ranks would deadlock. Use sync_batchnorm=False or min_work=1.0")
             self._pacer = WorkPacer(self.min_work)
         self._setups += 1
 
@@ -439,12 +406,6 @@ class GossipLocalStrategy(DDPStrategy):
         """One frozen-between-rounds diagonal preconditioner per optimizer (``scaling``), or none."""
         if self.scaling is None:
             return []
-        if self.scaling == "oasis" and not self.lightning_module.automatic_optimization:
-            raise ValueError("scaling='oasis' re-evaluates the step's closure for its Hessian-vector products, which "
-                             "manual optimization does not provide: use scaling='adam' or 'rmsprop'")
-        if self.scaling == "oasis" and trainer.accumulate_grad_batches != 1:
-            raise ValueError("scaling='oasis' cannot be combined with gradient accumulation (its Hessian-vector "
-                             "products re-run the last micro-batch only): set accumulate_grad_batches=1")
         if trainer.gradient_clip_val:
             rank_zero_warn(f"lightning_dopt: gradient_clip_val={trainer.gradient_clip_val} with scaling="
                            f"{self.scaling!r} clips the scaled gradient D⁻¹g that the optimizer receives, not the raw "
@@ -608,11 +569,17 @@ class GossipLocalStrategy(DDPStrategy):
         params, preconditioner = self._preconditioners[self.optimizers.index(optimizer)]
 
         def scaled_closure() -> Any:
+            rng_state = capture_rng_state(self.root_device) if isinstance(preconditioner, OASISScaling) else None
             output = closure()
             grads = [p.grad for p in params]
             loss_scale = self._loss_scale()
-            if isinstance(preconditioner, OASISScaling):
-                preconditioner.accumulate_hutchinson(lambda probes: _closure_hvp(params, raw_closure, probes))
+            if rng_state is not None:
+                # Lightning's closure object re-runs training_step and backward through .closure() without replacing
+                # the step's result (the loss reported for the step stays the one at x, not at a probe point)
+                probe = getattr(raw_closure, "closure", raw_closure)
+                buffers = list(self.lightning_module.buffers())
+                preconditioner.accumulate_hutchinson(
+                    lambda vectors: replayed_closure_hvp(probe, params, vectors, rng_state, buffers))
             elif loss_scale is None:
                 preconditioner.accumulate(grads)
             elif all_finite(grads):  # the scaler skips this step otherwise: its gradients are not accumulated

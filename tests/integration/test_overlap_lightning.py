@@ -59,8 +59,8 @@ def test_a_nan_replica_stops_every_rank_before_it_spreads(tmp_path: Path, overla
 
 @pytest.mark.parametrize("options, text", [
     ({"overlap": "yes"}, "overlap must be True or False"),
-    ({"overlap": True, "topology": "complete", "aggregation": "adacons"}, "use overlap=False"),
-    ({"overlap": True, "topology": "complete", "outer_optimizer": "diloco"}, "use overlap=False"),
+    ({"overlap": True, "topology": "complete", "aggregation": "adacons"}, "Use overlap=False"),
+    ({"overlap": True, "topology": "complete", "outer_optimizer": "diloco"}, "Use overlap=False"),
 ])
 def test_bad_overlap_options_are_refused_at_construction(options: dict[str, Any], text: str) -> None:
     with pytest.raises(ValueError, match=text):

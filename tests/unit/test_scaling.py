@@ -17,11 +17,14 @@ from lightning_dopt.scaling import (
     OASISScaling,
     Preconditioner,
     RMSPropScaling,
+    capture_rng_state,
     finite_difference_hvp,
     hessian_vector_product,
     hutchinson_diagonal,
     make_preconditioner,
     rademacher_like,
+    replayed_closure_hvp,
+    restore_rng_state,
 )
 
 F64 = torch.float64
@@ -536,3 +539,57 @@ def test_a_state_without_the_weight_loads_with_the_weight_it_stood_for():
     assert float(restored.mixed_state()[-1]) == pytest.approx(1 - 0.9 ** 3, rel=1e-6)
     with pytest.raises(ValueError, match="'weight' must be a one-element tensor in"):
         restored.load_state_dict({**pc.state_dict(), "weight": torch.tensor([1.5])})
+
+
+# --- OASIS probes replay the step: same dropout masks, BatchNorm statistics untouched ------------------------------
+
+def dropout_batchnorm_model() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.5),
+                                torch.nn.Tanh(), torch.nn.Linear(16, 1)).double().train()
+    inputs, targets = torch.randn(32, 6, dtype=F64), torch.randn(32, 1, dtype=F64)
+    return model, inputs, targets
+
+
+def test_replayed_probes_match_the_exact_hessian_vector_product_with_dropout_and_batchnorm():
+    model, inputs, targets = dropout_batchnorm_model()
+    params = list(model.parameters())
+    vectors = [rademacher_like(p, gen(3)) for p in params]
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model(inputs), targets)
+
+    def step_closure() -> None:
+        loss().backward()
+
+    # the exact H v of the loss the step computed: same dropout masks (generator reset), same batch statistics
+    rng_state = capture_rng_state(torch.device("cpu"))
+    exact = hessian_vector_product(loss, params, vectors)
+    restore_rng_state(rng_state, torch.device("cpu"))
+    buffers = list(model.buffers())
+    before_step = [b.clone() for b in buffers]
+    restore_rng_state(rng_state, torch.device("cpu"))
+    step_closure()  # the optimizer step's own forward/backward
+    after_step = [b.clone() for b in buffers]
+    grads_after_step = [p.grad.clone() for p in params]
+    next_draw = torch.get_rng_state()
+
+    estimate = replayed_closure_hvp(step_closure, params, vectors, rng_state, buffers)
+    error = sum(float((e - x).norm() ** 2) for e, x in zip(estimate, exact)) ** 0.5
+    size = sum(float(x.norm() ** 2) for x in exact) ** 0.5
+    assert error < 1e-3 * size, (error, size)  # O(h²) of the central difference
+    assert all(torch.equal(b, a) for b, a in zip(buffers, after_step))  # running stats advanced once, by the step
+    assert not all(torch.equal(b, a) for b, a in zip(buffers, before_step))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads_after_step))
+    assert torch.equal(torch.get_rng_state(), next_draw)  # training continues with the generator the step left
+
+    # probes that draw fresh dropout masks (no replay) are off by far more than the Hessian itself
+    def fresh_gradients() -> list[torch.Tensor]:
+        for param in params:
+            param.grad = None
+        step_closure()
+        return [p.grad for p in params]
+
+    fresh = finite_difference_hvp(fresh_gradients, params, vectors)
+    fresh_error = sum(float((f - x).norm() ** 2) for f, x in zip(fresh, exact)) ** 0.5
+    assert fresh_error > 10 * size, (fresh_error, size)
