@@ -160,6 +160,10 @@ class FlatState:
             buffers.append(torch.empty(numel, dtype=first.dtype, device=first.device))
         return buffers
 
+    def grouped_tensors(self) -> list[list[Tensor]]:
+        """The tensors of each buffer of :meth:`new_buffers`, in layout order."""
+        return [[self.tensors[i] for i in indices] for indices in self._groups]
+
     @property
     def group_count(self) -> int:
         """How many buffers :meth:`new_buffers` returns."""

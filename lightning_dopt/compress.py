@@ -36,9 +36,12 @@ What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
 
 Why the caller encodes differences from an anchor: the strategy sends ``Q(x_i − a)`` where ``a`` is an anchor every
 rank holds identically, and receivers add ``a`` back. The quantization error is proportional to each block's *range*
-of the differences, which shrinks as the replicas agree, so compression error vanishes at consensus. Quantizing raw
-weights instead would leave an error proportional to the weights' own range (∝ ``‖x‖``) that never vanishes, however
-close the replicas are (see ``research/algorithms.md`` §1.5 and §4.7). Error feedback (§4.8) makes a biased codec's
+of the differences ``x_i − a``: the replicas' spread plus their common drift since the anchor was last refreshed. It
+does not vanish at consensus (identical replicas that moved away from the anchor still carry an error proportional to
+that move); it vanishes when the anchor is refreshed, which is why the strategy refreshes it when the error grows
+large against the replicas' distance (``anchor_tolerance``). Quantizing raw weights instead would leave an error
+proportional to the weights' own range (∝ ``‖x‖``) however close the replicas are (see ``research/algorithms.md``
+§1.5 and §4.7). Error feedback (§4.8) makes a biased codec's
 errors cancel over rounds: what was not sent this round is added to the next round's input.
 """
 

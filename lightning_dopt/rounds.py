@@ -9,8 +9,10 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
 
 * :meth:`ReplicaSync.gossip_round` applies one round of the topology's mixing matrix ``W``
   (:mod:`lightning_dopt.topology`): ``x_i ← W_ii x_i + Σ_j W_ij x_j``. ``W`` is doubly stochastic, so
-  ``x̄`` is preserved (exactly for ½/½ pairs: both ends compute the same sum of the same two halves, so
-  they end bitwise equal). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
+  ``x̄`` is preserved in real arithmetic. In floating point a ½/½ pair preserves it up to one rounding per value
+  and round: both ends compute the same ``fl(½ x_i + ½ x_j)`` (the halves are exact, their sum is rounded once, in
+  at least fp32), so they end bitwise equal, and their new sum differs from ``x_i + x_j`` by at most one unit in
+  the last place of the result (half an ulp for each end). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
   ``complete`` uses one all-reduce instead (``2(n-1)/n · P``).
 * With AdaCons rounds or an outer optimizer (:class:`PseudoGradientRounds`, ``complete`` only) a round combines
   the pseudo-gradients ``Δ_i = a − x_i`` (mean or AdaCons) and steps the shared anchor ``a`` with them.
@@ -40,8 +42,8 @@ from lightning_dopt.topology import mixing_row
 
 
 # The round's control flags: FLAG_BLOCKS blocks of n float64 (one entry per rank), all-reduced with max.
-STOP_BLOCK, NONFINITE_BLOCK, PACE_BLOCK = range(3)
-FLAG_BLOCKS = 3
+STOP_BLOCK, NONFINITE_BLOCK, PACE_BLOCK, NOISE_BLOCK = range(4)
+FLAG_BLOCKS = 4
 
 
 def _is_averaged(tensor: Tensor) -> bool:
@@ -121,7 +123,7 @@ class ReplicaSync:
 
     def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
-                 round_combiner: AdaConsCombiner | None = None,
+                 anchor_tolerance: float | None = None, round_combiner: AdaConsCombiner | None = None,
                  outer_optimizer: OuterOptimizerFactory | None = None,
                  statistics: Sequence[MixedStatistics] = ()) -> None:
         buffers = persistent_buffers(module)
@@ -147,6 +149,7 @@ class ReplicaSync:
         self.swapped = False
         self._toggled = False
         self.anchor_interval = anchor_interval
+        self.anchor_tolerance = anchor_tolerance
         self.compression = AnchoredCompression(self.state, comm, codec, seed) if codec is not None else None
         # Statistics are never sent as differences from an anchor: a small statistic would decode below zero. They
         # travel cast to bf16 (relative error ≤ 2^-8, sign kept, so a mix stays within the ranks' values).
@@ -173,8 +176,23 @@ class ReplicaSync:
             self.pseudo_gradients.reset_anchor_()
 
     @torch.no_grad()
-    def gossip_round(self, round_index: int) -> None:
-        """One synchronization round of the configured topology (see the module docstring)."""
+    def noise_ratio(self) -> Tensor | float:
+        """The compression error this rank's next graph round would inject, relative to its distance to its
+        neighbours (:meth:`AnchoredCompression.predicted_noise_ratio`; 0 without compression): what it contributes to
+        the ``NOISE_BLOCK`` of the flags, read before the round. One pass over the replica and the anchor."""
+        return self.compression.predicted_noise_ratio() if self.compression is not None else 0.0
+
+    def refresh_requested(self, flags: Tensor) -> bool:
+        """Whether the all-reduced ``flags`` ask for an anchor refresh: some rank's noise ratio exceeds
+        ``anchor_tolerance``. One host sync (the flags are read anyway)."""
+        if self.compression is None or self.anchor_tolerance is None:
+            return False
+        return bool(flags.view(FLAG_BLOCKS, -1)[NOISE_BLOCK].max() > self.anchor_tolerance)
+
+    @torch.no_grad()
+    def gossip_round(self, round_index: int, refresh: bool = False) -> None:
+        """One synchronization round of the configured topology (see the module docstring); with compression,
+        ``refresh`` makes it an anchor refresh (as every ``anchor_interval``-th round is)."""
         if self.pseudo_gradients is not None:
             self.pseudo_gradients.round_()
             self.average_buffers_("round")
@@ -185,16 +203,18 @@ class ReplicaSync:
             self.comm.count_round()
             return
         work = self.round_state.pack(self._round_work)
-        self.mix_buffers_(work, round_index, self.comm)
+        self.mix_buffers_(work, round_index, self.comm, refresh)
         self.round_state.unpack(work)
 
     @torch.no_grad()
-    def mix_buffers_(self, work: list[Tensor], round_index: int, comm: Communicator) -> None:
+    def mix_buffers_(self, work: list[Tensor], round_index: int, comm: Communicator, refresh: bool = False) -> None:
         """Round ``round_index`` on packed round state ``work`` (updated in place) over ``comm``: ``work`` becomes
-        ``Σ_j W_ij(r) x_j`` (compressed: its decoded estimate). Touches no module tensor, so it can run in a
-        background thread while the training loop keeps stepping."""
+        ``Σ_j W_ij(r) x_j`` (compressed: its decoded estimate; an anchor refresh when ``refresh``, for ``complete``
+        and every ``anchor_interval``-th round). Touches no module tensor, so it can run in a background thread
+        while the training loop keeps stepping."""
         compression = self.compression
-        refresh = self.topology == "complete" or round_index % self.anchor_interval == self.anchor_interval - 1
+        refresh = refresh or self.topology == "complete" or \
+            round_index % self.anchor_interval == self.anchor_interval - 1
         replica, statistics = self.round_state.split(work)
         if compression is not None and refresh:
             compression.average_round(replica, comm)
@@ -328,7 +348,8 @@ class OverlappedRounds:
     process group (and a side CUDA stream on GPU): the optimizer never races with it, and the training loop's
     collectives (evaluation, logging) never interleave with the round's messages. Before the exchange the thread
     all-reduces a small ``flags`` vector (one float64 per rank and flag) so that every rank learns, one round
-    later, the same stop requests, non-finite replicas and paces (``FLAG_BLOCKS`` blocks of ``n``); a round with a
+    later, the same stop requests, non-finite replicas, paces and noise ratios (``FLAG_BLOCKS`` blocks of ``n``;
+    a noise ratio above the tolerance makes the round an anchor refresh); a round with a
     non-finite replica is not exchanged.
 
     Memory: the snapshot and the mixing buffer (two copies of the round state) plus the receive buffers.
@@ -372,7 +393,7 @@ class OverlappedRounds:
             with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
                 self.comm.all_reduce_([flags], purpose="control", op="max")
                 if not self._flags_nonfinite(flags):
-                    self.sync.mix_buffers_(self._mixed, round_index, self.comm)
+                    self.sync.mix_buffers_(self._mixed, round_index, self.comm, self.sync.refresh_requested(flags))
                 if self._stream is not None:
                     self._stream.synchronize()
         except BaseException as error:  # re-raised by finish() in the training loop
@@ -443,8 +464,10 @@ class AnchoredCompression:
     With ``anchored=False`` there is no anchor (``a = 0``) and no error feedback: values travel as themselves. The
     strategy sends preconditioner statistics that way, cast to bf16, whose relative rounding keeps every value's sign.
 
-    Error: each decoded value is within one quantization step of the block's range of ``x − a``, which shrinks as
-    replicas agree and the anchor is refreshed; stochastic rounding makes it zero-mean, so the global mean is
+    Error: each decoded value is within one quantization step of the block's range of ``x − a``: the replicas'
+    spread plus their common drift since the last refresh, so it does not vanish at consensus, only at a refresh
+    (which ``anchor_tolerance`` triggers when the error grows against the replicas' distance, see
+    :meth:`predicted_noise_ratio`); stochastic rounding makes it zero-mean, so the global mean is
     preserved in expectation (biased codecs carry the rest in an error-feedback residual). Bytes per rank and round
     for ``P`` fp32 bytes and payload ratio ``c`` (0.258 for int8, 0.133 for int4 at block 256, 0.5 for bf16/fp16;
     a little more when a tensor group is not a multiple of ``n`` blocks, from padding): graph rounds ``c · P`` per
@@ -462,6 +485,9 @@ class AnchoredCompression:
         self.reset_anchor_()  # this rank's state until the common start (broadcast_) or a restore sets it
         device = state.tensors[0].device if state.tensors else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(seed * 65_537 + comm.rank)
+        # measured at the last graph round: the codec's relative error ‖Q(d) − d‖ / ‖d‖ and ‖Q(d) − neighbours'‖
+        self.relative_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.spread = torch.zeros((), dtype=torch.float64, device=device)
         sizes = [buffer.numel() for buffer in self.anchor]
         self.residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
             torch.zeros(size, dtype=torch.float32, device=device) for size in sizes]
@@ -529,18 +555,52 @@ class AnchoredCompression:
         """Mix ``work`` (packed replica state, updated in place) with the round's neighbours (over ``comm``,
         default: the communicator given at construction)."""
         sent, own = [], []
+        noise = torch.zeros_like(self.spread)
+        drift = torch.zeros_like(self.spread)
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             residual = self.residual[index] if self.residual is not None else None
-            payload, decoded = self._encode(self._difference(mine, anchor), residual)
+            difference = self._difference(mine, anchor)
+            payload, decoded = self._encode(difference, residual)
+            noise += torch.linalg.vector_norm(decoded - difference, dtype=torch.float64).square()
+            drift += torch.linalg.vector_norm(difference, dtype=torch.float64).square()
             sent.append(payload)
             own.append(decoded)
         received = [[self._empty_payload(mine.numel(), mine.device) for mine in work] for _ in row.recv_from]
         (comm or self.comm).exchange(sent, row.send_to, received, row.recv_from, purpose="round")
+        spread = torch.zeros_like(noise)
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             others = [self._decode(payloads[index], mine.numel(), mine.device) for payloads in received]
+            if len(others) == 1:
+                spread += torch.linalg.vector_norm(own[index] - others[0], dtype=torch.float64).square()
+            elif others:
+                neighbourhood = torch.zeros_like(own[index])
+                _mix_(neighbourhood, 0.0, others, [w / sum(row.recv_weights) for w in row.recv_weights])
+                spread += torch.linalg.vector_norm(own[index] - neighbourhood, dtype=torch.float64).square()
             mixed = own[index].clone()
             _mix_(mixed, row.self_weight, others, row.recv_weights)
             mine.copy_(anchor.float() + mixed if self.anchored else mixed)
+        self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
+        if received:
+            self.spread = spread.sqrt()
+
+    @torch.no_grad()
+    def predicted_noise_ratio(self) -> Tensor:
+        """``κ · ‖x_i − a‖ / s``: the error the next graph round would inject (the codec's relative error ``κ`` at the
+        last graph round times the drift since the anchor, measured now) over the distance ``s`` to the neighbours'
+        decoded replicas at the last graph round. The error grows with the drift since the last anchor refresh;
+        the distance does not. +inf when the replicas agreed exactly (a graph round would only add noise), 0 before
+        the first graph round. No host sync."""
+        drift = torch.zeros_like(self.spread)
+        if self.anchored:
+            for tensors, anchor in zip(self.state.grouped_tensors(), self.anchor):
+                offset = 0
+                for tensor in tensors:
+                    view = anchor[offset:offset + tensor.numel()].view_as(tensor)
+                    drift += torch.linalg.vector_norm(tensor.float() - view.float(), dtype=torch.float64).square()
+                    offset += tensor.numel()
+        noise = self.relative_error * drift.sqrt()
+        return torch.where(self.spread > 0, noise / self.spread.clamp_min(1e-300),
+                           torch.where(noise > 0, torch.inf, 0.0))
 
     @torch.no_grad()
     def average_round(self, work: list[Tensor], comm: Communicator | None = None) -> None:

@@ -9,8 +9,8 @@ Lightning) and each rank's replica, optimizer state, counters and RNG in a per-r
 
 Communication per rank and optimizer step, for a model of ``P`` bytes on ``n`` ranks:
 DDP ``2(n-1)/n · P``; ``complete`` ``2(n-1)/n · P / H``; ``random`` and ``one_peer_exponential``
-``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H``; plus ``2(n-1)/n · 24n`` bytes of control flags
-per round (stop requests, non-finite replicas, pace), which replace Lightning's per-batch SIGTERM broadcast.
+``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H``; plus ``2(n-1)/n · 32n`` bytes of control flags
+per round (stop requests, non-finite replicas, pace, compression noise), which replace Lightning's per-batch SIGTERM broadcast.
 With ``overlap=True`` the rounds run in a background thread, one round stale (:class:`OverlappedRounds`). With
 ``min_work < 1`` a persistently slow rank skips a share of its batches instead of holding the others back
 (:mod:`lightning_dopt.pacing`).
@@ -56,8 +56,8 @@ from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
 from lightning_dopt.pacing import WorkPacer, check_min_work
-from lightning_dopt.rounds import (FLAG_BLOCKS, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK, OuterOptimizerFactory,
-                                   OverlappedRounds, ReplicaSync, diloco_outer_optimizer)
+from lightning_dopt.rounds import (FLAG_BLOCKS, NOISE_BLOCK, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK,
+                                   OuterOptimizerFactory, OverlappedRounds, ReplicaSync, diloco_outer_optimizer)
 from lightning_dopt.scaling import (SCALINGS, OASISScaling, Preconditioner, all_finite, capture_rng_state,
                                     check_relative_floor, make_preconditioner, replayed_closure_hvp)
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
@@ -152,11 +152,16 @@ class GossipLocalStrategy(DDPStrategy):
         seed: seed of the round schedule (the same on every rank).
         compression: what crosses the wire at rounds: ``None`` (fp32), one of
             :data:`~lightning_dopt.compress.CODECS` (``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"``) or a
-            :class:`~lightning_dopt.compress.Codec`. Ranks send the difference from a shared anchor, so the error
-            shrinks as replicas agree (:class:`~lightning_dopt.rounds.AnchoredCompression`).
+            :class:`~lightning_dopt.compress.Codec`. Ranks send the difference from a shared anchor, so the error is
+            proportional to the replicas' spread plus their drift since the anchor's last refresh, not to the
+            weights (:class:`~lightning_dopt.rounds.AnchoredCompression`).
         block_size: values per quantization block (one scale and offset each) for ``int8``/``int4``.
         anchor_interval: with compression, every this many rounds is a compressed exact-mean round that
-            refreshes the shared anchor (every round for ``complete``).
+            refreshes the shared anchor (every round for ``complete``): the longest a shared anchor is kept.
+        anchor_tolerance: with compression, a round is also an anchor refresh when, at the previous round, some
+            rank's compression error ``‖Q(x_i − a) − (x_i − a)‖`` exceeded this fraction of its distance to its
+            neighbours' decoded replicas (the error grows with the drift since the anchor, the distance does not).
+            ``None``: refresh only every ``anchor_interval`` rounds.
         aggregation: ``"mean"``, or ``"adacons"`` (with ``topology="complete"``): with ``local_steps=1`` every
             step's gradient is the AdaCons combination of all ranks' gradients instead of their mean
             (:mod:`lightning_dopt.gradients`); with ``local_steps > 1`` each round combines the pseudo-gradients
@@ -211,6 +216,7 @@ class GossipLocalStrategy(DDPStrategy):
         compression: str | Codec | None = None,
         block_size: int = 256,
         anchor_interval: int = 16,
+        anchor_tolerance: float | None = 0.5,
         aggregation: str = "mean",
         adacons_momentum: float = 0.0,
         adacons_layerwise: bool = False,
@@ -243,6 +249,9 @@ class GossipLocalStrategy(DDPStrategy):
             _check_int("consensus_interval", consensus_interval, 1)
         _check_int("seed", seed, 0)
         _check_int("anchor_interval", anchor_interval, 1)
+        if anchor_tolerance is not None and (isinstance(anchor_tolerance, bool) or not isinstance(
+                anchor_tolerance, (int, float)) or not 0 < anchor_tolerance < math.inf):
+            raise ValueError(f"anchor_tolerance must be a number > 0 or None; got {anchor_tolerance!r}")
         codec = make_codec(compression, block_size=block_size)
         _check_adacons_options(aggregation, adacons_momentum, adacons_guard)
         outer_factory = _outer_optimizer_factory(outer_optimizer)
@@ -280,6 +289,7 @@ class GossipLocalStrategy(DDPStrategy):
         self.compression = compression
         self.block_size = block_size
         self.anchor_interval = anchor_interval
+        self.anchor_tolerance = anchor_tolerance
         self._codec = codec
         self.aggregation = aggregation
         self.adacons_momentum = adacons_momentum
@@ -373,6 +383,7 @@ class GossipLocalStrategy(DDPStrategy):
             self._comm = Communicator()
             self._sync = ReplicaSync(self.model, self._comm, self.topology, self.seed, self.average_buffers,
                                      codec=self._codec, anchor_interval=self.anchor_interval,
+                                     anchor_tolerance=self.anchor_tolerance,
                                      round_combiner=self._round_combiner(), outer_optimizer=self._outer_factory,
                                      statistics=[preconditioner for _, preconditioner in self._preconditioners])
             if sidecar is None:
@@ -615,8 +626,9 @@ class GossipLocalStrategy(DDPStrategy):
                 self._handle_flags(self._overlapped.finish())
                 self._overlapped.start(self._round, self._local_flags())
             else:
-                self._handle_flags(self._all_reduce_flags())
-                sync.gossip_round(self._round)
+                flags = self._all_reduce_flags()
+                self._handle_flags(flags)
+                sync.gossip_round(self._round, refresh=sync.refresh_requested(flags))
             self._round += 1
         if round_due:
             for _, preconditioner in self._preconditioners:
@@ -680,19 +692,22 @@ class GossipLocalStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------ control: stop requests and NaN checks
     def _local_flags(self) -> torch.Tensor:
-        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}, pace_0..pace_{n-1}]`` with this rank's three
-        entries set (pace: seconds per trained step, :class:`~lightning_dopt.pacing.WorkPacer`; 0 without one)."""
+        """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}, pace_0..pace_{n-1}, noise_0..noise_{n-1}]``
+        with this rank's four entries set (pace: seconds per trained step, :class:`~lightning_dopt.pacing.WorkPacer`,
+        0 without one; noise: :attr:`~lightning_dopt.rounds.ReplicaSync.noise_ratio`, which may ask for an anchor
+        refresh)."""
         assert self._sync is not None and self._comm is not None
         flags = torch.zeros(FLAG_BLOCKS, self.world_size, dtype=torch.float64, device=self._comm.device)
         flags[STOP_BLOCK, self.global_rank] = 2.0 if self._requeue else float(self._sigterm)
         flags[NONFINITE_BLOCK, self.global_rank] = float(not self._sync.is_finite())
+        flags[NOISE_BLOCK, self.global_rank] = self._sync.noise_ratio()
         if self._pacer is not None:
             flags[PACE_BLOCK, self.global_rank] = self._pacer.seconds_per_trained_step
         self._flags_step = self._steps
         return flags.view(-1)
 
     def _all_reduce_flags(self) -> torch.Tensor:
-        """Blocking check point: every rank learns every rank's flags (``3n`` float64, counted as ``control``)."""
+        """Blocking check point: every rank learns every rank's flags (``4n`` float64, counted as ``control``)."""
         assert self._comm is not None
         flags = self._local_flags()
         self._comm.all_reduce_([flags], purpose="control", op="max")

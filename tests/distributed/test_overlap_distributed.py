@@ -157,7 +157,7 @@ def test_delta_rule_keeps_local_progress_and_preserves_the_mean(world4: list[dic
 
 
 def test_flags_reach_every_rank_and_a_non_finite_flag_skips_the_exchange(world4: list[dict[str, Any]]) -> None:
-    expected = [0.0, 1.0, 0.0, 0.0] + [0.0, 0.0, 1.0, 0.0] + [0.0] * 4  # stop, non-finite, pace blocks
+    expected = [0.0, 1.0, 0.0, 0.0] + [0.0, 0.0, 1.0, 0.0] + [0.0] * 8  # stop, non-finite, pace, noise blocks
     assert all(rank["flags"] == expected for rank in world4)
     assert all(rank["flags_unchanged"] for rank in world4)
     assert all("still in flight" in rank["in_flight_twice"] for rank in world4)
