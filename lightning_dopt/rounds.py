@@ -510,7 +510,8 @@ class AnchoredCompression:
             return None if tensors is None else [t.clone() for t in tensors]
 
         return {"anchor": copies(self.anchor), "generator": self.generator.get_state(),
-                "residual": copies(self.residual), "mean_residual": copies(self.mean_residual)}
+                "residual": copies(self.residual), "mean_residual": copies(self.mean_residual),
+                "relative_error": self.relative_error.clone(), "spread": self.spread.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved_sizes = [tuple(saved.shape) for saved in state["anchor"]]
@@ -525,6 +526,8 @@ class AnchoredCompression:
         for mine, saved in zip(self.anchor, state["anchor"]):
             mine.copy_(saved)
         self.generator.set_state(state["generator"])
+        for name in ("relative_error", "spread"):  # absent from states written before adaptive refreshes: 0
+            getattr(self, name).copy_(state.get(name, torch.zeros(())))
         for name in ("residual", "mean_residual"):
             current, saved = getattr(self, name), state[name]
             if current is not None and saved is not None:
