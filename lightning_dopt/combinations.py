@@ -167,6 +167,11 @@ RULES: tuple[Rule, ...] = (
          lambda s: s.scaling == "oasis" and s.accumulate_grad_batches is not None and s.accumulate_grad_batches > 1,
          "OASIS's Hessian-vector products re-run the closure, which holds the last micro-batch only",
          "Set accumulate_grad_batches=1, or use scaling='adam' or 'rmsprop'"),
+    Rule("manual-optimization-accumulation", ("automatic_optimization", "accumulate_grad_batches"),
+         lambda s: s.automatic_optimization is False and s.accumulate_grad_batches is not None
+         and s.accumulate_grad_batches > 1,
+         "Lightning accumulates gradients for automatic optimization only",
+         "Accumulate in your training_step (step the optimizer every k batches), or use automatic optimization"),
     Rule("oasis-precision", ("scaling", "precision"),
          lambda s: s.scaling == "oasis" and s.precision not in FULL_PRECISIONS,
          "OASIS takes Hessian-vector products as differences of gradients at x ± 0.001·z, and half-precision "

@@ -206,6 +206,12 @@ class ReplicaSync:
         self.mix_buffers_(work, round_index, self.comm, refresh)
         self.round_state.unpack(work)
 
+    def is_refresh(self, round_index: int, requested: bool = False) -> bool:
+        """Whether round ``round_index`` is an (exact or compressed) average round: with ``complete``, every
+        ``anchor_interval``-th round, and when ``requested`` (:meth:`refresh_requested`)."""
+        return requested or self.topology == "complete" or \
+            round_index % self.anchor_interval == self.anchor_interval - 1
+
     @torch.no_grad()
     def mix_buffers_(self, work: list[Tensor], round_index: int, comm: Communicator, refresh: bool = False) -> None:
         """Round ``round_index`` on packed round state ``work`` (updated in place) over ``comm``: ``work`` becomes
@@ -213,8 +219,7 @@ class ReplicaSync:
         and every ``anchor_interval``-th round). Touches no module tensor, so it can run in a background thread
         while the training loop keeps stepping."""
         compression = self.compression
-        refresh = refresh or self.topology == "complete" or \
-            round_index % self.anchor_interval == self.anchor_interval - 1
+        refresh = self.is_refresh(round_index, refresh)
         replica, statistics = self.round_state.split(work)
         if compression is not None and refresh:
             compression.average_round(replica, comm)
