@@ -224,9 +224,17 @@ def fit(setting: Setting, world_size: int, root: str, resume_from: str | None = 
             "local": observer.local,
             "final_equal": all(torch.equal(other, final) for other in finals),
             "finite": bool(torch.isfinite(final).all()) and bool(torch.isfinite(observer.local).all()),
-            "scale": observer.scale, "skipped": strategy.skipped_steps, "sent": dict(stats.bytes_sent_by_purpose),
+            "scale": observer.scale, "skipped": all_skipped(strategy.skipped_steps),
+            "sent": dict(stats.bytes_sent_by_purpose),
             "expected": expected_bytes(setting, model, world_size, dist.get_rank(), observer.rounds,
                                        observer.scale, strategy.steps)}
+
+
+def all_skipped(skipped: int) -> int:
+    """The steps every rank skipped for partial work, summed (one all-reduce)."""
+    total = torch.tensor([float(skipped)])
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def run_rows(rank: int, world_size: int, rows: list[dict[str, Any]], root: str) -> list[dict[str, Any]]:
