@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--topology", default="random", help="gossip topology (the issue asks for random)")
     parser.add_argument("--block-size", type=int, default=256, help="values per int8/int4 quantization block")
     parser.add_argument("--anchor-interval", type=int, default=16, help="every this many rounds: anchor refresh")
+    parser.add_argument("--anchor-tolerance", type=_tolerance, default=0.5,
+                        help="also refresh when a round's compression error would exceed this fraction of the "
+                             "replicas' distance ('None': every --anchor-interval rounds only)")
     parser.add_argument("--contenders", type=contender_list(CONTENDERS), default=list(CONTENDERS),
                         help="driver: comma-separated contenders, fp32 first (default: all)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1],
@@ -162,7 +165,8 @@ def build_trainer(args: argparse.Namespace, callbacks: list[pl.Callback]) -> pl.
     """``args.devices`` CPU ranks with ``gossip_local`` (popen launcher, gloo); no validation during fit."""
     strategy = GossipLocalStrategy(local_steps=args.local_steps, topology=args.topology,
                                    compression=CONTENDERS[args.run], block_size=args.block_size,
-                                   anchor_interval=args.anchor_interval, seed=args.seed,
+                                   anchor_interval=args.anchor_interval, anchor_tolerance=args.anchor_tolerance,
+                                   seed=args.seed,
                                    start_method="popen", process_group_backend="gloo")
     return pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=args.epochs,
                       limit_train_batches=args.limit_train_batches, limit_val_batches=0, num_sanity_val_steps=0,
@@ -211,6 +215,10 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def _tolerance(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def child_command(job: Job, args: argparse.Namespace, result_path: Path) -> list[str]:
     """The command line of one child run (every training option forwarded unchanged)."""
     return [sys.executable, os.path.abspath(__file__), "--run", job.contender, "--seed", str(job.seed),
@@ -218,7 +226,7 @@ def child_command(job: Job, args: argparse.Namespace, result_path: Path) -> list
             "--limit-train-batches", str(args.limit_train_batches), "--batch-size", str(args.batch_size),
             "--lr", str(args.lr), "--devices", str(args.devices), "--local-steps", str(args.local_steps),
             "--topology", args.topology, "--block-size", str(args.block_size),
-            "--anchor-interval", str(args.anchor_interval)]
+            "--anchor-interval", str(args.anchor_interval), "--anchor-tolerance", str(args.anchor_tolerance)]
 
 
 def run_job(job: Job, args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any] | None, float]:
@@ -348,9 +356,13 @@ def bytes_sentence(rows: list[Row], args: argparse.Namespace) -> str:
     compressed = [name for name in dict.fromkeys(r.job.contender for r in rows) if name != REFERENCE]
     if not compressed:
         return ""
-    anchors = int(first.rounds) // args.anchor_interval
     reference = mean_round_bytes(rows, REFERENCE)
     measured = ", ".join(f"{name} {mean_round_bytes(rows, name) / reference:.3f}" for name in compressed)
+    if args.anchor_tolerance is not None:  # the refreshes the noise check asked for are not counted here
+        return (f"Round bytes relative to fp32: {measured}, including the anchor refreshes (every "
+                f"{args.anchor_interval}th round, and whenever the noise check, anchor_tolerance="
+                f"{args.anchor_tolerance}, asked).")
+    anchors = int(first.rounds) // args.anchor_interval
     payload = ", ".join(f"{name} {payload_ratio(name, numel, args.block_size):.3f}" for name in compressed)
     return (f"Round bytes relative to fp32: {measured}, against codec payload ratios of {payload}; the excess is the "
             f"{anchors} anchor-refresh rounds out of {first.rounds:.0f} (every {args.anchor_interval}th round is a "
@@ -388,7 +400,8 @@ def setup_lines(args: argparse.Namespace, rows: list[Row], seconds: float, load:
         f"{args.batch_size * args.devices}), = {first.steps} optimizer steps for every run; no validation during "
         "fit; test accuracy of the exact average of the replicas after fit (`trainer.test`).",
         f"- Strategy: `gossip_local`, topology `{args.topology}`, H = local_steps = {args.local_steps}, no warm-up; "
-        f"compression block size {args.block_size} (int8/int4), anchor interval {args.anchor_interval} rounds. "
+        f"compression block size {args.block_size} (int8/int4), anchor interval {args.anchor_interval} rounds, "
+        f"anchor tolerance {args.anchor_tolerance}. "
         "Seed = model init, data order, round schedule and stochastic-rounding seed.",
         "- Bytes: `CommStats.bytes_sent_by_purpose[\"round\"]` per rank (mean over ranks), synchronization rounds "
         "only; ratio and Δ are against the fp32 run with the same seed. MB = 10^6 bytes, kB = 10^3 bytes.",
