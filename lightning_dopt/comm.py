@@ -14,11 +14,11 @@ operation                   counted as sent                        counted as re
 ``exchange`` (point-to-p.)  ``b`` per destination (exact)          ``b`` per source (exact)
 ==========================  =====================================  ===========================
 
-For a sum or mean of bf16/fp16 tensors ``b`` is the size of their fp32 copy, which is what travels (sums are
-accumulated in fp32). Collective sizes are the standard bandwidth-optimal costs (what DDP's ring all-reduce pays); point-to-point
-sizes are exact. ``seconds`` is host wall time the training loop spent inside these calls (on CUDA the kernels
-are asynchronous, so it measures launch and wait, not device transfer time); a communicator used from a
-background thread does not count its time (the training loop records how long it waited for that thread).
+For a sum or mean of bf16/fp16 tensors ``b`` is the size of their fp32 copy, which is what travels (sums are accumulated
+in fp32). Collective sizes are the standard bandwidth-optimal costs (what DDP's ring all-reduce pays); point-to-point
+sizes are exact. ``seconds`` is host wall time the training loop spent inside these calls (on CUDA the kernels are
+asynchronous, so it measures launch and wait, not device transfer time); a communicator used from a background thread
+does not count its time (the training loop records how long it waited for that thread).
 
 Failures: a call that fails (a peer process crashed or was killed, or the process group's timeout expired)
 raises :class:`PeerFailure`, whose message names this rank, the operation and its peers, and, from

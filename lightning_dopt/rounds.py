@@ -8,11 +8,11 @@ Let ``x_i`` be rank ``i``'s replica state flattened, ``x̄ = (1/n) Σ_i x_i`` th
 ``P`` the state's size in bytes.
 
 * :meth:`ReplicaSync.gossip_round` applies one round of the topology's mixing matrix ``W``
-  (:mod:`lightning_dopt.topology`): ``x_i ← W_ii x_i + Σ_j W_ij x_j``. ``W`` is doubly stochastic, so
-  ``x̄`` is preserved in real arithmetic. In floating point a ½/½ pair preserves it up to one rounding per value
-  and round: both ends compute the same ``fl(½ x_i + ½ x_j)`` (the halves are exact, their sum is rounded once, in
-  at least fp32), so they end bitwise equal, and their new sum differs from ``x_i + x_j`` by at most one unit in
-  the last place of the result (half an ulp for each end). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
+  (:mod:`lightning_dopt.topology`): ``x_i ← W_ii x_i + Σ_j W_ij x_j``. ``W`` is doubly stochastic, so ``x̄`` is
+  preserved in real arithmetic. In floating point a ½/½ pair preserves it up to one rounding per value and round: both
+  ends compute the same ``fl(½ x_i + ½ x_j)`` (the halves are exact, their sum is rounded once, in at least fp32), so
+  they end bitwise equal, and their new sum differs from ``x_i + x_j`` by at most one unit in the last place of the
+  result (half an ulp for each end). Cost per rank: ``P`` bytes to each out-neighbour and from each in-neighbour;
   ``complete`` uses one all-reduce instead (``2(n-1)/n · P``).
 * With AdaCons rounds or an outer optimizer (:class:`PseudoGradientRounds`, ``complete`` only) a round combines
   the pseudo-gradients ``Δ_i = a − x_i`` (mean or AdaCons) and steps the shared anchor ``a`` with them.

@@ -21,23 +21,23 @@ and is mixed like them, so ``D`` comes from ``mean v / mean w``: the right bias 
 accumulated different numbers of steps (a step skipped for partial work, or because a gradient scaler found
 Inf/NaN), and identical on every rank after an exact average.
 
-Defaults: ``β = 0.999``, ``eps = 1e-8``, ``alpha_min = 1e-4``, ``relative_floor = 1e-2``. The exact constants and the exact UPDATE rule of
-2406.00846 were not available (``research/algorithms.md`` §3.2); these are the standard Adam (second moment only,
-no first-moment momentum, as in the "Adam-type scaling" analyses), RMSProp and OASIS (Jahani et al., ICLR 2022)
-families. For OASIS, ``z`` is a Rademacher vector and ``z ⊙ (H z)`` a one-sample Hutchinson estimate of the
-Hessian diagonal (unbiased: ``E[z_i Σ_j H_ij z_j] = H_ii``); see :func:`hutchinson_diagonal`,
-:func:`hessian_vector_product` and :func:`finite_difference_hvp`. The estimates can be negative (non-convex
-curvature), hence ``|v|``. OASIS is bias-corrected like Adam, as a replacement for the paper's warm-up estimate of
-``D₀``: without it, after the first local phase of ``H`` steps ``v ≈ (1 − β^H)·diag(H)`` (0.8 % of the curvature
-for ``H = 8, β = 0.999``) and the steps would be over a hundred times too long. ``max(v, 0)`` in Adam/RMSProp only
-matters for averaged statistics that went slightly negative (e.g. after a lossy codec); it keeps ``D`` finite.
-Floors: ``D ≥ eps`` (adam, rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the (finite) statistics, and
-``D ≥ relative_floor · mean(D)`` within each parameter tensor. The relative floor is what keeps a frozen ``D`` safe: a
-coordinate whose statistics are (near) zero, because it had no gradient yet (an unused embedding row) or because
-they were rounded to zero, would otherwise get ``D = eps = 1e-8`` and, at its next gradient, a step ``1e8`` times
-longer than intended. With ``relative_floor = 1e-2`` no coordinate's step exceeds 100 times that of a typical
-coordinate with the same gradient (per-step Adam, whose ``v`` contains the current gradient, bounds the ratio by
-``1/√(1 − β₂) ≈ 32``). ``relative_floor = 0`` gives the plain formulas.
+Defaults: ``β = 0.999``, ``eps = 1e-8``, ``alpha_min = 1e-4``, ``relative_floor = 1e-2``. The exact constants and the
+exact UPDATE rule of 2406.00846 were not available (``research/algorithms.md`` §3.2); these are the standard Adam
+(second moment only, no first-moment momentum, as in the "Adam-type scaling" analyses), RMSProp and OASIS (Jahani et
+al., ICLR 2022) families. For OASIS, ``z`` is a Rademacher vector and ``z ⊙ (H z)`` a one-sample Hutchinson estimate of
+the Hessian diagonal (unbiased: ``E[z_i Σ_j H_ij z_j] = H_ii``); see :func:`hutchinson_diagonal`,
+:func:`hessian_vector_product` and :func:`finite_difference_hvp`. The estimates can be negative (non-convex curvature),
+hence ``|v|``. OASIS is bias-corrected like Adam, as a replacement for the paper's warm-up estimate of ``D₀``: without
+it, after the first local phase of ``H`` steps ``v ≈ (1 − β^H)·diag(H)`` (0.8 % of the curvature for ``H = 8, β =
+0.999``) and the steps would be over a hundred times too long. ``max(v, 0)`` in Adam/RMSProp only matters for averaged
+statistics that went slightly negative (e.g. after a lossy codec); it keeps ``D`` finite. Floors: ``D ≥ eps`` (adam,
+rmsprop) and ``D ≥ alpha_min`` (oasis) everywhere, whatever the (finite) statistics, and ``D ≥ relative_floor ·
+mean(D)`` within each parameter tensor. The relative floor is what keeps a frozen ``D`` safe: a coordinate whose
+statistics are (near) zero, because it had no gradient yet (an unused embedding row) or because they were rounded to
+zero, would otherwise get ``D = eps = 1e-8`` and, at its next gradient, a step ``1e8`` times longer than intended. With
+``relative_floor = 1e-2`` no coordinate's step exceeds 100 times that of a typical coordinate with the same gradient
+(per-step Adam, whose ``v`` contains the current gradient, bounds the ratio by ``1/√(1 − β₂) ≈ 32``). ``relative_floor =
+0`` gives the plain formulas.
 
 ``D`` is FROZEN within a local phase: it changes only in :meth:`~Preconditioner.refresh` and
 :meth:`~Preconditioner.load_state_dict`, never in ``accumulate``. Until the first refresh after at least one

@@ -10,7 +10,8 @@ Lightning) and each rank's replica, optimizer state, counters and RNG in a per-r
 Communication per rank and optimizer step, for a model of ``P`` bytes on ``n`` ranks:
 DDP ``2(n-1)/n · P``; ``complete`` ``2(n-1)/n · P / H``; ``random`` and ``one_peer_exponential``
 ``P / H``; ``ring``/``torus``/``exponential`` ``degree · P / H``; plus ``2(n-1)/n · 32n`` bytes of control flags
-per round (stop requests, non-finite replicas, pace, compression noise), which replace Lightning's per-batch SIGTERM broadcast.
+per round (stop requests, non-finite replicas, pace, compression noise), which replace Lightning's per-batch SIGTERM
+broadcast. Which option combinations are refused, and why: :mod:`lightning_dopt.combinations`.
 With ``overlap=True`` the rounds run in a background thread, one round stale (:class:`OverlappedRounds`). With
 ``min_work < 1`` a persistently slow rank skips a share of its batches instead of holding the others back
 (:mod:`lightning_dopt.pacing`).
@@ -158,9 +159,10 @@ class GossipLocalStrategy(DDPStrategy):
         block_size: values per quantization block (one scale and offset each) for ``int8``/``int4``.
         anchor_interval: with compression, every this many rounds is a compressed exact-mean round that
             refreshes the shared anchor (every round for ``complete``): the longest a shared anchor is kept.
-        anchor_tolerance: with compression, a round is also an anchor refresh when, at the previous round, some
-            rank's compression error ``‖Q(x_i − a) − (x_i − a)‖`` exceeded this fraction of its distance to its
-            neighbours' decoded replicas (the error grows with the drift since the anchor, the distance does not).
+        anchor_tolerance: with compression, a round is also an anchor refresh when some rank predicts that its
+            compression error ``‖Q(x_i − a) − (x_i − a)‖`` would exceed this fraction of its distance to its
+            neighbours' replicas (the codec's relative error at its last graph round times its drift since the
+            anchor, over the distance measured then; the error grows with the drift, the distance does not).
             ``None``: refresh only every ``anchor_interval`` rounds.
         aggregation: ``"mean"``, or ``"adacons"`` (with ``topology="complete"``): with ``local_steps=1`` every
             step's gradient is the AdaCons combination of all ranks' gradients instead of their mean

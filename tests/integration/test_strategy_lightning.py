@@ -327,8 +327,8 @@ def test_adacons_combines_gradients_once_per_real_step_and_keeps_replicas_identi
 # ------------------------------------------------------------------------------------------------ scaling
 def test_scaled_local_sgd_with_one_step_rounds_equals_centralized_scaled_sgd(tmp_path: Path) -> None:
     """Exact equivalence tested: with H = 1, ``complete``, RMSProp scaling and plain SGD, 2 ranks follow
-    ``x ← x − γ ḡ_t / D_{t−1}`` with ``v_t = β v_{t−1} + (1−β) mean_i g_{i,t}²``, ``D_t = max(√v_t + ε, 0.01 · mean(√v_t + ε))``
-    per tensor and ``D_0 = 1``:
+    ``x ← x − γ ḡ_t / D_{t−1}`` with ``v_t = β v_{t−1} + (1−β) mean_i g_{i,t}²``,
+    ``D_t = max(√v_t + ε, 0.01 · mean(√v_t + ε))`` per tensor and ``D_0 = 1``:
     a centralized scaled method whose preconditioner lags one step and uses the mean of the squared per-rank
     gradients."""
     steps, beta, eps, lr = 6, 0.9, 1e-8, 0.005

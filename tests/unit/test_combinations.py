@@ -63,7 +63,8 @@ def test_pair_support() -> None:
     assert key(("scaling", "oasis"), ("precision", "16-mixed")).key == "oasis-precision"
     assert key(("overlap", True), ("aggregation", "adacons")).key == "overlap-adacons"
     # three-option rules refuse no pair: AdaCons with scaling is fine once local_steps > 1
-    for supported in [(("scaling", "adam"), ("aggregation", "adacons")), (("scaling", "adam"), ("precision", "16-mixed")),
+    for supported in [(("scaling", "adam"), ("aggregation", "adacons")),
+                      (("scaling", "adam"), ("precision", "16-mixed")),
                       (("aggregation", "adacons"), ("min_work", 0.5)), (("overlap", True), ("scaling", "adam")),
                       (("aggregation", "adacons"), ("precision", "16-mixed"))]:
         assert supported in support and support[supported] is None, supported
