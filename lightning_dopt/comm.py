@@ -110,7 +110,7 @@ def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _is_narrow_float(tensor: Tensor) -> bool:
+def is_narrow_float(tensor: Tensor) -> bool:
     """A real floating-point dtype with fewer bits than fp32 (bf16, fp16, the fp8 types)."""
     return tensor.is_floating_point() and tensor.element_size() < 4
 
@@ -160,10 +160,6 @@ class FlatState:
             buffers.append(torch.empty(numel, dtype=first.dtype, device=first.device))
         return buffers
 
-    def grouped_tensors(self) -> list[list[Tensor]]:
-        """The tensors of each buffer of :meth:`new_buffers`, in layout order."""
-        return [[self.tensors[i] for i in indices] for indices in self._groups]
-
     @property
     def group_count(self) -> int:
         """How many buffers :meth:`new_buffers` returns."""
@@ -177,7 +173,8 @@ class FlatState:
     def nbytes(self) -> int:
         return sum(_nbytes(t) for t in self.tensors)
 
-    def _views(self, buffers: Sequence[Tensor]) -> Iterable[tuple[list[int], list[Tensor], list[Tensor]]]:
+    def views(self, buffers: Sequence[Tensor]) -> Iterable[tuple[list[int], list[Tensor], list[Tensor]]]:
+        """Per buffer of this layout: the indices of its tensors, the tensors, and their views into the buffer."""
         for indices, buffer in zip(self._groups, buffers):
             tensors = [self.tensors[i] for i in indices]
             views = [view.view_as(t) for view, t in zip(buffer.split([t.numel() for t in tensors]), tensors)]
@@ -186,21 +183,21 @@ class FlatState:
     @torch.no_grad()
     def pack(self, into: Sequence[Tensor]) -> Sequence[Tensor]:
         """Copy the tensors into the buffers ``into`` and return them."""
-        for _, tensors, views in self._views(into):
+        for _, tensors, views in self.views(into):
             torch._foreach_copy_(views, tensors)
         return into
 
     @torch.no_grad()
     def unpack(self, source: Sequence[Tensor]) -> None:
         """Copy the buffers ``source`` back into the tensors, in place."""
-        for _, tensors, views in self._views(source):
+        for _, tensors, views in self.views(source):
             torch._foreach_copy_(tensors, views)
 
     @torch.no_grad()
     def add_(self, source: Sequence[Tensor], scales: Sequence[float] | None = None) -> None:
         """Add the buffers ``source`` to the tensors, in place: ``x_k ← x_k + δ_k``, or ``x_k ← x_k + scales[k] · δ_k``
         with one factor per tensor (``source`` is then scaled in place)."""
-        for indices, tensors, views in self._views(source):
+        for indices, tensors, views in self.views(source):
             if scales is not None:
                 torch._foreach_mul_(views, [float(scales[i]) for i in indices])
             torch._foreach_add_(tensors, views)
@@ -344,7 +341,7 @@ class Communicator:
         payload = 0
         with self.guarded("all-reduce", purpose, None):
             for tensor in tensors:
-                travelling = tensor.float() if op in ("mean", "sum") and _is_narrow_float(tensor) else tensor
+                travelling = tensor.float() if op in ("mean", "sum") and is_narrow_float(tensor) else tensor
                 dist.all_reduce(travelling, op=reduce_op, group=self.group)
                 if op == "mean":
                     travelling.div_(self.world_size)

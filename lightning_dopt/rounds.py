@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_dopt.comm import Communicator, FlatState, PeerFailure
+from lightning_dopt.comm import Communicator, FlatState, PeerFailure, is_narrow_float
 from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode
 from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.topology import mixing_row
@@ -150,7 +150,10 @@ class ReplicaSync:
         self._toggled = False
         self.anchor_interval = anchor_interval
         self.anchor_tolerance = anchor_tolerance
-        self.compression = AnchoredCompression(self.state, comm, codec, seed) if codec is not None else None
+        # the noise check only matters where it can make a round a refresh: graph rounds with a tolerance
+        self._measures_noise = anchor_tolerance is not None and topology != "complete"
+        self.compression = AnchoredCompression(self.state, comm, codec, seed, measure_noise=self._measures_noise) \
+            if codec is not None else None
         # Statistics are never sent as differences from an anchor: a small statistic would decode below zero. They
         # travel cast to bf16 (relative error ≤ 2^-8, sign kept, so a mix stays within the ranks' values).
         self.statistics_compression = AnchoredCompression(self.extra, comm, CastCodec(torch.bfloat16), seed,
@@ -178,9 +181,12 @@ class ReplicaSync:
     @torch.no_grad()
     def noise_ratio(self) -> Tensor | float:
         """The compression error this rank's next graph round would inject, relative to its distance to its
-        neighbours (:meth:`AnchoredCompression.predicted_noise_ratio`; 0 without compression): what it contributes to
-        the ``NOISE_BLOCK`` of the flags, read before the round. One pass over the replica and the anchor."""
-        return self.compression.predicted_noise_ratio() if self.compression is not None else 0.0
+        neighbours (:meth:`AnchoredCompression.predicted_noise_ratio`; 0 without compression, without an
+        ``anchor_tolerance`` and for ``complete``, whose rounds are all refreshes): what it contributes to the
+        ``NOISE_BLOCK`` of the flags, read before the round. One pass over the replica and the anchor."""
+        if self.compression is None or not self._measures_noise:
+            return 0.0
+        return self.compression.predicted_noise_ratio()
 
     def refresh_requested(self, flags: Tensor) -> bool:
         """Whether the all-reduced ``flags`` ask for an anchor refresh: some rank's noise ratio exceeds
@@ -325,7 +331,7 @@ class ReplicaSync:
         spread = torch.zeros((), dtype=torch.float64, device=local[0].device) if local else torch.zeros(())
         norm = spread.clone()
         for mine, mean in zip(local, average):
-            if mine.is_floating_point() and mine.element_size() < 4:  # the difference in fp32, not in bf16/fp16
+            if is_narrow_float(mine):  # the difference in fp32, not in bf16/fp16
                 mine, mean = mine.float(), mean.float()
             spread += torch.linalg.vector_norm(mine - mean, dtype=torch.float64) ** 2
             norm += torch.linalg.vector_norm(mean, dtype=torch.float64) ** 2
@@ -480,11 +486,13 @@ class AnchoredCompression:
     ``n = 4`` the mix is ``c · (15 + 1.5)/16`` (0.266 × fp32 gossip for int8, 0.137 for int4).
     """
 
-    def __init__(self, state: FlatState, comm: Communicator, codec: Codec, seed: int, anchored: bool = True) -> None:
+    def __init__(self, state: FlatState, comm: Communicator, codec: Codec, seed: int, anchored: bool = True,
+                 measure_noise: bool = False) -> None:
         self.state = state
         self.comm = comm
         self.codec = codec
         self.anchored = anchored
+        self.measure_noise = measure_noise  # keep what predicted_noise_ratio needs at every graph round
         # Without an anchor the values are sent as they are: a zero-size stand-in per buffer instead of a copy.
         self.anchor = state.new_buffers() if anchored else [torch.zeros(()) for _ in range(state.group_count)]
         self.reset_anchor_()  # this rank's state until the common start (broadcast_) or a restore sets it
@@ -569,8 +577,9 @@ class AnchoredCompression:
             residual = self.residual[index] if self.residual is not None else None
             difference = self._difference(mine, anchor)
             payload, decoded = self._encode(difference, residual)
-            noise += torch.linalg.vector_norm(decoded - difference, dtype=torch.float64).square()
-            drift += torch.linalg.vector_norm(difference, dtype=torch.float64).square()
+            if self.measure_noise:
+                noise += torch.linalg.vector_norm(decoded - difference, dtype=torch.float64).square()
+                drift += torch.linalg.vector_norm(difference, dtype=torch.float64).square()
             sent.append(payload)
             own.append(decoded)
         received = [[self._empty_payload(mine.numel(), mine.device) for mine in work] for _ in row.recv_from]
@@ -578,18 +587,18 @@ class AnchoredCompression:
         spread = torch.zeros_like(noise)
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             others = [self._decode(payloads[index], mine.numel(), mine.device) for payloads in received]
-            if len(others) == 1:
-                spread += torch.linalg.vector_norm(own[index] - others[0], dtype=torch.float64).square()
-            elif others:
-                neighbourhood = torch.zeros_like(own[index])
-                _mix_(neighbourhood, 0.0, others, [w / sum(row.recv_weights) for w in row.recv_weights])
+            if self.measure_noise and others:  # distance to the neighbours' (weighted) decoded replicas
+                neighbourhood = others[0] if len(others) == 1 else torch.zeros_like(own[index])
+                if len(others) > 1:
+                    _mix_(neighbourhood, 0.0, others, [w / sum(row.recv_weights) for w in row.recv_weights])
                 spread += torch.linalg.vector_norm(own[index] - neighbourhood, dtype=torch.float64).square()
             mixed = own[index].clone()
             _mix_(mixed, row.self_weight, others, row.recv_weights)
             mine.copy_(anchor.float() + mixed if self.anchored else mixed)
-        self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
-        if received:
-            self.spread = spread.sqrt()
+        if self.measure_noise:
+            self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
+            if received:
+                self.spread = spread.sqrt()
 
     @torch.no_grad()
     def predicted_noise_ratio(self) -> Tensor:
@@ -600,12 +609,9 @@ class AnchoredCompression:
         the first graph round. No host sync."""
         drift = torch.zeros_like(self.spread)
         if self.anchored:
-            for tensors, anchor in zip(self.state.grouped_tensors(), self.anchor):
-                offset = 0
-                for tensor in tensors:
-                    view = anchor[offset:offset + tensor.numel()].view_as(tensor)
+            for _, tensors, views in self.state.views(self.anchor):
+                for tensor, view in zip(tensors, views):
                     drift += torch.linalg.vector_norm(tensor.float() - view.float(), dtype=torch.float64).square()
-                    offset += tensor.numel()
         noise = self.relative_error * drift.sqrt()
         return torch.where(self.spread > 0, noise / self.spread.clamp_min(1e-300),
                            torch.where(noise > 0, torch.inf, 0.0))

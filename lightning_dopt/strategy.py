@@ -523,18 +523,20 @@ class GossipLocalStrategy(DDPStrategy):
                 self._after_step()
             return output
         raw_closure = closure
+        loss_scale = self._loss_scale()  # constant until the plugin's scaler.update() after this step
         if self._comm is not None and self._steps < self.warmup_steps:
-            closure = self._averaging_gradients(optimizer, closure)
+            closure = self._averaging_gradients(optimizer, closure, loss_scale)
         elif self._comm is not None and self._combines_gradients:
-            closure = self._combining_gradients(optimizer, closure)
+            closure = self._combining_gradients(optimizer, closure, loss_scale)
         if self._preconditioners:
-            closure = self._scaling_gradients(optimizer, closure, raw_closure)
+            closure = self._scaling_gradients(optimizer, closure, raw_closure, loss_scale)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if optimizer is self.optimizers[-1]:
             self._after_step()
         return output
 
-    def _averaging_gradients(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _averaging_gradients(self, optimizer: Optimizer, closure: Callable[[], Any],
+                             loss_scale: float | None) -> Callable[[], Any]:
         """Wrap the closure so gradients are averaged after backward and before clipping and the update."""
         key = id(optimizer)
         if key not in self._grad_averagers:
@@ -545,7 +547,7 @@ class GossipLocalStrategy(DDPStrategy):
 
         def averaged_closure() -> Any:
             output = closure()
-            averager.average_(self._loss_scale())
+            averager.average_(loss_scale)
             return output
 
         return averaged_closure
@@ -555,7 +557,8 @@ class GossipLocalStrategy(DDPStrategy):
         """Synchronous AdaCons: every step combines gradients, so replicas never diverge and need no rounds."""
         return self.aggregation == "adacons" and self.local_steps == 1
 
-    def _combining_gradients(self, optimizer: Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _combining_gradients(self, optimizer: Optimizer, closure: Callable[[], Any],
+                             loss_scale: float | None) -> Callable[[], Any]:
         """Wrap the closure so gradients are replaced by their AdaCons combination before clipping and update."""
         index = self.optimizers.index(optimizer)
         if index not in self._grad_combiners:
@@ -571,13 +574,13 @@ class GossipLocalStrategy(DDPStrategy):
 
         def combined_closure() -> Any:
             output = closure()
-            self._grad_combiners[index].combine_(self._loss_scale())
+            self._grad_combiners[index].combine_(loss_scale)
             return output
 
         return combined_closure
 
-    def _scaling_gradients(self, optimizer: Optimizer, closure: Callable[[], Any],
-                           raw_closure: Callable[[], Any]) -> Callable[[], Any]:
+    def _scaling_gradients(self, optimizer: Optimizer, closure: Callable[[], Any], raw_closure: Callable[[], Any],
+                           loss_scale: float | None) -> Callable[[], Any]:
         """Wrap the closure so the gradients reaching clipping and the optimizer are ``D⁻¹ g``."""
         params, preconditioner = self._preconditioners[self.optimizers.index(optimizer)]
 
@@ -585,7 +588,6 @@ class GossipLocalStrategy(DDPStrategy):
             rng_state = capture_rng_state(self.root_device) if isinstance(preconditioner, OASISScaling) else None
             output = closure()
             grads = [p.grad for p in params]
-            loss_scale = self._loss_scale()
             if rng_state is not None:
                 # Lightning's closure object re-runs training_step and backward through .closure() without replacing
                 # the step's result (the loss reported for the step stays the one at x, not at a probe point)
@@ -607,7 +609,8 @@ class GossipLocalStrategy(DDPStrategy):
 
         The precision plugin unscales the gradients only after the closure, so the wrappers above see ``S · g``:
         they act on ``g`` (averaging, AdaCons, statistics) and hand back ``S ×`` their result, which the plugin's
-        unscale and non-finite check then treat like any gradient (one host sync per step for the scale)."""
+        unscale and non-finite check then treat like any gradient (one host sync per optimizer step for the
+        scale)."""
         scaler = getattr(self.precision_plugin, "scaler", None)
         return None if scaler is None else float(scaler.get_scale())
 
@@ -620,7 +623,7 @@ class GossipLocalStrategy(DDPStrategy):
             start, trained_before = self._pace_window
             self._pacer.observe(self._pace_clock() - start, self._trained_steps - trained_before)
         if sync is not None and not local_phase:
-            self._handle_flags(self._all_reduce_flags())
+            self._handle_flags(self._all_reduce_flags(before_round=False))
             if self.average_buffers:
                 sync.average_buffers_("warmup" if self._steps <= self.warmup_steps else "aggregate")
         if sync is not None and round_due:
@@ -693,25 +696,26 @@ class GossipLocalStrategy(DDPStrategy):
                 "training_step, or use min_work=1.0")
 
     # ------------------------------------------------------------------ control: stop requests and NaN checks
-    def _local_flags(self) -> torch.Tensor:
+    def _local_flags(self, before_round: bool = True) -> torch.Tensor:
         """``[sigterm_0..sigterm_{n-1}, nonfinite_0..nonfinite_{n-1}, pace_0..pace_{n-1}, noise_0..noise_{n-1}]``
         with this rank's four entries set (pace: seconds per trained step, :class:`~lightning_dopt.pacing.WorkPacer`,
-        0 without one; noise: :attr:`~lightning_dopt.rounds.ReplicaSync.noise_ratio`, which may ask for an anchor
-        refresh)."""
+        0 without one; noise, only for the flags that precede a round:
+        :meth:`~lightning_dopt.rounds.ReplicaSync.noise_ratio`, which may make it an anchor refresh)."""
         assert self._sync is not None and self._comm is not None
         flags = torch.zeros(FLAG_BLOCKS, self.world_size, dtype=torch.float64, device=self._comm.device)
         flags[STOP_BLOCK, self.global_rank] = 2.0 if self._requeue else float(self._sigterm)
         flags[NONFINITE_BLOCK, self.global_rank] = float(not self._sync.is_finite())
-        flags[NOISE_BLOCK, self.global_rank] = self._sync.noise_ratio()
+        if before_round:
+            flags[NOISE_BLOCK, self.global_rank] = self._sync.noise_ratio()
         if self._pacer is not None:
             flags[PACE_BLOCK, self.global_rank] = self._pacer.seconds_per_trained_step
         self._flags_step = self._steps
         return flags.view(-1)
 
-    def _all_reduce_flags(self) -> torch.Tensor:
+    def _all_reduce_flags(self, before_round: bool = True) -> torch.Tensor:
         """Blocking check point: every rank learns every rank's flags (``4n`` float64, counted as ``control``)."""
         assert self._comm is not None
-        flags = self._local_flags()
+        flags = self._local_flags(before_round)
         self._comm.all_reduce_([flags], purpose="control", op="max")
         return flags
 

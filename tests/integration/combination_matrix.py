@@ -15,7 +15,6 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -323,6 +322,3 @@ def average_round_bytes(codec: Any, numel: int, rank: int, n: int) -> int:
     start, stop = chunks[rank]
     return scatter + (n - 1) * payload(stop - start)
 
-
-def row_fields(setting: Setting) -> dict[str, Any]:
-    return asdict(setting)

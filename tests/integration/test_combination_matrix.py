@@ -10,6 +10,7 @@ each trained two epochs of four steps, checkpointed after the first and resumed 
 from __future__ import annotations
 
 import itertools
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ import lightning as L
 import pytest
 import torch
 
-from combination_matrix import (MatrixModel, covering_rows, mean_is_exact, pairs_of, refused_pairs, row_fields,
-                                run_rows, strategy_options, trainer_options, world_size_of)
+from combination_matrix import (MatrixModel, covering_rows, mean_is_exact, pairs_of, refused_pairs, run_rows,
+                                strategy_options, trainer_options, world_size_of)
 from helpers import run_ranks
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.combinations import DIMENSIONS, Setting, completion, refusals
@@ -68,7 +69,7 @@ def run_matrix(rows: list[Setting], root: Path) -> dict[int, dict[str, Any]]:
     reports: dict[int, dict[str, Any]] = {}
     for world_size in sorted({world_size_of(row) for row in rows}):
         indices = [i for i, row in enumerate(rows) if world_size_of(row) == world_size]
-        ranks = run_ranks(run_rows, world_size, [row_fields(rows[i]) for i in indices], str(root / f"w{world_size}"),
+        ranks = run_ranks(run_rows, world_size, [asdict(rows[i]) for i in indices], str(root / f"w{world_size}"),
                           timeout=60.0 + 20.0 * len(indices), light_packages=())
         for position, index in enumerate(indices):
             reports[index] = {"setting": rows[index], "ranks": [rank[position] for rank in ranks]}
