@@ -9,7 +9,7 @@ Every contender trains the same MLP (``WIDTHS``, 4.2 M fp32 parameters, 16.8 MB)
 sleeps ``--compute`` seconds inside ``training_step``: this stands for accelerator compute, during which a GPU
 host's CPU is idle and can drive communication (on this CPU-only machine the real forward/backward of the MLP
 competes with communication for the same cores, which no GPU run would see). The straggler runs add
-:class:`lightning_dopt.emulation.SlowRanks` making the last rank 2× slower (it sleeps once more its measured compute
+:class:`benchmarks/slow_ranks.py: SlowRanks` making the last rank 2× slower (it sleeps once more its measured compute
 time after each batch).
 
 Measures, per rank: optimizer steps per second over the steps after ``WARMUP`` (from ``on_train_batch_end``
@@ -40,10 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dopt import GossipLocalStrategy
-from lightning_dopt.emulation import SlowRanks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_doc import write_section  # noqa: E402
+from slow_ranks import SlowRanks  # noqa: E402
 
 WIDTHS = (1024, 2048, 1024, 10)
 WARMUP = 10
@@ -146,7 +146,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, command: str
              f"({sum(a * b + b for a, b in zip(WIDTHS[:-1], WIDTHS[1:])):,} parameters), batch {args.batch_size}, "
              f"{args.steps} steps (rates over steps {WARMUP}..{args.steps}), emulated compute "
              f"{args.compute * 1000:.0f} ms per step. Straggler: rank {args.ranks - 1} 2× slower "
-             "(`lightning_dopt.emulation.SlowRanks`).", "",
+             "(`benchmarks/slow_ranks.py: SlowRanks`).", "",
              "| contender | H | fast ranks, steps/s | vs pure local | with a 2× slow rank, steps/s | kept | slow rank, "
              "steps/s | slow rank, share of steps trained |", "|---|---|---|---|---|---|---|---|"]
     for (name, h) in [("local", 1), ("ddp", 1)] + [(n, h) for h in args.local_steps for n in CONTENDERS]:

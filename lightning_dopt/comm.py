@@ -101,12 +101,19 @@ class CommStats:
 _STATS_LOCK = threading.Lock()
 
 
+def count_round(stats: CommStats) -> None:
+    """Count one synchronization round (thread-safe: a background round may count while the loop records)."""
+    with _STATS_LOCK:
+        stats.rounds += 1
+
+
 def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
     """Bytes one rank sends (and receives) in a ring all-reduce of ``payload_bytes``: ``2(n-1)/n * b``."""
     return 2 * (world_size - 1) * payload_bytes // world_size if world_size > 1 else 0
 
 
-def _nbytes(tensor: Tensor) -> int:
+def tensor_nbytes(tensor: Tensor) -> int:
+    """Bytes of a tensor's values."""
     return tensor.numel() * tensor.element_size()
 
 
@@ -124,7 +131,7 @@ def _pieces(tensor: Tensor, max_bytes: int | None) -> list[Tensor]:
     an empty tensor. A non-contiguous tensor is sent whole."""
     if not tensor.numel():
         return []
-    if max_bytes is None or not tensor.is_contiguous() or _nbytes(tensor) <= max_bytes:
+    if max_bytes is None or not tensor.is_contiguous() or tensor_nbytes(tensor) <= max_bytes:
         return [tensor]
     return list(tensor.view(-1).split(max(1, max_bytes // tensor.element_size())))
 
@@ -171,7 +178,7 @@ class FlatState:
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes(t) for t in self.tensors)
+        return sum(tensor_nbytes(t) for t in self.tensors)
 
     def views(self, buffers: Sequence[Tensor]) -> Iterable[tuple[list[int], list[Tensor], list[Tensor]]]:
         """Per buffer of this layout: the indices of its tensors, the tensors, and their views into the buffer."""
@@ -347,7 +354,7 @@ class Communicator:
                     travelling.div_(self.world_size)
                 if travelling is not tensor:
                     tensor.copy_(travelling)
-                payload += _nbytes(travelling)
+                payload += tensor_nbytes(travelling)
         moved = ring_allreduce_bytes(payload, self.world_size)
         self._record(purpose, moved, moved, len(tensors), time.perf_counter() - start)
 
@@ -357,7 +364,7 @@ class Communicator:
         with self.guarded("broadcast", purpose, None if self.rank == src else [src]):
             for tensor in tensors:
                 dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
-        payload = sum(_nbytes(t) for t in tensors)
+        payload = sum(tensor_nbytes(t) for t in tensors)
         is_src = self.rank == src
         self._record(purpose, payload * (self.world_size - 1) if is_src else 0, 0 if is_src else payload,
                      len(tensors), time.perf_counter() - start)
@@ -394,14 +401,13 @@ class Communicator:
         with self.guarded("exchange", purpose, peers):
             for request in dist.batch_isend_irecv(operations):
                 request.wait()
-        sent = sum(_nbytes(t) for _, tensors in outgoing for t in tensors)
-        received = sum(_nbytes(t) for _, tensors in incoming for t in tensors)
+        sent = sum(tensor_nbytes(t) for _, tensors in outgoing for t in tensors)
+        received = sum(tensor_nbytes(t) for _, tensors in incoming for t in tensors)
         messages = sum(1 for _, tensors in (*outgoing, *incoming) for t in tensors if t.numel())  # before cutting
         self._record(purpose, sent, received, messages, time.perf_counter() - start)
 
     def count_round(self) -> None:
-        with _STATS_LOCK:
-            self.stats.rounds += 1
+        count_round(self.stats)
 
     def gather_stats(self) -> list[CommStats]:
         """Every rank's :class:`CommStats`, in rank order (one small all-reduce, counted as ``control``)."""

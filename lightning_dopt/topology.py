@@ -200,17 +200,6 @@ def mixing_row(topology: str, rank: int, world_size: int, round_index: int, seed
     return _metropolis_row(topology, rank, world_size)
 
 
-def mixing_matrix(topology: str, world_size: int, round_index: int, seed: int) -> list[list[float]]:
-    """Dense W of one round: ``W[i][j]`` is the weight of ``x_j`` in rank i's update (row i = ``mixing_row(i)``)."""
-    _validate_round(topology, world_size, round_index, seed)
-    matrix = [[0.0] * world_size for _ in range(world_size)]
-    for i in range(world_size):
-        row = mixing_row(topology, i, world_size, round_index, seed)
-        matrix[i][i] = row.self_weight
-        for j, weight in zip(row.recv_from, row.recv_weights):
-            matrix[i][j] = weight
-    return matrix
-
 
 def is_pairwise(topology: str) -> bool:
     """True if every rank averages 1/2-1/2 with exactly one partner or rests (``random``)."""

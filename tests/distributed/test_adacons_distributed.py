@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from helpers import run_ranks
-from lightning_dopt.aggregate import SubspaceMomentum, adacons_reference, consensus_weights, subspace_coefficients, \
-    worker_multipliers
+from adacons_oracles import adacons_reference
+from lightning_dopt.aggregate import SubspaceMomentum, consensus_weights, subspace_coefficients, worker_multipliers
 from lightning_dopt.comm import Communicator, ring_allreduce_bytes
 from lightning_dopt.gradients import AdaConsGradients
 

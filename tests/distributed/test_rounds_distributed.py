@@ -27,7 +27,8 @@ from lightning_dopt.comm import GLOO_CHUNK_BYTES, Communicator, ring_allreduce_b
 from lightning_dopt.compress import make_codec
 from lightning_dopt.gradients import GradientAverager
 from lightning_dopt.rounds import ReplicaSync
-from lightning_dopt.topology import mixing_matrix, mixing_row, random_matching
+from lightning_dopt.topology import mixing_row, random_matching
+from topology_oracles import mixing_matrix
 
 SEED = 0  # the topology seed of every ReplicaSync here
 WIDTH = 64

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_dopt import GossipLocalStrategy
-from lightning_dopt.emulation import SlowRanks
+from benchmarks.slow_ranks import SlowRanks
 from lightning_models import (ManualTwoOptimizerModel, PartialWorkRecorder, PreconditionerRecorder,
                               SleepyRegressionModel, SyncLoggingModel, load_ranks)
 

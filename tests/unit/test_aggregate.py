@@ -12,11 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adacons_oracles import adacons_reference, closed_form
 from lightning_dopt.aggregate import (
     GUARDS,
     SubspaceMomentum,
-    adacons_reference,
-    closed_form,
     consensus_weights,
     subspace_coefficients,
     worker_multipliers,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_dopt.emulation import SlowRanks
+from benchmarks.slow_ranks import SlowRanks
 
 STEP_SLEEP = 0.02
 

@@ -16,10 +16,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lightning_dopt.topology as topology_module
+from topology_oracles import mixing_matrix
 from lightning_dopt.topology import (
     TOPOLOGIES,
     is_pairwise,
-    mixing_matrix,
     mixing_row,
     random_matching,
     validate_topology,

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lightning_dopt.topology as topology_module
+from topology_oracles import mixing_matrix
 from lightning_dopt.topology import (
     TOPOLOGIES,
     MixingRow,
     is_pairwise,
-    mixing_matrix,
     mixing_row,
     random_matching,
     validate_topology,

@@ -1,4 +1,4 @@
-"""Benchmarking aids that emulate cluster conditions on one machine. Not for production training.
+"""A benchmarking aid that emulates cluster conditions on one machine (kept out of the installed package).
 
 :class:`SlowRanks` turns chosen ranks into stragglers, so the effect of a slow worker on the others can be measured
 (``benchmarks/straggler.py``) and tested without heterogeneous hardware.
