@@ -8,11 +8,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_dopt.comm import CommStats, PeerFailure
 from lightning_dopt.compress import CODECS, Codec, make_codec
-from lightning_dopt.strategy import EVAL_MODELS, GossipLocalStrategy, NonFiniteReplicaError, sidecar_path
+from lightning_dopt.engine import Engine, NonFiniteReplicaError
+from lightning_dopt.options import EVAL_MODELS, Options
+from lightning_dopt.strategy import GossipLocalStrategy, sidecar_path
 from lightning_dopt.topology import TOPOLOGIES
 
 GossipLocalStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
-__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "GossipLocalStrategy", "NonFiniteReplicaError", "PeerFailure",
+__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "Engine", "Options", "GossipLocalStrategy", "NonFiniteReplicaError", "PeerFailure",
            "TOPOLOGIES", "make_codec", "sidecar_path", "__version__"]

@@ -21,15 +21,25 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import subprocess
 from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import _atomic_save as _fsspec_atomic_save
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 SIDECAR_SUFFIX = ".dopt"
+SIDECAR_FORMAT = "lightning_dopt.sidecar/2"
+"""A sidecar: ``format``, ``rank``, ``world_size``, ``save_id``, the replica's ``state_dict``, ``optimizer_states``,
+``rng``, the precision plugin's state (``precision``) and the engine's parts (``engine``:
+:meth:`~lightning_dopt.engine.Engine.state_dict`)."""
+SIDECAR_FORMAT_V1 = "lightning_dopt.sidecar/1"
+"""The first format, with the engine's parts at the top level (still read)."""
+ENGINE_PARTS_V1 = ("comm_stats", "compression", "aggregation", "pseudo_gradients", "scaling")
 
 
 def sidecar_dir(checkpoint_path: _PATH) -> str:
@@ -101,3 +111,61 @@ def remove_sidecar_dir_if_empty(checkpoint_path: _PATH) -> None:
     entries = [os.path.basename(entry) for entry in fs.ls(folder, detail=False)]
     if all(name.startswith(".partial-") for name in entries):
         fs.rm(folder, recursive=True)
+
+
+def read_sidecar(checkpoint_path: _PATH, rank: int, save_id: str) -> dict[str, Any]:
+    """Rank ``rank``'s sidecar of save ``save_id`` of ``checkpoint_path``, in the current format (a first-format file
+    is converted), or a clear error: missing, unreadable, of another save, or of an unknown format."""
+    path = sidecar_path(checkpoint_path, rank, save_id)
+    fs = get_filesystem(path)
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"rank {rank}: missing per-rank checkpoint file {path}. Resuming {checkpoint_path} "
+            f"exactly needs every rank's file in the '{os.path.basename(str(checkpoint_path))}.dopt' directory "
+            "next to it; copy it there, or load only the averaged weights with "
+            "LightningModule.load_from_checkpoint.")
+    try:
+        with fs.open(path, "rb") as handle:
+            sidecar = torch.load(handle, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise RuntimeError(f"rank {rank}: per-rank checkpoint file {path} is unreadable "
+                           f"(truncated or corrupt): {error}") from error
+    if sidecar.get("format") == SIDECAR_FORMAT_V1:
+        sidecar = dict(sidecar, format=SIDECAR_FORMAT, engine={part: sidecar.pop(part) for part in ENGINE_PARTS_V1})
+    if sidecar.get("format") != SIDECAR_FORMAT:
+        raise RuntimeError(f"rank {rank}: {path} has format {sidecar.get('format')!r}; this version of lightning_dopt "
+                           f"reads {SIDECAR_FORMAT!r} and {SIDECAR_FORMAT_V1!r}. Resume with the version that wrote "
+                           "it, or load only the averaged weights with LightningModule.load_from_checkpoint")
+    if sidecar.get("save_id") != save_id:
+        raise RuntimeError(f"rank {rank}: {path} does not belong to {checkpoint_path} (it was "
+                           "written by another save); refusing to mix replicas from different saves.")
+    return sidecar
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpoint writer, made crash-safe on local filesystems: the new file is written
+    beside the target, synced and renamed over it (:func:`atomic_save`). Lightning's own writer stages the file in
+    ``TMPDIR`` and moves it, which is a copy (truncating the previous checkpoint on a crash) when ``TMPDIR`` is on
+    another filesystem, the usual cluster layout."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not support storage_options; got {storage_options!r}")
+        get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        atomic_save(checkpoint, path)
+        remove_sidecar_dir_if_empty(path)
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job (what Lightning's requeue handler does), logging rather than raising."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID", "")
+    if not job:
+        rank_zero_warn("lightning_dopt: no SLURM_JOB_ID in the environment; the job was not requeued")
+        return
+    try:
+        code = subprocess.call(["scontrol", "requeue", job])
+    except OSError as error:
+        rank_zero_warn(f"lightning_dopt: could not requeue SLURM job {job}: {error}")
+        return
+    (rank_zero_info if code == 0 else rank_zero_warn)(f"lightning_dopt: scontrol requeue {job} exited with {code}")

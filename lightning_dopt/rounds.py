@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -326,6 +326,25 @@ class ReplicaSync:
         self.state.unpack(self._backup)
         self._work, self._backup = self._backup, self._work
         self._toggled = not self._toggled
+
+    @contextmanager
+    def holding(self, replica: str) -> Iterator[None]:
+        """Make the module hold ``replica`` (``"average"``: the exact average, one all-reduce; ``"local"``: this
+        rank's replica) inside the ``with`` block, and put back what it held before."""
+        if replica == "average" and not self.swapped:
+            self.swap_in_average("checkpoint")
+            try:
+                yield
+            finally:
+                self.restore_local()
+        elif replica == "local" and self.swapped:
+            self.toggle()
+            try:
+                yield
+            finally:
+                self.toggle()
+        else:
+            yield
 
     def _distance(self, local: Sequence[Tensor], average: Sequence[Tensor], purpose: str) -> float:
         spread = torch.zeros((), dtype=torch.float64, device=local[0].device) if local else torch.zeros(())

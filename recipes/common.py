@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import os
 import time
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from jsonargparse import Namespace
@@ -97,16 +98,20 @@ def _plain(value: Any) -> Any:
 def strategy_options(strategy: Any) -> dict[str, Any]:
     """The strategy's constructor options as currently set, e.g. ``local_steps``, ``topology``, ``compression``,
     ``process_group_backend``, ``timeout`` (seconds), plus ``class``: works for any Lightning strategy whose
-    options are kept as attributes of the same name (or with a leading underscore)."""
+    options are kept as attributes of the same name (or with a leading underscore), or as fields of a dataclass
+    ``strategy.options`` (lightning_dopt's strategies)."""
     options: dict[str, Any] = {"class": f"{type(strategy).__module__}.{type(strategy).__qualname__}"}
+    held = vars(strategy).get("options")
+    attributes = {**vars(strategy), **({field.name: getattr(held, field.name) for field in fields(held)}
+                                       if is_dataclass(held) else {})}
     for name in inspect.signature(type(strategy).__init__).parameters:
         if name in ("self", "args", "kwargs") or name in _PLUMBING:
             continue
         for attribute in (name, f"_{name}"):
             if hasattr(type(strategy), attribute) and isinstance(getattr(type(strategy), attribute), property):
                 continue
-            if attribute in vars(strategy):
-                options[name] = _plain(vars(strategy)[attribute])
+            if attribute in attributes:
+                options[name] = _plain(attributes[attribute])
                 break
     return options
 

@@ -154,7 +154,7 @@ class Observer(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
-        sync = strategy._sync
+        sync = strategy.engine.sync
         mix = sync.mix_buffers_
 
         def logged_mix(work: Any, round_index: int, comm: Any, refresh: bool = False) -> None:
@@ -164,7 +164,8 @@ class Observer(L.Callback):
         sync.mix_buffers_ = logged_mix
         if not self.check_mean:
             return
-        owner, name = (strategy._overlapped, "finish") if strategy._overlapped is not None else (sync, "gossip_round")
+        owner, name = (strategy.engine.overlapped, "finish") if strategy.engine.overlapped is not None \
+            else (sync, "gossip_round")
         applied = getattr(owner, name)
 
         def watched(*args: Any, **kwargs: Any) -> Any:

@@ -153,7 +153,7 @@ class PreconditionerRecorder(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         diagonals = [[d.clone() for d in preconditioner.diagonal()]
-                     for _, preconditioner in trainer.strategy._preconditioners]
+                     for _, preconditioner in trainer.strategy.engine.preconditioners]
         torch.save(diagonals, os.path.join(self.out_dir, f"diag-rank{trainer.global_rank}.pt"))
 
 
@@ -238,6 +238,6 @@ class PrecisionRecorder(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         strategy = trainer.strategy
         torch.save({"scale": None if scaler is None else scaler.get_scale(),
-                    "accumulated": [p.steps for _, p in getattr(strategy, "_preconditioners", [])],
+                    "accumulated": [p.steps for _, p in strategy.engine.preconditioners],
                     "state": state_snapshot(pl_module)},
                    os.path.join(self.out_dir, f"precision-rank{trainer.global_rank}.pt"))

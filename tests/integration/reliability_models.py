@@ -74,7 +74,7 @@ def _instruments(spec: dict[str, Any], rank: int) -> Any:
             if spec.get("record"):
                 torch.save(snapshot(pl_module), os.path.join(out, f"start-rank{rank}.pt"))
             if failing and fail["phase"] == "round":
-                sync = trainer.strategy._sync
+                sync = trainer.strategy.engine.sync
                 gossip_round = sync.gossip_round
 
                 def dying_round(index: int, *args: Any, **kwargs: Any) -> Any:

@@ -209,7 +209,7 @@ def test_strategy_options_are_logged_as_hyperparameters(strategy):
 def test_comm_progress_bar_shows_bytes_and_consensus(monkeypatch):
     monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, module: {"train/loss": "0.512"})
     strategy = GossipLocalStrategy(local_steps=4)
-    strategy._comm = types.SimpleNamespace(stats=CommStats(bytes_sent=12_300_000))
+    strategy._engine = types.SimpleNamespace(comm_stats=CommStats(bytes_sent=12_300_000))
     trainer = types.SimpleNamespace(strategy=strategy, world_size=4,
                                     callback_metrics={"dopt/consensus_distance": torch.tensor(1.234e-4)})
     items = CommProgressBar().get_metrics(trainer, None)
