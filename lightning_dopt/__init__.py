@@ -1,7 +1,7 @@
 """lightning-dopt: Lightning strategies that communicate less.
 
-``import lightning_dopt`` registers the strategy names ``gossip_local``, ``local_sgd``, ``adacons`` and their
-``*_spawn`` variants with Lightning (idempotent), so ``Trainer(strategy="gossip_local")`` works.
+``import lightning_dopt`` registers the strategy names ``gossip_local``, ``local_sgd``, ``adacons``, their
+``*_spawn`` variants and ``simulated`` with Lightning (idempotent), so ``Trainer(strategy="gossip_local")`` works.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -9,12 +9,17 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_dopt.comm import CommStats, PeerFailure
 from lightning_dopt.compress import CODECS, Codec, make_codec
 from lightning_dopt.engine import Engine, NonFiniteReplicaError
+from lightning_dopt.inprocess import InProcessCommunicator, InProcessGroup
 from lightning_dopt.options import EVAL_MODELS, Options
+from lightning_dopt.simulation import SimulatedStrategy
 from lightning_dopt.strategy import GossipLocalStrategy, sidecar_path
 from lightning_dopt.topology import TOPOLOGIES
 
 GossipLocalStrategy.register_strategies(StrategyRegistry)
+if SimulatedStrategy.strategy_name not in StrategyRegistry:
+    SimulatedStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
-__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "Engine", "Options", "GossipLocalStrategy", "NonFiniteReplicaError", "PeerFailure",
-           "TOPOLOGIES", "make_codec", "sidecar_path", "__version__"]
+__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "Engine", "GossipLocalStrategy", "InProcessCommunicator",
+           "InProcessGroup", "NonFiniteReplicaError", "Options", "PeerFailure", "SimulatedStrategy", "TOPOLOGIES",
+           "make_codec", "sidecar_path", "__version__"]

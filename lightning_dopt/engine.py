@@ -33,7 +33,7 @@ from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, Gradient
 from lightning_dopt.options import Options
 from lightning_dopt.pacing import WorkPacer
 from lightning_dopt.rounds import (FLAG_BLOCKS, NOISE_BLOCK, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK,
-                                   OverlappedRounds, ReplicaSync)
+                                   OverlappedRounds, ReplicaSync, ReplicaTensors)
 from lightning_dopt.scaling import (OASISScaling, Preconditioner, all_finite, capture_rng_state, make_preconditioner,
                                     replayed_closure_hvp)
 
@@ -60,13 +60,14 @@ def build_preconditioners(options: Options, optimizer_params: Sequence[Sequence[
     return preconditioners
 
 
-def build_sync(options: Options, module: nn.Module, comm: Any,
+def build_sync(options: Options, module: nn.Module | ReplicaTensors, comm: Any,
                preconditioners: Sequence[tuple[list[Tensor], Preconditioner]]) -> ReplicaSync:
     """The round object for ``options``: gossip/all-reduce, anchored compression, or pseudo-gradient rounds (AdaCons
     or an outer optimizer), with the preconditioners' statistics travelling in each round."""
     combiner = None
     if options.aggregation == "adacons" and options.local_steps > 1:  # AdaCons on pseudo-gradients at rounds
-        sizes = [p.numel() for p in module.parameters() if p.is_floating_point()]
+        replica = module if isinstance(module, ReplicaTensors) else ReplicaTensors.of(module)
+        sizes = [p.numel() for p in replica.params if p.is_floating_point()]
         combiner = AdaConsCombiner(comm, sizes if options.adacons_layerwise else None, options.adacons_momentum,
                                    options.adacons_guard, preserve_scale=True, stale_weights=False, purpose="round")
     return ReplicaSync(module, comm, options.topology, options.seed, options.average_buffers, codec=options.codec,
@@ -139,6 +140,8 @@ class Engine:
         wrapper acts on ``g`` and hands back ``S ×`` its result. ``raw_closure`` (OASIS probes; Lightning's closure
         object, whose ``closure()`` re-runs the step without replacing its result), ``buffers`` (restored after the
         probes) and ``device`` (whose generator the probes replay)."""
+        if not self.wraps_gradients:
+            return closure
         if self.comm is not None and self.steps < self.options.warmup_steps:
             closure = self._averaging(index, params, closure, loss_scale)
         elif self.comm is not None and self.options.combines_gradients:
@@ -147,6 +150,12 @@ class Engine:
             closure = self._scaling(index, closure, raw_closure or closure, loss_scale, buffers,
                                     device or torch.device("cpu"))
         return closure
+
+    @property
+    def wraps_gradients(self) -> bool:
+        """Whether this step's gradients need work before the update (:meth:`wrap_closure` changes the closure)."""
+        averages = self.comm is not None and (self.steps < self.options.warmup_steps or self.options.combines_gradients)
+        return averages or bool(self.preconditioners)
 
     def _averaging(self, index: int, params: Sequence[Tensor], closure: Closure,
                    loss_scale: float | None) -> Closure:

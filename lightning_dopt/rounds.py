@@ -58,6 +58,21 @@ def persistent_buffers(module: nn.Module) -> list[Tensor]:
     return [buffer for buffer in module.buffers() if id(buffer) not in non_persistent]
 
 
+class ReplicaTensors:
+    """The tensors of one replica that rounds read and write, in the module's order: its parameters, its buffers, and
+    which of those buffers are persistent (in ``state_dict``). :meth:`of` takes a module's own; a simulated worker
+    holds copies of them (:mod:`lightning_dopt.simulation`)."""
+
+    def __init__(self, params: Sequence[Tensor], buffers: Sequence[Tensor], persistent: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.buffers = list(buffers)
+        self.persistent = list(persistent)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> ReplicaTensors:
+        return cls(list(module.parameters()), list(module.buffers()), persistent_buffers(module))
+
+
 class MixedStatistics(Protocol):
     """State that travels with the replica in every round and is mixed with the same weights, e.g. a
     preconditioner's statistics (:class:`~lightning_dopt.scaling.Preconditioner`). It keeps changing between rounds
@@ -121,19 +136,20 @@ class ReplicaSync:
     Memory: two copies of the replica state, plus one per in-neighbour once a gossip round has run.
     """
 
-    def __init__(self, module: nn.Module, comm: Communicator, topology: str, seed: int,
+    def __init__(self, module: nn.Module | ReplicaTensors, comm: Communicator, topology: str, seed: int,
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
                  anchor_tolerance: float | None = None, round_combiner: AdaConsCombiner | None = None,
                  outer_optimizer: OuterOptimizerFactory | None = None,
                  statistics: Sequence[MixedStatistics] = ()) -> None:
-        buffers = persistent_buffers(module)
-        averaged = [p for p in module.parameters() if _is_averaged(p)]
+        replica = module if isinstance(module, ReplicaTensors) else ReplicaTensors.of(module)
+        buffers = replica.persistent
+        averaged = [p for p in replica.params if _is_averaged(p)]
         if average_buffers:
             averaged += [b for b in buffers if _is_averaged(b)]
         self.state = FlatState(averaged)
         self.float_buffers = FlatState([b for b in buffers if _is_averaged(b)])
         self.counters = FlatState([b for b in buffers if not _is_averaged(b)])
-        self.everything = FlatState(list(module.parameters()) + list(module.buffers()))
+        self.everything = FlatState(replica.params + replica.buffers)
         self.comm = comm
         self.topology = topology
         self.seed = seed
@@ -164,7 +180,7 @@ class ReplicaSync:
             if codec is not None or topology != "complete":
                 raise ValueError("AdaCons rounds and outer optimizers combine the pseudo-gradients of all ranks: "
                                  "they need topology='complete' and no compression")
-            self.pseudo_gradients = PseudoGradientRounds(module, comm, round_combiner, outer_optimizer)
+            self.pseudo_gradients = PseudoGradientRounds(replica, comm, round_combiner, outer_optimizer)
 
     @torch.no_grad()
     def broadcast_(self, src: int = 0) -> None:
@@ -717,11 +733,12 @@ class PseudoGradientRounds:
     of the parameters, so its state is as large as the model. Floating buffers are averaged by the caller.
     """
 
-    def __init__(self, module: nn.Module, comm: Communicator, combiner: AdaConsCombiner | None = None,
-                 outer_optimizer: OuterOptimizerFactory | None = None, extra_state: Sequence[Tensor] = ()) -> None:
+    def __init__(self, module: nn.Module | ReplicaTensors, comm: Communicator, combiner: AdaConsCombiner | None = None,
+                 outer_optimizer: OuterOptimizerFactory | None = None) -> None:
         if combiner is not None and (not combiner.preserve_scale or combiner.stale_weights):
             raise ValueError("AdaCons rounds need preserve_scale=True and stale_weights=False")
-        self.params = [p for p in module.parameters() if p.is_floating_point()]
+        replica = module if isinstance(module, ReplicaTensors) else ReplicaTensors.of(module)
+        self.params = [p for p in replica.params if p.is_floating_point()]
         self.comm = comm
         self.combiner = combiner
         self.anchor = self._flat()
