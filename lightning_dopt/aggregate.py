@@ -12,9 +12,9 @@ the normalized gradients ``ĝ_i = g_i / ‖g_i‖``, with weights from the *subs
 
 ``a_i`` is the first-order optimal step along ``ĝ_i`` when minimizing ``f(x − Σ_i c_i ĝ_i)`` over the subspace the
 workers' gradients span, with ``ḡ`` standing in for the true gradient. When every ``a_i ≥ 0`` the result has a closed
-form (``closed_form`` in the tests' ``adacons_oracles``): with ``p_i = (⟨ḡ, g_i⟩ / ‖g_i‖²) g_i`` the projection of ``ḡ`` onto ``span(g_i)``,
-``AdaCons = Σ_i p_i / Σ_i ‖p_i‖``. A worker aligned with the consensus counts more; in raw-gradient terms a worker is
-down-weighted by ``1/‖g_i‖²``.
+form (``closed_form`` in the tests' ``adacons_oracles``): with ``p_i = (⟨ḡ, g_i⟩ / ‖g_i‖²) g_i`` the projection of
+``ḡ`` onto ``span(g_i)``, ``AdaCons = Σ_i p_i / Σ_i ‖p_i‖``. A worker aligned with the consensus counts more; in
+raw-gradient terms a worker is down-weighted by ``1/‖g_i‖²``.
 
 **Subspace momentum on order statistics.** Workers are exchangeable (i.i.d. shards), so "worker i's coefficient" has
 no identity across steps. The EMA runs on the *sorted* coefficients: with ``v = sort(a)``, ``v[k] = a[π[k]]``,

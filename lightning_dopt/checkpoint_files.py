@@ -130,8 +130,11 @@ def read_sidecar(checkpoint_path: _PATH, rank: int, save_id: str) -> dict[str, A
     except Exception as error:
         raise RuntimeError(f"rank {rank}: per-rank checkpoint file {path} is unreadable "
                            f"(truncated or corrupt): {error}") from error
-    if sidecar.get("format") == SIDECAR_FORMAT_V1:
-        sidecar = dict(sidecar, format=SIDECAR_FORMAT, engine={part: sidecar.pop(part) for part in ENGINE_PARTS_V1})
+    if sidecar.get("format") == SIDECAR_FORMAT_V1:  # the round's state was under its kind's name
+        parts = {part: sidecar.pop(part) for part in ENGINE_PARTS_V1}
+        compression, pseudo_gradients = parts.pop("compression"), parts.pop("pseudo_gradients")
+        parts["round"] = compression if compression is not None else pseudo_gradients
+        sidecar = dict(sidecar, format=SIDECAR_FORMAT, engine=parts)
     if sidecar.get("format") != SIDECAR_FORMAT:
         raise RuntimeError(f"rank {rank}: {path} has format {sidecar.get('format')!r}; this version of lightning_dopt "
                            f"reads {SIDECAR_FORMAT!r} and {SIDECAR_FORMAT_V1!r}. Resume with the version that wrote "
@@ -140,6 +143,25 @@ def read_sidecar(checkpoint_path: _PATH, rank: int, save_id: str) -> dict[str, A
         raise RuntimeError(f"rank {rank}: {path} does not belong to {checkpoint_path} (it was "
                            "written by another save); refusing to mix replicas from different saves.")
     return sidecar
+
+
+def restore_point(checkpoint: dict[str, Any], checkpoint_path: _PATH, rank: int,
+                  world_size: int) -> dict[str, Any] | None:
+    """Where a fit resumes from ``checkpoint``: ``{"steps", "round", "sidecar"}`` with this rank's sidecar when as many
+    ranks resume as wrote it (exact resume); without the sidecar (with a warning) on another number of ranks, where
+    every rank starts from the averaged model; ``None`` for a checkpoint not written by lightning_dopt."""
+    meta = checkpoint.get("lightning_dopt")
+    if meta is None:
+        return None
+    restored = {"steps": int(meta["steps"]), "round": int(meta["round"]), "sidecar": None}
+    if meta["world_size"] != world_size:
+        rank_zero_warn(
+            f"{checkpoint_path} was written by {meta['world_size']} ranks and is resumed on {world_size}: "
+            "every rank starts from the averaged model with rank 0's optimizer state; per-rank replicas, "
+            "optimizer states and RNG are not restored.")
+        return restored
+    restored["sidecar"] = read_sidecar(checkpoint_path, rank, meta["save_id"])
+    return restored
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -21,6 +21,7 @@ Communication per round: the round's bytes plus ``2(n−1)/n · 32n`` bytes of f
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_dopt.comm import CommStats
+from lightning_dopt.comm import CommStats, PeerFailure
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
 from lightning_dopt.options import Options
 from lightning_dopt.pacing import WorkPacer
-from lightning_dopt.rounds import (FLAG_BLOCKS, NOISE_BLOCK, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK,
-                                   OverlappedRounds, ReplicaSync, ReplicaTensors)
+from lightning_dopt.replica import ReplicaSync, ReplicaTensors
+from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, NONFINITE_BLOCK, PACE_BLOCK, STOP_BLOCK, OverlappedRounds
 from lightning_dopt.scaling import (OASISScaling, Preconditioner, all_finite, capture_rng_state, make_preconditioner,
                                     replayed_closure_hvp)
 
@@ -74,6 +75,30 @@ def build_sync(options: Options, module: nn.Module | ReplicaTensors, comm: Any,
                        anchor_interval=options.anchor_interval, anchor_tolerance=options.anchor_tolerance,
                        round_combiner=combiner, outer_optimizer=options.outer_factory,
                        statistics=[preconditioner for _, preconditioner in preconditioners])
+
+
+def build_engine(options: Options, module: nn.Module | ReplicaTensors, optimizer_params: Sequence[Sequence[Tensor]],
+                 comm: Any | None, rank: int, device: torch.device, steps: int = 0, round_index: int = 0,
+                 background: Callable[[], Any] | None = None, timeout: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> Engine:
+    """The engine of one rank: preconditioners for ``optimizer_params`` (one list per optimizer; none outside fit), the
+    round object over ``module`` on ``comm`` (``None``: a single rank, no communication), and with ``overlap`` a
+    background communicator from ``background()`` whose rounds are waited for at most ``timeout`` seconds."""
+    preconditioners = build_preconditioners(options, optimizer_params, rank, device)
+    sync = build_sync(options, module, comm, preconditioners) if comm is not None else None
+    overlap = (background(), timeout) if sync is not None and options.overlap and background is not None else None
+    return Engine(options, sync, preconditioners, rank, steps, round_index, overlap, clock)
+
+
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """Wall time for the pace windows; on GPU after the queued kernels finish (one stream synchronization per round),
+    so a slow device is not mistaken for a fast host."""
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return time.perf_counter()
+
+    return clock
 
 
 class Engine:
@@ -277,18 +302,45 @@ class Engine:
         if self.overlapped is not None:
             self.overlapped.abandon()
 
-    def skipped_per_rank(self) -> list[int]:
-        """Every rank's skipped steps (one ``n``-float64 all-reduce; collective)."""
+    def fail(self, error: BaseException) -> None:
+        """This rank is failing: tell the peers why (they name it in their own error, through the heartbeats; not for a
+        failure a peer caused) and give up the round in flight."""
+        liveness = getattr(self.comm, "liveness", None)
+        if liveness is not None and not isinstance(error, PeerFailure):
+            liveness.report_error(f"{type(error).__name__}: {error}")
+        self.abandon()
+
+    def close(self) -> None:
+        """The end of a stage: stop the heartbeats and release the round's buffers (counters stay readable)."""
+        self.abandon()
+        liveness = getattr(self.comm, "liveness", None)
+        if liveness is not None:
+            liveness.stop()
+        self.sync = self.overlapped = None
+
+    def partial_work_report(self) -> str:
+        """How many optimizer steps each rank skipped in this fit (one ``n``-float64 all-reduce; collective)."""
         assert self.comm is not None
         skipped = torch.zeros(self.world_size, dtype=torch.float64, device=self.comm.device)
         skipped[self.rank] = self.skipped_steps
         self.comm.all_reduce_([skipped], purpose="control", op="max")
-        return [int(value) for value in skipped.tolist()]
+        counts = ", ".join(f"rank {rank}: {int(value)}" for rank, value in enumerate(skipped.tolist()))
+        return (f"lightning_dopt: optimizer steps skipped for partial work (min_work={self.options.min_work}) out of "
+                f"{self.steps - self.fit_first_step} in this fit: {counts}")
 
-    def check_equal_batches(self, batches: int) -> None:
-        """Ranks that run different numbers of batches would deadlock at a round: fail early instead (one
-        2-float64 all-reduce; collective)."""
+    def check_equal_batches(self, batches: float, max_steps: int = -1) -> None:
+        """Ranks that run different numbers of batches per epoch would deadlock at a round: fail early instead (one
+        2-float64 all-reduce; collective). ``batches`` is infinite for data without a length, which needs a
+        ``max_steps`` (``-1``: none)."""
         assert self.comm is not None
+        if not math.isfinite(batches):
+            if max_steps == -1:
+                raise RuntimeError(
+                    "the training data has no length (e.g. an IterableDataset without __len__), so ranks may run "
+                    "different numbers of training batches per epoch (uneven data) and deadlock at a round. Set "
+                    "Trainer(max_steps=...) and give every rank a stream at least that long, or give the dataset a "
+                    "__len__ that is the same on every rank.")
+            return
         bounds = torch.tensor([batches, -batches], dtype=torch.float64, device=self.comm.device)
         self.comm.all_reduce_([bounds], purpose="control", op="max")
         most, fewest = int(bounds[0].item()), int(-bounds[1].item())
@@ -352,10 +404,8 @@ class Engine:
         sync = self.sync
         return {
             "comm_stats": self.comm_stats.state_dict(),
-            "compression": sync.compression.state_dict() if sync is not None and sync.compression else None,
+            "round": sync.round.state_dict() if sync is not None else None,
             "aggregation": {index: combiner.combiner.state_dict() for index, combiner in self._grad_combiners.items()},
-            "pseudo_gradients": sync.pseudo_gradients.state_dict() if sync is not None and sync.pseudo_gradients
-            else None,
             "scaling": [{"state": preconditioner.state_dict(),
                          "generator": getattr(preconditioner, "generator", None) and
                          preconditioner.generator.get_state()} for _, preconditioner in self.preconditioners],
@@ -366,10 +416,8 @@ class Engine:
         sync = self.sync
         if self.comm is not None:
             self.comm.stats.load_state_dict(state["comm_stats"])
-        if sync is not None and sync.compression is not None:
-            sync.compression.load_state_dict(state["compression"])
-        if sync is not None and sync.pseudo_gradients is not None:
-            sync.pseudo_gradients.load_state_dict(state["pseudo_gradients"])
+        if sync is not None:
+            sync.round.load_state_dict(state["round"])
         for (_, preconditioner), saved in zip(self.preconditioners, state["scaling"]):
             preconditioner.load_state_dict(saved["state"])
             if isinstance(preconditioner, OASISScaling) and preconditioner.generator is not None:

@@ -1,9 +1,9 @@
 """The algorithm options shared by :class:`~lightning_dopt.strategy.GossipLocalStrategy` (one rank per process) and
 :class:`~lightning_dopt.simulation.SimulatedStrategy` (``N`` workers in one process). Pure Python, no Lightning.
 
-:class:`Options` checks each value where it is given (the checks belong to the objects that use them: the codec's in
-:func:`~lightning_dopt.compress.make_codec`, the preconditioner's in :func:`~lightning_dopt.scaling.make_preconditioner`,
-the topology's in :func:`~lightning_dopt.topology.validate_topology`, …) and the combinations in
+:class:`Options` checks each value where it is given (the checks belong to the objects that use them: the codec's
+in :func:`~lightning_dopt.compress.make_codec`, the preconditioner's in
+:func:`~lightning_dopt.scaling.make_preconditioner`, the topology's in :func:`~lightning_dopt.topology.validate_topology`, …) and the combinations in
 :mod:`lightning_dopt.combinations`, so a bad configuration fails before any process starts. The engine
 (:mod:`lightning_dopt.engine`) builds one object per algorithm from it.
 """
@@ -23,6 +23,17 @@ from lightning_dopt.scaling import SCALINGS, check_relative_floor, make_precondi
 from lightning_dopt.topology import validate_topology
 
 EVAL_MODELS = ("average", "local")
+PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    "gossip_local": ({}, "local steps + random pairwise gossip"),
+    "gossip_local_spawn": ({"start_method": "spawn"}, "gossip_local with the spawn launcher"),
+    "local_sgd": ({"topology": "complete"}, "local steps + exact all-reduce averaging (Local SGD)"),
+    "local_sgd_spawn": ({"topology": "complete", "start_method": "spawn"}, "local_sgd with the spawn launcher"),
+    "adacons": ({"topology": "complete", "aggregation": "adacons"},
+                "synchronous training with AdaCons gradient aggregation"),
+    "adacons_spawn": ({"topology": "complete", "aggregation": "adacons", "start_method": "spawn"},
+                      "adacons with the spawn launcher"),
+}
+"""The registered names of :class:`~lightning_dopt.strategy.GossipLocalStrategy`: ``{name: (options, description)}``."""
 AGGREGATIONS = ("mean", "adacons")
 
 
@@ -43,6 +54,16 @@ def outer_optimizer_factory(outer_optimizer: str | OuterOptimizerFactory | None)
     if callable(outer_optimizer):
         return outer_optimizer
     raise ValueError(f"outer_optimizer must be None, 'diloco' or a callable; got {outer_optimizer!r}")
+
+
+class OptionsAttributes:
+    """For the strategies: the options held in ``self.options`` read as attributes (``strategy.local_steps``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in Options.names():
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +106,7 @@ class Options:
             step's gradient is the AdaCons combination of all ranks' gradients instead of their mean
             (:mod:`lightning_dopt.gradients`); with ``local_steps > 1`` each round combines the pseudo-gradients
             ``anchor − x_i`` with AdaCons weights, keeping the mean pseudo-gradient's norm
-            (:class:`~lightning_dopt.rounds.PseudoGradientRounds`).
+            (:class:`~lightning_dopt.rounds.PseudoGradientRound`).
         adacons_momentum: β of AdaCons' subspace momentum (0 disables it).
         adacons_layerwise: one weight per rank and parameter tensor instead of one per rank.
         adacons_guard: ``"shift"`` or ``"mean"``: what to do with negative coefficients or a sum ≤ eps.

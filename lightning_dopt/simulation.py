@@ -54,10 +54,11 @@ from typing_extensions import override
 from lightning_dopt.combinations import check as check_combination
 from lightning_dopt.comm import CommStats
 from lightning_dopt.compress import Codec
-from lightning_dopt.engine import Engine, build_preconditioners, build_sync
+from lightning_dopt.engine import Engine, build_engine
 from lightning_dopt.inprocess import InProcessGroup
-from lightning_dopt.options import Options, check_int
-from lightning_dopt.rounds import OuterOptimizerFactory, ReplicaTensors, persistent_buffers
+from lightning_dopt.options import Options, OptionsAttributes, check_int
+from lightning_dopt.replica import ReplicaTensors, persistent_buffers
+from lightning_dopt.rounds import OuterOptimizerFactory
 from lightning_dopt.scaling import RandomState, capture_rng_state, restore_rng_state
 from lightning_dopt.topology import validate_topology
 
@@ -97,7 +98,7 @@ class Worker:
     grads: list[Tensor | None] = field(default_factory=list)
 
 
-class SimulatedStrategy(SingleDeviceStrategy):
+class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
     """``workers`` data-parallel replicas of the module in this process, on the Trainer's one device.
 
     Args:
@@ -144,12 +145,6 @@ class SimulatedStrategy(SingleDeviceStrategy):
         self._workers: list[Worker] = []
         self._own: list[Tensor] = []  # the module's own storage (worker 0's), put back after each swap
         self._current = 0  # the worker whose batch training_step takes
-
-    def __getattr__(self, name: str) -> Any:
-        options = self.__dict__.get("options")
-        if options is not None and name in Options.names():
-            return getattr(options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     @override
@@ -203,10 +198,8 @@ class SimulatedStrategy(SingleDeviceStrategy):
             replica = ReplicaTensors(tensors[:count], tensors[count:], tensors[count:])
             by_module = dict(zip(map(id, mine), tensors))
             params = [[by_module[id(p)] for group in optimizer.param_groups for p in group["params"]]]
-            preconditioners = build_preconditioners(options, params, index, device)
-            sync = build_sync(options, replica, comm, preconditioners) if self.workers > 1 else None
-            overlap = (comm.background(), self.timeout) if sync is not None and options.overlap else None
-            engine = Engine(options, sync, preconditioners, index, overlap_comm=overlap)
+            engine = build_engine(options, replica, params, comm if self.workers > 1 else None, index, device,
+                                  background=comm.background, timeout=self.timeout)
             state = optimizer.state if index == 0 else defaultdict(dict)
             self._workers.append(Worker(index, tensors, state, (rng[0].clone(), rng[1]), engine))
         self._on_workers(lambda worker: worker.engine.sync and worker.engine.sync.broadcast_(src=0))

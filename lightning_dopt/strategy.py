@@ -3,9 +3,9 @@
 Each rank trains its own replica with its own optimizer (no DDP wrapper, no per-step gradient all-reduce). Every
 Lightning hook here delegates: the algorithm (schedule, rounds, gradient combination, scaling, control flags,
 pacing) is :class:`~lightning_dopt.engine.Engine` and the objects it composes, which know nothing of Lightning; this
-module adds what only Lightning knows: the launch, the optimizer closure, SIGTERM and SLURM requeue, evaluation on
-the exact average, and checkpoints (the average in the main file, loadable by plain Lightning; each rank's replica,
-optimizer state, counters, RNG and the engine's state in a per-rank sidecar file).
+module adds what only Lightning knows: the launch, the optimizer closure, SIGTERM (:mod:`lightning_dopt.signals`),
+evaluation on the exact average, and checkpoints (the average in the main file, for plain Lightning; each rank's
+replica, optimizer state, counters, RNG and engine state in a per-rank sidecar, :mod:`lightning_dopt.checkpoint_files`).
 
 Communication per rank and optimizer step, for a model of ``P`` bytes on ``n`` ranks:
 DDP ``2(n-1)/n · P``; ``complete`` ``2(n-1)/n · P / H``; ``random`` and ``one_peer_exponential``
@@ -16,10 +16,6 @@ broadcast. Which option combinations are refused, and why: :mod:`lightning_dopt.
 
 from __future__ import annotations
 
-import math
-import signal
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -29,7 +25,6 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.fabric.utilities.types import _PATH
@@ -38,27 +33,26 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dopt.checkpoint_files import (SIDECAR_FORMAT, AtomicCheckpointIO, atomic_save, read_sidecar,
-                                             remove_other_saves, remove_sidecar_dir_if_empty, requeue_slurm_job,
-                                             sidecar_path)
+from lightning_dopt.checkpoint_files import (SIDECAR_FORMAT, AtomicCheckpointIO, atomic_save, remove_other_saves,
+                                             remove_sidecar_dir_if_empty, restore_point, sidecar_path)
 from lightning_dopt.combinations import check as check_combination
-from lightning_dopt.comm import CommStats, Communicator, PeerFailure
+from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec
-from lightning_dopt.engine import Engine, NonFiniteReplicaError, build_preconditioners, build_sync
+from lightning_dopt.engine import Engine, NonFiniteReplicaError, build_engine, device_clock
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
-from lightning_dopt.options import AGGREGATIONS, EVAL_MODELS, Options
+from lightning_dopt.options import AGGREGATIONS, EVAL_MODELS, PRESETS, Options, OptionsAttributes
 from lightning_dopt.rounds import OuterOptimizerFactory
+from lightning_dopt.signals import StopAtRounds
 from lightning_dopt.topology import TOPOLOGIES, validate_topology
 
 DEFAULT_TIMEOUT = timedelta(minutes=10)
 
 
-class GossipLocalStrategy(DDPStrategy):
+class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
     """Data parallelism with local steps and gossip (or all-reduce) averaging of replicas.
 
     The algorithm options (``local_steps`` … ``min_work``) are :class:`~lightning_dopt.options.Options`' (the update
@@ -104,12 +98,6 @@ class GossipLocalStrategy(DDPStrategy):
         self._engine: Engine | None = None
         self._restored: dict[str, Any] | None = None
         self._setups = 0
-
-    def __getattr__(self, name: str) -> Any:
-        options = self.__dict__.get("options")
-        if options is not None and name in Options.names():
-            return getattr(options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def engine(self) -> Engine | None:
@@ -168,28 +156,26 @@ class GossipLocalStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
             _optimizers_to_device(self.optimizers, self.root_device)
         self.setup_precision_plugin()
-        options, previous = self.options, self._engine
-        preconditioners = build_preconditioners(options, [self._params(o) for o in self.optimizers],
-                                                self.global_rank, self.root_device) if fitting else []
-        if preconditioners and trainer.gradient_clip_val:
+        if fitting and self.options.scaling and trainer.gradient_clip_val:
             rank_zero_warn(f"lightning_dopt: gradient_clip_val={trainer.gradient_clip_val} with scaling="
-                           f"{options.scaling!r} clips the scaled gradient D⁻¹g that the optimizer receives, not the "
-                           "raw gradient g; pick the threshold for D⁻¹g (docs/scaling.md, 'The update')")
-        restored = self._restored if fitting else None
+                           f"{self.options.scaling!r} clips the scaled gradient D⁻¹g that the optimizer receives, not "
+                           "the raw gradient g; pick the threshold for D⁻¹g (docs/scaling.md, 'The update')")
+        restored, previous = self._restored if fitting else None, self._engine
         steps, round_index = (restored["steps"], restored["round"]) if restored else (0, 0) if fitting else \
             (previous.steps, previous.round) if previous is not None else (0, 0)
-        sync = build_sync(options, self.model, Communicator(), preconditioners) if self.world_size > 1 else None
-        if sync is not None:  # before the background communicator, which shares the heartbeats
-            sync.comm.start_liveness(prefix=f"lightning_dopt/{self._setups}")
-        overlap = (sync.comm.background(self._timeout), self._timeout.total_seconds() if self._timeout else None) \
-            if sync is not None and fitting and options.overlap else None
-        self._engine = Engine(options, sync, preconditioners, self.global_rank, steps, round_index, overlap,
-                              clock=self._pace_clock)
+        comm = Communicator() if self.world_size > 1 else None
+        if comm is not None:  # before the background communicator, which shares the heartbeats
+            comm.start_liveness(prefix=f"lightning_dopt/{self._setups}")
+        self._engine = build_engine(
+            self.options, self.model, [self._params(o) for o in self.optimizers] if fitting else [], comm,
+            self.global_rank, self.root_device, steps, round_index, clock=device_clock(self.root_device),
+            background=(lambda: comm.background(self._timeout)) if fitting and comm is not None else None,
+            timeout=self._timeout.total_seconds() if self._timeout else None)
         sidecar = restored.get("sidecar") if restored else None
         if sidecar is not None:
             self._engine.load_state_dict(sidecar["engine"])
-        elif sync is not None:
-            sync.broadcast_(src=0)
+        elif self._sync is not None:
+            self._sync.broadcast_(src=0)
         self._setups += 1
 
     @staticmethod
@@ -231,21 +217,9 @@ class GossipLocalStrategy(DDPStrategy):
         assert self._engine is not None
         self._engine.start_fit()
         if self._comm is not None:
-            self._check_equal_batches()
-            self._take_over_sigterm(self.lightning_module.trainer)
-
-    def _check_equal_batches(self) -> None:
-        """Ranks that run different numbers of batches would deadlock at a round: fail early instead."""
-        trainer = self.lightning_module.trainer
-        batches = trainer.num_training_batches
-        if math.isfinite(batches):
-            self._engine.check_equal_batches(int(batches))
-        elif trainer.max_steps == -1:
-            raise RuntimeError(
-                "the training data has no length (e.g. an IterableDataset without __len__), so ranks may run "
-                "different numbers of training batches per epoch (uneven data) and deadlock at a round. Set "
-                "Trainer(max_steps=...) and give every rank a stream at least that long, or give the dataset a "
-                "__len__ that is the same on every rank.")
+            trainer = self.lightning_module.trainer
+            self._engine.check_equal_batches(trainer.num_training_batches, trainer.max_steps)
+            StopAtRounds(self).install(trainer)
 
     # ----------------------------------------------------------------------------------- optimization
     @override
@@ -289,13 +263,6 @@ class GossipLocalStrategy(DDPStrategy):
         if logged:
             self._log(logged, on_step=True, on_epoch=False)
 
-    def _pace_clock(self) -> float:
-        """Wall time for the pace windows; on GPU after the queued kernels finish (one stream synchronization per
-        round), so a slow device is not mistaken for a fast host."""
-        if self.root_device.type == "cuda":
-            torch.cuda.current_stream(self.root_device).synchronize()
-        return time.perf_counter()
-
     def _log(self, metrics: Mapping[str, float], on_step: bool, on_epoch: bool) -> None:
         module = self.lightning_module
         if module is None or module._current_fx_name is None:
@@ -306,10 +273,8 @@ class GossipLocalStrategy(DDPStrategy):
                         rank_zero_only=not on_epoch, sync_dist=on_epoch)
 
     def finish_rounds(self) -> None:
-        """Wait for the background round in flight (``overlap=True``) and apply it; no communication otherwise. The
-        strategy does this itself before evaluation, checkpoints and the end of fit; call it (on every rank at the
-        same point) to start a timer or read the replicas after all communication has landed. With ``min_work < 1``
-        the pace window in progress is then not measured (the interruption is not training work)."""
+        """Wait for and apply the background round in flight (``overlap=True``; done before evaluation, checkpoints
+        and the end of fit): call it on every rank to time or read replicas after all communication has landed."""
         if self._engine is not None:
             self._engine.drain()
 
@@ -321,9 +286,7 @@ class GossipLocalStrategy(DDPStrategy):
         assert engine is not None
         engine.finish_fit()
         if engine.pacer is not None:
-            counts = ", ".join(f"rank {rank}: {count}" for rank, count in enumerate(engine.skipped_per_rank()))
-            rank_zero_info(f"lightning_dopt: optimizer steps skipped for partial work (min_work={self.min_work}) out "
-                           f"of {engine.steps - engine.fit_first_step} in this fit: {counts}")
+            rank_zero_info(engine.partial_work_report())
 
     # ---------------------------------------------------- Lightning's own collectives, with failures named
     @contextmanager
@@ -362,49 +325,6 @@ class GossipLocalStrategy(DDPStrategy):
     def all_gather(self, tensor: torch.Tensor, group: Any | None = None, sync_grads: bool = False) -> torch.Tensor:
         with self._guard("all_gather", skippable=True):
             return super().all_gather(tensor, group=group, sync_grads=sync_grads)
-
-    # ---------------------------------------------------------------------------- SIGTERM and SLURM requeue
-    def _take_over_sigterm(self, trainer: Any) -> None:
-        """Replace Lightning's per-batch SIGTERM broadcast (a global lock-step on every batch) by checks at rounds.
-
-        The handler only records the signal (and forwards it to launched children, as Lightning's does); the flag
-        travels with the next round's flags, and every rank stops at the same batch boundary
-        (:meth:`_stop_if_requested`)."""
-        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._stop_if_requested
-        if threading.current_thread() is not threading.main_thread():
-            return
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        environment = self.cluster_environment
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
-            # Lightning saves the checkpoint inside its requeue-signal handler, wherever each rank happens to be: a
-            # collective save would then meet a peer's round. Record the signal instead and save at a round.
-            signal.signal(environment.requeue_signal or signal.SIGUSR1, self._on_requeue_signal)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if not self._engine.sigterm and self.launcher is not None:
-            self.launcher.kill(signum)
-        self._engine.sigterm = True
-
-    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
-        rank_zero_info(f"lightning_dopt: requeue signal {signum} received; saving and requeueing at the next round")
-        self._engine.sigterm = self._engine.requeue = True
-
-    def _stop_if_requested(self) -> None:
-        """At a batch boundary after a round that saw a stop request: write a checkpoint on every rank, then stop."""
-        engine = self._engine
-        if not engine.stop_requested:
-            return
-        trainer = self.lightning_module.trainer
-        engine.drain()
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        trainer.save_checkpoint(path)
-        what = "the requeue signal" if engine.requeue_requested else "SIGTERM"
-        rank_zero_info(f"{what} received by rank(s) {', '.join(map(str, engine.stop_ranks))}: every rank stopped "
-                       f"after optimizer step {engine.steps} (round {engine.round}) and saved {path}. Resume with "
-                       "trainer.fit(..., ckpt_path='hpc') (automatic under SLURM).")
-        if engine.requeue_requested and self.is_global_zero:
-            requeue_slurm_job()
-        raise SIGTERMException()
 
     # ------------------------------------------------------------------------------------- evaluation
     # Validation inside fit swaps the exact average in and the replica back out. Test, predict and standalone
@@ -487,18 +407,9 @@ class GossipLocalStrategy(DDPStrategy):
 
         Validation, test and predict use the main file's averaged model."""
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
-        meta = checkpoint.get("lightning_dopt")
-        if meta is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
-            self._restored = None
-            return checkpoint
-        self._restored = {"steps": int(meta["steps"]), "round": int(meta["round"]), "sidecar": None}
-        if meta["world_size"] != self.world_size:
-            rank_zero_warn(
-                f"{checkpoint_path} was written by {meta['world_size']} ranks and is resumed on {self.world_size}: "
-                "every rank starts from the averaged model with rank 0's optimizer state; per-rank replicas, "
-                "optimizer states and RNG are not restored.")
-            return checkpoint
-        self._restored["sidecar"] = read_sidecar(checkpoint_path, self.global_rank, meta["save_id"])
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        self._restored = restore_point(checkpoint, checkpoint_path, self.global_rank, self.world_size) if fitting \
+            else None
         return checkpoint
 
     @override
@@ -517,38 +428,21 @@ class GossipLocalStrategy(DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         """Tell the peers why this rank is failing (they name it in their own error), and give up any round in
         flight without applying it."""
-        if self._comm is not None and self._comm.liveness is not None and not isinstance(exception, PeerFailure):
-            self._comm.liveness.report_error(f"{type(exception).__name__}: {exception}")
         if self._engine is not None:
-            self._engine.abandon()
+            self._engine.fail(exception)
         super().on_exception(exception)
 
     @override
     def teardown(self) -> None:
         if self._engine is not None:
-            self._engine.abandon()
-            if self._comm is not None and self._comm.liveness is not None:
-                self._comm.liveness.stop()
-            self._engine.sync = None
-            self._engine.overlapped = None
+            self._engine.close()
         super().teardown()
 
     # ----------------------------------------------------------------------------------- registration
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        presets = {
-            "gossip_local": ({}, "local steps + random pairwise gossip"),
-            "gossip_local_spawn": ({"start_method": "spawn"}, "gossip_local with the spawn launcher"),
-            "local_sgd": ({"topology": "complete"}, "local steps + exact all-reduce averaging (Local SGD)"),
-            "local_sgd_spawn": ({"topology": "complete", "start_method": "spawn"},
-                                "local_sgd with the spawn launcher"),
-            "adacons": ({"topology": "complete", "aggregation": "adacons"},
-                        "synchronous training with AdaCons gradient aggregation"),
-            "adacons_spawn": ({"topology": "complete", "aggregation": "adacons", "start_method": "spawn"},
-                              "adacons with the spawn launcher"),
-        }
-        for name, (init_params, description) in presets.items():
+        for name, (init_params, description) in PRESETS.items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=f"lightning_dopt: {description}", **init_params)
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -132,22 +133,29 @@ def random_matching(world_size: int, round_index: int, seed: int) -> list[int]:
     return partner
 
 
+def _ring_neighbours(rank: int, n: int) -> set[int]:
+    return {(rank - 1) % n, (rank + 1) % n}
+
+
+def _torus_neighbours(rank: int, n: int) -> set[int]:
+    side = math.isqrt(n)
+    row, col = divmod(rank, side)
+    return {((row - 1) % side) * side + col, ((row + 1) % side) * side + col,
+            row * side + (col - 1) % side, row * side + (col + 1) % side}
+
+
+def _exponential_neighbours(rank: int, n: int) -> set[int]:
+    """Offsets ``±2^k`` for ``k < ceil(log2 n) == (n - 1).bit_length()``."""
+    return {(rank + sign * (1 << k)) % n for k in range((n - 1).bit_length()) for sign in (1, -1)}
+
+
+_STATIC_GRAPHS: dict[str, Callable[[int, int], set[int]]] = {
+    "ring": _ring_neighbours, "torus": _torus_neighbours, "exponential": _exponential_neighbours}
+
+
 def _neighbours(topology: str, rank: int, world_size: int) -> tuple[int, ...]:
     """Sorted neighbours of ``rank`` (self excluded) in the static undirected graph ``topology``."""
-    n = world_size
-    if topology == "ring":
-        found = {(rank - 1) % n, (rank + 1) % n}
-    elif topology == "torus":
-        side = math.isqrt(n)
-        row, col = divmod(rank, side)
-        found = {
-            ((row - 1) % side) * side + col,
-            ((row + 1) % side) * side + col,
-            row * side + (col - 1) % side,
-            row * side + (col + 1) % side,
-        }
-    else:  # exponential: offsets +-2^k for k < ceil(log2 n) == (n - 1).bit_length()
-        found = {(rank + sign * (1 << k)) % n for k in range((n - 1).bit_length()) for sign in (1, -1)}
+    found = _STATIC_GRAPHS[topology](rank, world_size)
     found.discard(rank)
     return tuple(sorted(found))
 
@@ -180,25 +188,46 @@ def mixing_row(topology: str, rank: int, world_size: int, round_index: int, seed
     _check_int("rank", rank, low=0, high=world_size)
     if world_size == 1:
         return _IDENTITY_ROW
-    if topology == "random":
-        partner = random_matching(world_size, round_index, seed)[rank]
-        if partner == rank:
-            return _IDENTITY_ROW
-        return MixingRow(self_weight=0.5, send_to=(partner,), recv_from=(partner,), recv_weights=(0.5,))
-    if topology == "one_peer_exponential":
-        shift = 1 << (round_index % (world_size - 1).bit_length())
-        return MixingRow(
-            self_weight=0.5,
-            send_to=((rank + shift) % world_size,),
-            recv_from=((rank - shift) % world_size,),
-            recv_weights=(0.5,),
-        )
-    if topology == "complete":
-        others = tuple(r for r in range(world_size) if r != rank)
-        weight = 1 / world_size
-        return MixingRow(self_weight=weight, send_to=others, recv_from=others, recv_weights=(weight,) * len(others))
-    return _metropolis_row(topology, rank, world_size)
+    return ROWS[topology](rank, world_size, round_index, seed)
 
+
+def _random_row(rank: int, world_size: int, round_index: int, seed: int) -> MixingRow:
+    partner = random_matching(world_size, round_index, seed)[rank]
+    if partner == rank:
+        return _IDENTITY_ROW
+    return MixingRow(self_weight=0.5, send_to=(partner,), recv_from=(partner,), recv_weights=(0.5,))
+
+
+def _one_peer_exponential_row(rank: int, world_size: int, round_index: int, seed: int) -> MixingRow:
+    shift = 1 << (round_index % (world_size - 1).bit_length())
+    return MixingRow(self_weight=0.5, send_to=((rank + shift) % world_size,),
+                     recv_from=((rank - shift) % world_size,), recv_weights=(0.5,))
+
+
+def _complete_row(rank: int, world_size: int, round_index: int, seed: int) -> MixingRow:
+    others = tuple(r for r in range(world_size) if r != rank)
+    weight = 1 / world_size
+    return MixingRow(self_weight=weight, send_to=others, recv_from=others, recv_weights=(weight,) * len(others))
+
+
+def _static_row(topology: str) -> RowFunction:
+    return lambda rank, world_size, round_index, seed: _metropolis_row(topology, rank, world_size)
+
+
+RowFunction = Callable[[int, int, int, int], MixingRow]
+"""``(rank, world_size, round_index, seed) -> MixingRow`` for ``world_size ≥ 2`` (validated arguments)."""
+
+ROWS: dict[str, RowFunction] = {
+    "random": _random_row,
+    "ring": _static_row("ring"),
+    "torus": _static_row("torus"),
+    "exponential": _static_row("exponential"),
+    "one_peer_exponential": _one_peer_exponential_row,
+    "complete": _complete_row,
+}
+"""The topology registry: one row function per name. A new topology is one function and one entry here (plus, for a
+static graph, its neighbours in ``_STATIC_GRAPHS``); every rank computes its own row, so it must be a pure function."""
+assert tuple(ROWS) == TOPOLOGIES
 
 
 def is_pairwise(topology: str) -> bool:

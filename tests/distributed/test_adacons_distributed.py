@@ -128,7 +128,7 @@ def test_bytes_per_step_are_two_gradient_allreduces_or_one_with_stale_weights(
 
 def _pseudo_gradient_round(rank: int, world_size: int, layerwise: bool) -> dict[str, Any]:
     from lightning_dopt.gradients import AdaConsCombiner
-    from lightning_dopt.rounds import ReplicaSync
+    from lightning_dopt.replica import ReplicaSync
 
     model = _model()
     comm = Communicator()

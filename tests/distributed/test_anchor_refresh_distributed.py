@@ -19,7 +19,7 @@ from torch import nn
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator
 from lightning_dopt.compress import make_codec
-from lightning_dopt.rounds import ReplicaSync
+from lightning_dopt.replica import ReplicaSync
 from lightning_dopt.topology import mixing_row
 
 ROUNDS = 40

@@ -29,7 +29,7 @@ from torch import nn
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator, FlatState
 from lightning_dopt.compress import make_codec
-from lightning_dopt.rounds import ReplicaSync
+from lightning_dopt.replica import ReplicaSync
 from lightning_dopt.topology import random_matching
 
 TOPOLOGY_SEED = 0
@@ -209,7 +209,7 @@ def scenario_refresh(comm: Communicator, codec: str | None, kind: str = "main") 
         distances.append(sync.consensus_distance())
         sent.append(round_bytes(sync))
     return {"states": np.stack(states), "distances": distances, "sent": sent, "anchor": anchor_of(sync),
-            "anchor_interval": sync.anchor_interval}
+            "anchor_interval": getattr(sync.round, "anchor_interval", None)}
 
 
 def scenario_average(comm: Communicator, kind: str, codec: str | None) -> dict[str, Any]:

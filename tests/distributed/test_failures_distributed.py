@@ -33,7 +33,8 @@ from torch import nn
 
 import helpers
 from lightning_dopt.comm import Communicator
-from lightning_dopt.rounds import OverlappedRounds, ReplicaSync
+from lightning_dopt.rounds import OverlappedRounds
+from lightning_dopt.replica import ReplicaSync
 
 TIMEOUT_S = 1.0  # the process groups' timeout in this test
 OPERATIONS = ("exchange", "all_reduce", "broadcast", "background_round")

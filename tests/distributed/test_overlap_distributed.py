@@ -19,7 +19,8 @@ from torch import nn
 
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator, PeerFailure
-from lightning_dopt.rounds import FLAG_BLOCKS, OverlappedRounds, ReplicaSync
+from lightning_dopt.rounds import FLAG_BLOCKS, OverlappedRounds
+from lightning_dopt.replica import ReplicaSync
 
 ROUNDS = 24
 WIDTH = 48

@@ -26,7 +26,7 @@ from helpers import run_ranks
 from lightning_dopt.comm import GLOO_CHUNK_BYTES, Communicator, ring_allreduce_bytes
 from lightning_dopt.compress import make_codec
 from lightning_dopt.gradients import GradientAverager
-from lightning_dopt.rounds import ReplicaSync
+from lightning_dopt.replica import ReplicaSync
 from lightning_dopt.topology import mixing_row, random_matching
 from topology_oracles import mixing_matrix
 

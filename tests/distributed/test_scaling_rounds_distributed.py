@@ -18,7 +18,8 @@ from torch import nn
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator
 from lightning_dopt.compress import make_codec
-from lightning_dopt.rounds import FLAG_BLOCKS, OverlappedRounds, ReplicaSync
+from lightning_dopt.rounds import FLAG_BLOCKS, OverlappedRounds
+from lightning_dopt.replica import ReplicaSync
 from lightning_dopt.scaling import AdamScaling
 
 WIDTH = 32

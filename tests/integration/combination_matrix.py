@@ -29,7 +29,7 @@ from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.combinations import DIMENSIONS, Pair, Setting, completion, pair_support
 from lightning_dopt.comm import ring_allreduce_bytes
 from lightning_dopt.compress import make_codec
-from lightning_dopt.rounds import persistent_buffers
+from lightning_dopt.replica import persistent_buffers
 from lightning_dopt.topology import mixing_row
 
 STEPS_PER_EPOCH = 4

@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_dopt import GossipLocalStrategy, SimulatedStrategy
-from lightning_dopt.rounds import persistent_buffers
+from lightning_dopt.replica import persistent_buffers
 from lightning_models import ManualTwoOptimizerModel, RegressionModel, regression_data, state_snapshot
 
 pytestmark = pytest.mark.timeout(240)

@@ -14,7 +14,7 @@ from lightning_dopt.comm import PeerFailure, ring_allreduce_bytes
 from lightning_dopt.compress import make_codec
 from lightning_dopt.gradients import GradientAverager
 from lightning_dopt.inprocess import InProcessCommunicator, InProcessGroup
-from lightning_dopt.rounds import ReplicaSync
+from lightning_dopt.replica import ReplicaSync
 from topology_oracles import mixing_matrix
 
 

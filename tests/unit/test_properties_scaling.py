@@ -44,8 +44,15 @@ def feed(pc, grads) -> None:
         pc.accumulate(grads)
 
 
-def expected_diagonal(name: str, history: list[torch.Tensor], beta: float, floor: float) -> torch.Tensor:
-    """``D`` from its formula, in fp64, with an explicit loop over the steps."""
+def expected_diagonal(name: str, history: list[torch.Tensor], beta: float, floor: float,
+                      relative_floor: float = 1e-2) -> torch.Tensor:
+    """``D`` from its formula, in fp64, with an explicit loop over the steps, then the relative floor
+    ``D ≥ relative_floor · mean(D)`` (``make_preconditioner``'s default)."""
+    d = _unfloored_diagonal(name, history, beta, floor)
+    return d.clamp(min=float(d.mean()) * relative_floor) if d.numel() else d
+
+
+def _unfloored_diagonal(name: str, history: list[torch.Tensor], beta: float, floor: float) -> torch.Tensor:
     v = torch.zeros_like(history[0], dtype=F64)
     for x in history:
         x = x.double()

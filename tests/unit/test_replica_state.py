@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_dopt.rounds import persistent_buffers
+from lightning_dopt.replica import persistent_buffers
 
 
 class WithTable(nn.Module):

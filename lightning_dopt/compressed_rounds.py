@@ -1,0 +1,307 @@
+"""Compressed rounds: the replicas travel encoded (:mod:`lightning_dopt.compress`) as differences from an anchor that
+every rank holds identically, so the error scales with the replicas' spread, not with the weights.
+
+:class:`AnchoredCompression` encodes, exchanges and decodes one flat state (graph rounds and exact-mean refreshes);
+:class:`CompressedRound` is the round algorithm built on it: the replica anchored, the mixed statistics cast to bf16,
+an exact-mean refresh every ``anchor_interval`` rounds or when the predicted error passes ``anchor_tolerance``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_dopt.comm import FlatState
+from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode
+from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, Round, _mix_
+from lightning_dopt.topology import mixing_row
+
+if TYPE_CHECKING:
+    from lightning_dopt.replica import RoundState
+
+
+class AnchoredCompression:
+    """Compressed rounds: every rank sends ``Q(x_i − a)`` for an anchor ``a`` that all ranks hold identically.
+
+    Graph round (pairwise or static), with ``q_j = decode(encode(x_j − a))`` decoded the same way everywhere::
+
+        x_i ← a + (W_ii q_i + Σ_j W_ij q_j)            # the sum is formed before adding a, so both ends of a
+                                                     # ½/½ pair compute the same floats: they end bitwise equal
+    Average round (``complete``, and every ``anchor_interval``-th round of the other topologies): a compressed
+    reduce-scatter then all-gather. The difference vector is cut into ``n`` block-aligned chunks; rank ``k``
+    receives chunk ``k`` encoded by every rank, averages it (its own part uncompressed), encodes the mean once and
+    sends it to every rank; all ranks decode the same payloads, so ``a ← a + mean`` and ``x_i ← a`` are identical
+    everywhere.
+
+    With ``anchored=False`` there is no anchor (``a = 0``) and no error feedback: values travel as themselves. The
+    strategy sends preconditioner statistics that way, cast to bf16, whose relative rounding keeps every value's sign.
+
+    Error: each decoded value is within one quantization step of the block's range of ``x − a``: the replicas'
+    spread plus their common drift since the last refresh, so it does not vanish at consensus, only at a refresh
+    (which ``anchor_tolerance`` triggers when the error grows against the replicas' distance, see
+    :meth:`predicted_noise_ratio`); stochastic rounding makes it zero-mean, so the global mean is
+    preserved in expectation (biased codecs carry the rest in an error-feedback residual). Bytes per rank and round
+    for ``P`` fp32 bytes and payload ratio ``c`` (0.258 for int8, 0.133 for int4 at block 256, 0.5 for bf16/fp16;
+    a little more when a tensor group is not a multiple of ``n`` blocks, from padding): graph rounds ``c · P`` per
+    neighbour; average rounds ``2(n−1)/n · c · P``. With a refresh every 16 rounds of ``random`` gossip at
+    ``n = 4`` the mix is ``c · (15 + 1.5)/16`` (0.266 × fp32 gossip for int8, 0.137 for int4).
+    """
+
+    def __init__(self, state: FlatState, comm: Any, codec: Codec, seed: int, anchored: bool = True,
+                 measure_noise: bool = False) -> None:
+        self.state = state
+        self.comm = comm
+        self.codec = codec
+        self.anchored = anchored
+        self.measure_noise = measure_noise  # keep what predicted_noise_ratio needs at every graph round
+        # Without an anchor the values are sent as they are: a zero-size stand-in per buffer instead of a copy.
+        self.anchor = state.new_buffers() if anchored else [torch.zeros(()) for _ in range(state.group_count)]
+        self.reset_anchor_()  # this rank's state until the common start (broadcast_) or a restore sets it
+        device = state.tensors[0].device if state.tensors else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(seed * 65_537 + comm.rank)
+        # measured at the last graph round: the codec's relative error ‖Q(d) − d‖ / ‖d‖ and ‖Q(d) − neighbours'‖
+        self.relative_error = torch.zeros((), dtype=torch.float64, device=device)
+        self.spread = torch.zeros((), dtype=torch.float64, device=device)
+        sizes = [buffer.numel() for buffer in self.anchor]
+        self.residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
+            torch.zeros(size, dtype=torch.float32, device=device) for size in sizes]
+        self.mean_residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
+            torch.zeros(stop - start, dtype=torch.float32, device=device)
+            for start, stop in (self._chunks(size)[comm.rank] for size in sizes)]
+
+    def reset_anchor_(self) -> None:
+        """Anchor ← the module's current state (call only when every rank holds the same state); nothing to do when
+        not ``anchored``."""
+        if self.anchored:
+            self.state.pack(self.anchor)
+
+    def _difference(self, mine: Tensor, anchor: Tensor) -> Tensor:
+        """``x − a`` in fp32 (``x`` itself without an anchor)."""
+        return mine.float() - anchor.float() if self.anchored else mine.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        def copies(tensors: list[Tensor] | None) -> list[Tensor] | None:
+            return None if tensors is None else [t.clone() for t in tensors]
+
+        return {"anchor": copies(self.anchor), "generator": self.generator.get_state(),
+                "residual": copies(self.residual), "mean_residual": copies(self.mean_residual),
+                "relative_error": self.relative_error.clone(), "spread": self.spread.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_sizes = [tuple(saved.shape) for saved in state["anchor"]]
+        if saved_sizes != [tuple(mine.shape) for mine in self.anchor]:
+            raise RuntimeError(
+                f"the checkpoint's compression anchor has flat groups of sizes {saved_sizes}, this model's round state "
+                f"{[tuple(mine.shape) for mine in self.anchor]}: the checkpoint holds a different round state (another "
+                "model, or one written before lightning_dopt left non-persistent buffers out of rounds or sent "
+                "preconditioner statistics apart from the anchored replica). Resume it "
+                "with the code that wrote it, or load only the averaged weights with "
+                "LightningModule.load_from_checkpoint and start a new fit")
+        for mine, saved in zip(self.anchor, state["anchor"]):
+            mine.copy_(saved)
+        self.generator.set_state(state["generator"])
+        for name in ("relative_error", "spread"):  # absent from states written before adaptive refreshes: 0
+            getattr(self, name).copy_(state.get(name, torch.zeros(())))
+        for name in ("residual", "mean_residual"):
+            current, saved = getattr(self, name), state[name]
+            if current is not None and saved is not None:
+                for mine, value in zip(current, saved):
+                    mine.copy_(value)
+
+    def _encode(self, values: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Payload and its decoded value; biased codecs update ``residual`` in place (error feedback)."""
+        if values.numel() == 0:
+            return torch.empty(0, dtype=torch.uint8, device=values.device), values
+        if residual is None:
+            payload = self.codec.encode(values, self.generator)
+        else:
+            payload, new_residual = error_feedback_encode(self.codec, values, residual, self.generator)
+            residual.copy_(new_residual)
+        return payload, self.codec.decode(payload, values.numel())
+
+    def _decode(self, payload: Tensor, numel: int, device: torch.device) -> Tensor:
+        if numel == 0:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        return self.codec.decode(payload, numel)
+
+    def _empty_payload(self, numel: int, device: torch.device) -> Tensor:
+        return torch.empty(self.codec.payload_bytes(numel) if numel else 0, dtype=torch.uint8, device=device)
+
+    @torch.no_grad()
+    def graph_round(self, work: list[Tensor], row: Any, comm: Any = None) -> None:
+        """Mix ``work`` (packed replica state, updated in place) with the round's neighbours (over ``comm``,
+        default: the communicator given at construction)."""
+        sent, own = [], []
+        noise = torch.zeros_like(self.spread)
+        drift = torch.zeros_like(self.spread)
+        for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
+            residual = self.residual[index] if self.residual is not None else None
+            difference = self._difference(mine, anchor)
+            payload, decoded = self._encode(difference, residual)
+            if self.measure_noise:
+                noise += torch.linalg.vector_norm(decoded - difference, dtype=torch.float64).square()
+                drift += torch.linalg.vector_norm(difference, dtype=torch.float64).square()
+            sent.append(payload)
+            own.append(decoded)
+        received = [[self._empty_payload(mine.numel(), mine.device) for mine in work] for _ in row.recv_from]
+        (comm or self.comm).exchange(sent, row.send_to, received, row.recv_from, purpose="round")
+        spread = torch.zeros_like(noise)
+        for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
+            others = [self._decode(payloads[index], mine.numel(), mine.device) for payloads in received]
+            if self.measure_noise and others:  # distance to the neighbours' (weighted) decoded replicas
+                neighbourhood = others[0] if len(others) == 1 else torch.zeros_like(own[index])
+                if len(others) > 1:
+                    _mix_(neighbourhood, 0.0, others, [w / sum(row.recv_weights) for w in row.recv_weights])
+                spread += torch.linalg.vector_norm(own[index] - neighbourhood, dtype=torch.float64).square()
+            mixed = own[index].clone()
+            _mix_(mixed, row.self_weight, others, row.recv_weights)
+            mine.copy_(anchor.float() + mixed if self.anchored else mixed)
+        if self.measure_noise:
+            self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
+            if received:
+                self.spread = spread.sqrt()
+
+    @torch.no_grad()
+    def predicted_noise_ratio(self) -> Tensor:
+        """``κ · ‖x_i − a‖ / s``: the error the next graph round would inject (the codec's relative error ``κ`` at the
+        last graph round times the drift since the anchor, measured now) over the distance ``s`` to the neighbours'
+        decoded replicas at the last graph round. The error grows with the drift since the last anchor refresh;
+        the distance does not. +inf when the replicas agreed exactly (a graph round would only add noise), 0 before
+        the first graph round. No host sync."""
+        drift = torch.zeros_like(self.spread)
+        if self.anchored:
+            for _, tensors, views in self.state.views(self.anchor):
+                for tensor, view in zip(tensors, views):
+                    drift += torch.linalg.vector_norm(tensor.float() - view.float(), dtype=torch.float64).square()
+        noise = self.relative_error * drift.sqrt()
+        return torch.where(self.spread > 0, noise / self.spread.clamp_min(1e-300),
+                           torch.where(noise > 0, torch.inf, 0.0))
+
+    @torch.no_grad()
+    def average_round(self, work: list[Tensor], comm: Any = None) -> None:
+        """Compressed exact-mean round over ``comm`` (default: the construction's); ``work`` becomes the new anchor
+        on every rank."""
+        comm = comm or self.comm
+        rank, world_size = comm.rank, comm.world_size
+        peers = [peer for peer in range(world_size) if peer != rank]
+        differences, outgoing, incoming = [], {p: [] for p in peers}, {p: [] for p in peers}
+        for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
+            difference = self._difference(mine, anchor)
+            chunks = self._chunks(mine.numel())
+            for peer in peers:
+                start, stop = chunks[peer]
+                residual = self.residual[index][start:stop] if self.residual is not None else None
+                outgoing[peer].append(self._encode(difference[start:stop], residual)[0])
+                incoming[peer].append(self._empty_payload(chunks[rank][1] - chunks[rank][0], mine.device))
+            if self.residual is not None:
+                self.residual[index][slice(*chunks[rank])].zero_()  # the own chunk is used uncompressed
+            differences.append(difference)
+        comm.exchange_each(list(outgoing.items()), list(incoming.items()), purpose="round")
+
+        means, outgoing_means, incoming_means = [], [], {p: [] for p in peers}
+        for index, (mine, difference) in enumerate(zip(work, differences)):
+            chunks = self._chunks(mine.numel())
+            start, stop = chunks[rank]
+            total = difference[start:stop].clone()
+            for peer in peers:
+                total += self._decode(incoming[peer][index], stop - start, mine.device)
+            residual = self.mean_residual[index] if self.mean_residual is not None else None
+            payload, decoded = self._encode(total / world_size, residual)
+            outgoing_means.append(payload)
+            means.append(decoded)
+            for peer in peers:
+                incoming_means[peer].append(self._empty_payload(chunks[peer][1] - chunks[peer][0], mine.device))
+        comm.exchange_each([(peer, outgoing_means) for peer in peers], list(incoming_means.items()), purpose="round")
+
+        for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
+            chunks = self._chunks(mine.numel())
+            mean = torch.empty(mine.numel(), dtype=torch.float32, device=mine.device)
+            for owner, (start, stop) in enumerate(chunks):
+                mean[start:stop] = means[index] if owner == rank else \
+                    self._decode(incoming_means[owner][index], stop - start, mine.device)
+            if self.anchored:
+                anchor.copy_(anchor.float() + mean)
+                mine.copy_(anchor)
+            else:
+                mine.copy_(mean)
+
+    def _chunks(self, numel: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` of each rank's chunk, aligned to the codec's block size."""
+        align = getattr(self.codec, "block_size", 1)
+        blocks = -(-numel // align)
+        per_rank = -(-blocks // self.comm.world_size)
+        return [(min(k * per_rank * align, numel), min((k + 1) * per_rank * align, numel))
+                for k in range(self.comm.world_size)]
+
+
+class CompressedRound(Round):
+    """Graph or exact-mean rounds on encoded differences from a shared anchor.
+
+    Every ``anchor_interval``-th round (every round for ``complete``), and any round whose flags ask for it
+    (some rank's predicted error over its distance to its neighbours exceeds ``anchor_tolerance``), is a compressed
+    exact-mean round that refreshes the anchor; the others are graph rounds of ``topology``
+    (:class:`AnchoredCompression`). The statistics that travel with the replica are never anchored (a small statistic
+    would decode below zero): they are cast to bf16 (relative error ≤ 2⁻⁸, sign kept, so a mix stays within the ranks'
+    values). State (checkpointed): the replica's anchor, rounding generator, residuals and noise estimates.
+    """
+
+    def __init__(self, state: RoundState, comm: Any, topology: str, seed: int, codec: Codec, anchor_interval: int = 16,
+                 anchor_tolerance: float | None = None) -> None:
+        if isinstance(anchor_interval, bool) or not isinstance(anchor_interval, int) or anchor_interval < 1:
+            raise ValueError(f"anchor_interval must be an integer >= 1; got {anchor_interval!r}")
+        if anchor_tolerance is not None and (isinstance(anchor_tolerance, bool) or not isinstance(
+                anchor_tolerance, (int, float)) or not 0 < anchor_tolerance < float("inf")):
+            raise ValueError(f"anchor_tolerance must be a number > 0 or None; got {anchor_tolerance!r}")
+        self.state = state
+        self.topology = topology
+        self.seed = seed
+        self.anchor_interval = anchor_interval
+        self.anchor_tolerance = anchor_tolerance
+        # the noise check only matters where it can make a round a refresh: graph rounds with a tolerance
+        self.measures_noise = anchor_tolerance is not None and topology != "complete"
+        self.compression = AnchoredCompression(state.replica, comm, codec, seed, measure_noise=self.measures_noise)
+        self.statistics_compression = AnchoredCompression(state.statistics, comm, CastCodec(torch.bfloat16), seed,
+                                                          anchored=False) if state.statistics.tensors else None
+
+    def is_refresh(self, round_index: int, requested: bool = False) -> bool:
+        return requested or self.topology == "complete" or \
+            round_index % self.anchor_interval == self.anchor_interval - 1
+
+    @torch.no_grad()
+    def noise_ratio(self) -> Tensor | float:
+        """The compression error this rank's next graph round would inject, relative to its distance to its
+        neighbours (:meth:`AnchoredCompression.predicted_noise_ratio`; 0 without an ``anchor_tolerance`` and for
+        ``complete``, whose rounds are all refreshes). One pass over the replica and the anchor."""
+        return self.compression.predicted_noise_ratio() if self.measures_noise else 0.0
+
+    def refresh_requested(self, flags: Tensor) -> bool:
+        """Some rank's noise ratio exceeds ``anchor_tolerance`` (one host sync; the flags are read anyway)."""
+        if self.anchor_tolerance is None:
+            return False
+        return bool(flags.view(FLAG_BLOCKS, -1)[NOISE_BLOCK].max() > self.anchor_tolerance)
+
+    def reset_anchor_(self) -> None:
+        self.compression.reset_anchor_()
+
+    @torch.no_grad()
+    def mix_(self, work: list[Tensor], round_index: int, comm: Any, refresh: bool = False) -> None:
+        replica, statistics = self.state.split(work)
+        if self.is_refresh(round_index, refresh):
+            self.compression.average_round(replica, comm)
+            if self.statistics_compression is not None:
+                self.statistics_compression.average_round(statistics, comm)
+        else:
+            row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
+            if row.send_to or row.recv_from:
+                self.compression.graph_round(replica, row, comm)
+                if self.statistics_compression is not None:
+                    self.statistics_compression.graph_round(statistics, row, comm)
+        comm.count_round()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.compression.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.compression.load_state_dict(state)

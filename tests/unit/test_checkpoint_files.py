@@ -1,0 +1,59 @@
+"""Sidecar files: the current format, the first format (still read), and clear errors for everything else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_dopt.checkpoint_files import (SIDECAR_FORMAT, SIDECAR_FORMAT_V1, atomic_save, read_sidecar,
+                                             sidecar_path)
+
+SAVE_ID = "abc123"
+
+
+def write(tmp_path: Path, content: dict) -> Path:
+    main = tmp_path / "last.ckpt"
+    atomic_save(content, sidecar_path(main, rank=1, save_id=SAVE_ID))
+    return main
+
+
+def test_current_format_is_read_as_written(tmp_path: Path) -> None:
+    engine = {"comm_stats": {"rounds": 3}, "round": {"anchor": [torch.ones(2)]}, "aggregation": {}, "scaling": []}
+    main = write(tmp_path, {"format": SIDECAR_FORMAT, "save_id": SAVE_ID, "engine": engine})
+    sidecar = read_sidecar(main, 1, SAVE_ID)
+    assert sidecar["engine"]["comm_stats"] == {"rounds": 3}
+    assert torch.equal(sidecar["engine"]["round"]["anchor"][0], torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["compression", "pseudo_gradients", None])
+def test_first_format_sidecars_still_load(tmp_path: Path, kind: str | None) -> None:
+    old = {"format": SIDECAR_FORMAT_V1, "save_id": SAVE_ID, "state_dict": {"w": torch.zeros(1)},
+           "comm_stats": {"rounds": 7}, "aggregation": {0: {"momentum": None}}, "scaling": [],
+           "compression": None, "pseudo_gradients": None}
+    if kind is not None:
+        old[kind] = {"anchor": torch.full((3,), 2.0)}
+    sidecar = read_sidecar(write(tmp_path, old), 1, SAVE_ID)
+    assert sidecar["format"] == SIDECAR_FORMAT and "compression" not in sidecar
+    assert sidecar["engine"]["comm_stats"] == {"rounds": 7}
+    assert sidecar["engine"]["aggregation"] == {0: {"momentum": None}}
+    if kind is None:
+        assert sidecar["engine"]["round"] is None
+    else:
+        assert torch.equal(sidecar["engine"]["round"]["anchor"], torch.full((3,), 2.0))
+
+
+def test_unknown_format_names_the_formats_read(tmp_path: Path) -> None:
+    main = write(tmp_path, {"format": "lightning_dopt.sidecar/99", "save_id": SAVE_ID})
+    with pytest.raises(RuntimeError, match=r"has format 'lightning_dopt.sidecar/99'.*reads 'lightning_dopt.sidecar/2' "
+                                           r"and 'lightning_dopt.sidecar/1'"):
+        read_sidecar(main, 1, SAVE_ID)
+
+
+def test_sidecar_of_another_save_and_missing_sidecar_are_refused(tmp_path: Path) -> None:
+    main = write(tmp_path, {"format": SIDECAR_FORMAT, "save_id": "other"})
+    with pytest.raises(RuntimeError, match="does not belong to"):
+        read_sidecar(main, 1, SAVE_ID)
+    with pytest.raises(FileNotFoundError, match="missing per-rank checkpoint file"):
+        read_sidecar(main, 0, SAVE_ID)
