@@ -26,9 +26,10 @@ workers; the rounds are memory copies).
 What differs from a real run, by construction: workers share the device, so ``min_work < 1`` (which adapts to measured
 speed) is refused; a single gradient scaler cannot act for ``N`` workers, so ``16-mixed`` precision is refused (use
 ``bf16-mixed``); OASIS re-runs the step for its probes inside the closure, which the phases above split, so
-``scaling="oasis"`` is refused. Callbacks and ``LightningModule`` batch hooks see the list of the workers' batches;
-``training_step`` sees one worker's batch; the loss in the progress bar is the last worker's (a value logged
-with ``on_epoch=True`` is the mean over workers and batches).
+``scaling="oasis"`` is refused. ``training_step``, ``transfer_batch_to_device`` and ``on_after_batch_transfer`` see one
+worker's batch; callbacks' batch hooks and ``on_before_batch_transfer`` see the :class:`WorkerBatches` of the step;
+the loss in the progress bar is the last worker's (a value logged with ``on_epoch=True`` is the mean over workers and
+batches).
 """
 
 from __future__ import annotations
@@ -63,9 +64,13 @@ from lightning_dopt.scaling import RandomState, capture_rng_state, restore_rng_s
 from lightning_dopt.topology import validate_topology
 
 
+class WorkerBatches(list):
+    """The workers' batches of one step, in worker order (what :class:`WorkerLoader` yields)."""
+
+
 class WorkerLoader:
     """The training data as the ``N`` workers see it: worker ``i`` iterates the user's ``DataLoader`` re-created with
-    the sampler DDP would give rank ``i`` of ``N``; each item is the list of the workers' batches of one step."""
+    the sampler DDP would give rank ``i`` of ``N``; each item is the :class:`WorkerBatches` of one step."""
 
     def __init__(self, loaders: list[Any]) -> None:
         self.loaders = loaders
@@ -81,8 +86,8 @@ class WorkerLoader:
     def __len__(self) -> int:
         return len(self.loaders[0])
 
-    def __iter__(self) -> Iterator[list[Any]]:
-        return (list(batches) for batches in zip(*self.loaders))
+    def __iter__(self) -> Iterator[WorkerBatches]:
+        return (WorkerBatches(batches) for batches in zip(*self.loaders))
 
 
 @dataclass
@@ -260,6 +265,14 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
             num_replicas=self.workers, rank=rank), mode=RunningStage.TRAINING) for rank in range(self.workers)]
         return WorkerLoader(loaders)
 
+    @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """Workers' batches move one by one, so the transfer hooks (``transfer_batch_to_device``,
+        ``on_after_batch_transfer``) see one worker's batch each, as on a rank."""
+        if isinstance(batch, WorkerBatches):
+            return WorkerBatches(super().batch_to_device(one, device, dataloader_idx) for one in batch)
+        return super().batch_to_device(batch, device, dataloader_idx)
+
     # ----------------------------------------------------------------------------------- optimization
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -365,4 +378,4 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         super().teardown()
 
 
-__all__ = ["SimulatedStrategy", "WorkerLoader"]
+__all__ = ["SimulatedStrategy", "WorkerBatches", "WorkerLoader"]
