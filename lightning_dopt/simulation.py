@@ -34,6 +34,7 @@ batches).
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.data import _update_dataloader
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.fabric.plugins import CheckpointIO
 from torch import Tensor
 from torch.optim import Optimizer
@@ -62,6 +64,10 @@ from lightning_dopt.replica import ReplicaTensors, persistent_buffers
 from lightning_dopt.rounds import OuterOptimizerFactory
 from lightning_dopt.scaling import RandomState, capture_rng_state, restore_rng_state
 from lightning_dopt.topology import validate_topology
+
+
+SIMULATION_KEY = "lightning_dopt_simulation"
+"""Where a simulation's checkpoint keeps every worker's state (beside the average, which is the ``state_dict``)."""
 
 
 class WorkerBatches(list):
@@ -150,6 +156,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         self._workers: list[Worker] = []
         self._own: list[Tensor] = []  # the module's own storage (worker 0's), put back after each swap
         self._current = 0  # the worker whose batch training_step takes
+        self._restored: dict[str, Any] | None = None  # the workers' states of the checkpoint a fit resumes
 
     @property
     @override
@@ -207,7 +214,10 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
                                   background=comm.background, timeout=self.timeout)
             state = optimizer.state if index == 0 else defaultdict(dict)
             self._workers.append(Worker(index, tensors, state, (rng[0].clone(), rng[1]), engine))
-        self._on_workers(lambda worker: worker.engine.sync and worker.engine.sync.broadcast_(src=0))
+        if self._restored is not None:
+            self._restore_workers(self._restored)
+        else:
+            self._on_workers(lambda worker: worker.engine.sync and worker.engine.sync.broadcast_(src=0))
 
     def _on_workers(self, fn: Callable[[Worker], Any]) -> list[Any]:
         """``fn`` on every worker, concurrently (one thread each: collectives need every worker)."""
@@ -269,9 +279,10 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         """Workers' batches move one by one, so the transfer hooks (``transfer_batch_to_device``,
         ``on_after_batch_transfer``) see one worker's batch each, as on a rank."""
+        transfer = super().batch_to_device
         if isinstance(batch, WorkerBatches):
-            return WorkerBatches(super().batch_to_device(one, device, dataloader_idx) for one in batch)
-        return super().batch_to_device(batch, device, dataloader_idx)
+            return WorkerBatches(transfer(one, device, dataloader_idx) for one in batch)
+        return transfer(batch, device, dataloader_idx)
 
     # ----------------------------------------------------------------------------------- optimization
     @override
@@ -363,6 +374,70 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         finally:
             if holds_replicas:
                 self._on_workers(lambda worker: worker.engine.sync.restore_local())
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """The main file holds the exact average (plain Lightning loads it) and, under ``"lightning_dopt_simulation"``,
+        every worker's replica, optimizer state, random state and engine state, for an exact resume."""
+        if self._group is not None:
+            checkpoint[SIMULATION_KEY] = self._workers_state()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def _workers_state(self) -> dict[str, Any]:
+        optimizer, swapped = self.optimizers[0], self.workers > 1 and self.engine.sync.swapped
+        workers = []
+        for worker in self._workers:
+            if swapped:  # (a save during validation) the local replicas are kept aside: read them
+                worker.engine.sync.toggle()
+            optimizer.state = worker.optimizer_state
+            workers.append({"replica": [t.detach().clone() for t in worker.tensors],
+                            "optimizer": copy.deepcopy(optimizer.state_dict()), "rng": worker.rng,
+                            "engine": worker.engine.state_dict()})
+            if swapped:
+                worker.engine.sync.toggle()
+        optimizer.state = self._workers[0].optimizer_state
+        return {"workers": workers, "steps": self.engine.steps, "round": self.engine.round}
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A fit resumed from a simulation's checkpoint with as many workers restores every worker exactly; with
+        another number of workers every worker starts from the average (with a warning)."""
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        saved = checkpoint.get(SIMULATION_KEY)
+        self._restored = None
+        if saved is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint
+        if len(saved["workers"]) != self.workers:
+            rank_zero_warn(f"{checkpoint_path} was written by a simulation of {len(saved['workers'])} workers and is "
+                           f"resumed with {self.workers}: every worker starts from the averaged model with worker 0's "
+                           "optimizer state; the workers' replicas, optimizer and random states are not restored.")
+            return checkpoint
+        self._restored = saved
+        return checkpoint
+
+    @torch.no_grad()
+    def _restore_workers(self, saved: dict[str, Any]) -> None:
+        for worker, state in zip(self._workers, saved["workers"]):
+            for tensor, value in zip(worker.tensors, state["replica"]):
+                tensor.copy_(value)
+            worker.rng = state["rng"]
+            worker.engine.steps = worker.engine.fit_first_step = saved["steps"]
+            worker.engine.round = saved["round"]
+            worker.engine.load_state_dict(state["engine"])
+
+    @override
+    def on_train_start(self) -> None:
+        """Restore the workers' optimizer states (after Lightning restored worker 0's from the main file)."""
+        super().on_train_start()
+        if self._restored is not None:
+            optimizer = self.optimizers[0]
+            for worker, state in zip(self._workers[1:], self._restored["workers"][1:]):
+                optimizer.load_state_dict(state["optimizer"])
+                worker.optimizer_state = optimizer.state
+            optimizer.load_state_dict(self._restored["workers"][0]["optimizer"])
+            self._workers[0].optimizer_state = optimizer.state
+            self._restored = None
 
     @override
     def teardown(self) -> None:

@@ -23,7 +23,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-import lightning_dopt  # registers gossip_local, local_sgd, adacons, ... before the CLI parses
+import lightning_dopt  # noqa: F401 (registers gossip_local, local_sgd, adacons, ... before the CLI parses)
+from lightning_dopt.callbacks import replicas
 
 __all__ = ["WANDB_LOGGERS", "DoptCLI", "LogStrategyOptions", "replace_wandb_logger", "strategy_options",
            "use_offline_wandb", "wandb_available"]
@@ -193,9 +194,8 @@ class DoptCLI(LightningCLI):
 
     def model_label(self) -> str:
         """``Averaged model (n replicas)`` when the tested model is the average of the replicas, else ``Model``."""
-        trainer = self.trainer
-        averaged = isinstance(trainer.strategy, lightning_dopt.GossipLocalStrategy) and trainer.world_size > 1
-        return f"Averaged model ({trainer.world_size} replicas)" if averaged else "Model"
+        count = replicas(self.trainer)
+        return f"Averaged model ({count} replicas)" if count > 1 else "Model"
 
     def summary(self, metrics: dict[str, float]) -> str:
         """The line printed after ``fit`` + ``test``: the test metrics and the training time."""

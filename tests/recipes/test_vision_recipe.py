@@ -280,3 +280,21 @@ def test_quick_config_logs_an_offline_wandb_run(tmp_path):
     data = records.read_bytes()
     for key in (b"train/loss", b"val/acc", b"test/acc", b"comm/bytes_sent", b"local_steps", b"GossipLocalStrategy"):
         assert key in data, f"{key!r} was not logged"
+
+
+@needs_mlxtend
+@pytest.mark.timeout(300)
+def test_simulated_workers_from_the_command_line(tmp_path):
+    """``--trainer.strategy=lightning_dopt.SimulatedStrategy``: 8 workers in one process on the quick config, their
+    batches through the data module's transfer hook one worker at a time, the average tested after fit."""
+    fit = run_recipe("recipes.vision", [
+        "fit", "--config", str(CONFIGS / "quick.yaml"), "--config", str(CONFIGS / "mnist5k.yaml"),
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.devices=1", "--trainer.strategy=lightning_dopt.SimulatedStrategy", "--trainer.strategy.workers=8",
+        "--trainer.strategy.local_steps=4", "--trainer.strategy.compression=int8", "--trainer.max_steps=8",
+        "--trainer.log_every_n_steps=4", "--trainer.limit_val_batches=2"], timeout=300)
+    assert fit.returncode == 0, fit.stdout[-5000:]
+    assert "Communication after 8 optimizer steps on 8 simulated workers (topology=random, local_steps=4)" in fit.stdout
+    assert "Averaged model (8 replicas): test accuracy" in fit.stdout
+    rows = _metrics(tmp_path)
+    assert _last(rows, "comm/rounds") == 2 and 0.1 < _last(rows, "test/acc") <= 1.0
