@@ -1,7 +1,7 @@
 """SimulatedStrategy at 4 to 256 workers: time and memory per epoch, accuracy of the average, consensus curve.
 
 The vision recipe's MLP (784-64-10, 50,890 parameters) on Fashion-MNIST (mnist5k when Fashion-MNIST is not installed),
-random gossip with H = 4 local steps, SGD with momentum 0.9 and the recipe's cosine learning rate, for a fixed global
+random gossip with H = 4 local steps (``--topology``, ``--local-steps``), SGD with momentum 0.9 and the recipe's cosine learning rate, for a fixed global
 batch: each of the ``N`` workers trains on batches of ``global_batch / N`` from its own shard (as ``N`` ranks of DDP
 would), so every contender sees the same images per optimizer step and per epoch, and the same learning rate.
 
@@ -10,7 +10,10 @@ record: seconds per epoch (training only, validation excluded), peak resident me
 average after each epoch, and the consensus distance ``mean_i ‖x_i − x̄‖² / ‖x̄‖²`` every 10 optimizer steps.
 ``--plot`` draws accuracy and consensus distance against the worker count from the JSON.
 
-    python benchmarks/simulation.py --workers 4,16,64,256 --epochs 2 --out docs/simulation.json --plot docs/simulation.png
+    python benchmarks/simulation.py --workers 4,16,64,256 --epochs 3 --out docs/simulation.json \
+        --plot docs/img/simulation.png
+    python benchmarks/simulation.py --workers 4,64,256 --epochs 1 --topology complete --local-steps 1 \
+        --out docs/simulation_control.json     # exact averaging every step: minibatch SGD at any N
 """
 
 from __future__ import annotations
@@ -70,15 +73,15 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed)
     data = ImageClassificationData(source=args.source, batch_size=args.global_batch // workers)
     model = ImageClassifier(model="mlp", lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    strategy = SimulatedStrategy(workers=workers, local_steps=args.local_steps, topology="random", seed=args.seed,
-                                 consensus_interval=10)
+    strategy = SimulatedStrategy(workers=workers, local_steps=args.local_steps, topology=args.topology,
+                                 seed=args.seed, consensus_interval=10)
     recorder = EpochRecorder()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=args.epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[recorder])
     trainer.fit(model, datamodule=data)
     stats = strategy.comm_stats
-    return {"workers": workers, "batch_per_worker": args.global_batch // workers, "global_batch": args.global_batch,
+    return {"workers": workers, "topology": args.topology, "local_steps": args.local_steps, "batch_per_worker": args.global_batch // workers, "global_batch": args.global_batch,
             "steps": trainer.global_step, "epochs": args.epochs, "source": args.source,
             "seconds_per_epoch": recorder.epoch_seconds, "peak_rss_mb": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss / 1024, "accuracy": recorder.accuracy,
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=256)
     parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--topology", default="random")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
@@ -130,7 +134,7 @@ def main() -> None:
         result_file = args.out.with_suffix(f".{workers}.tmp.json")
         child = [sys.executable, __file__, "--run", str(workers), "--result", str(result_file)] + [
             f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-            if name in ("epochs", "global_batch", "local_steps", "lr", "seed", "threads", "source")]
+            if name in ("epochs", "global_batch", "local_steps", "topology", "lr", "seed", "threads", "source")]
         subprocess.run(child, check=True, timeout=3600)
         results.append(json.loads(result_file.read_text()))
         result_file.unlink()

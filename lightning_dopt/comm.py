@@ -101,12 +101,6 @@ class CommStats:
 _STATS_LOCK = threading.Lock()
 
 
-def count_round(stats: CommStats) -> None:
-    """Count one synchronization round (thread-safe: a background round may count while the loop records)."""
-    with _STATS_LOCK:
-        stats.rounds += 1
-
-
 def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
     """Bytes one rank sends (and receives) in a ring all-reduce of ``payload_bytes``: ``2(n-1)/n * b``."""
     return 2 * (world_size - 1) * payload_bytes // world_size if world_size > 1 else 0
@@ -281,21 +275,86 @@ _SECONDARY = "[secondary] "
 """Prefix of error reports from ranks that failed only because a peer did (ignored when naming the culprit)."""
 
 
-class Communicator:
-    """Counted collectives and point-to-point exchanges on one process group (default: the world).
+class CountedCommunicator:
+    """What every communicator shares: this rank's :class:`CommStats` and the byte accounting of the module docstring,
+    the exchange helper, round counting and gathering the counters. Subclasses move the data: :class:`Communicator`
+    over ``torch.distributed``, :class:`~lightning_dopt.inprocess.InProcessCommunicator` between threads.
 
     ``counts_time=False`` for a communicator driven from a background thread: its calls do not add to
     ``stats.seconds``, which measures how long the training loop itself was blocked.
     """
 
+    rank: int
+    world_size: int
+
+    def __init__(self, stats: CommStats | None = None, counts_time: bool = True) -> None:
+        self.stats = stats if stats is not None else CommStats()
+        self.counts_time = counts_time
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def all_reduce_(self, tensors: Sequence[Tensor], purpose: str, op: str = "mean") -> None:
+        raise NotImplementedError
+
+    def exchange_each(self, outgoing: Sequence[tuple[int, Sequence[Tensor]]],
+                      incoming: Sequence[tuple[int, Sequence[Tensor]]], purpose: str) -> None:
+        raise NotImplementedError
+
+    def _record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
+        self.stats.record(purpose, sent, received, messages, seconds if self.counts_time else 0.0)
+
+    def _record_all_reduce(self, purpose: str, payload: int, tensors: int, seconds: float) -> None:
+        """A ring all-reduce of ``payload`` bytes: ``2(n-1)/n · payload`` sent and received."""
+        moved = ring_allreduce_bytes(payload, self.world_size)
+        self._record(purpose, moved, moved, tensors, seconds)
+
+    def _record_broadcast(self, purpose: str, tensors: Sequence[Tensor], src: int, seconds: float) -> None:
+        """``(n-1) · payload`` sent by the source, ``payload`` received by every other rank."""
+        payload = sum(tensor_nbytes(t) for t in tensors)
+        is_src = self.rank == src
+        self._record(purpose, payload * (self.world_size - 1) if is_src else 0, 0 if is_src else payload,
+                     len(tensors), seconds)
+
+    def _record_exchange(self, purpose: str, outgoing: Sequence[tuple[int, Sequence[Tensor]]],
+                         incoming: Sequence[tuple[int, Sequence[Tensor]]], seconds: float) -> None:
+        """Exactly the bytes of the tensors sent and received; one message per non-empty tensor."""
+        sent = sum(tensor_nbytes(t) for _, tensors in outgoing for t in tensors)
+        received = sum(tensor_nbytes(t) for _, tensors in incoming for t in tensors)
+        messages = sum(1 for _, tensors in (*outgoing, *incoming) for t in tensors if t.numel())
+        self._record(purpose, sent, received, messages, seconds)
+
+    def exchange(self, send: Sequence[Tensor], send_to: Sequence[int], recv: Sequence[Sequence[Tensor]],
+                 recv_from: Sequence[int], purpose: str) -> None:
+        """Send the same tensors ``send`` to every rank in ``send_to``; receive ``recv[k]`` from ``recv_from[k]``."""
+        if len(recv) != len(recv_from):
+            raise ValueError(f"got {len(recv)} receive buffers for {len(recv_from)} sources")
+        self.exchange_each([(peer, send) for peer in send_to], list(zip(recv_from, recv)), purpose)
+
+    def count_round(self) -> None:
+        """Count one synchronization round (thread-safe)."""
+        with _STATS_LOCK:
+            self.stats.rounds += 1
+
+    def gather_stats(self) -> list[CommStats]:
+        """Every rank's :class:`CommStats`, in rank order (one small all-reduce, counted as ``control``)."""
+        table = torch.zeros(self.world_size, 5 + len(PURPOSES), dtype=torch.float64, device=self.device)
+        table[self.rank] = torch.tensor(self.stats.as_vector(), dtype=torch.float64)
+        self.all_reduce_([table], purpose="control", op="sum")
+        return [CommStats.from_vector(row) for row in table.tolist()]
+
+
+class Communicator(CountedCommunicator):
+    """Counted collectives and point-to-point exchanges on one process group (default: the world)."""
+
     def __init__(self, group: dist.ProcessGroup | None = None, stats: CommStats | None = None,
                  liveness: Liveness | None = None, counts_time: bool = True) -> None:
+        super().__init__(stats, counts_time)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.stats = stats if stats is not None else CommStats()
         self.liveness = liveness
-        self.counts_time = counts_time
 
     def start_liveness(self, prefix: str, interval: float = 1.0) -> None:
         """Start heartbeats in the default rendezvous store (every rank; used to name failed peers)."""
@@ -328,9 +387,6 @@ class Communicator:
                 self.liveness.report_error(_SECONDARY + message)
             raise PeerFailure(message) from error
 
-    def _record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
-        self.stats.record(purpose, sent, received, messages, seconds if self.counts_time else 0.0)
-
     def all_reduce_(self, tensors: Sequence[Tensor], purpose: str, op: str = "mean") -> None:
         """In-place all-reduce of each tensor with ``op`` in {"mean", "sum", "max", "min"}.
 
@@ -355,8 +411,7 @@ class Communicator:
                 if travelling is not tensor:
                     tensor.copy_(travelling)
                 payload += tensor_nbytes(travelling)
-        moved = ring_allreduce_bytes(payload, self.world_size)
-        self._record(purpose, moved, moved, len(tensors), time.perf_counter() - start)
+        self._record_all_reduce(purpose, payload, len(tensors), time.perf_counter() - start)
 
     def broadcast_(self, tensors: Sequence[Tensor], src: int, purpose: str) -> None:
         """Overwrite ``tensors`` on every rank with the source rank's values (``src`` is a group rank)."""
@@ -364,17 +419,7 @@ class Communicator:
         with self.guarded("broadcast", purpose, None if self.rank == src else [src]):
             for tensor in tensors:
                 dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
-        payload = sum(tensor_nbytes(t) for t in tensors)
-        is_src = self.rank == src
-        self._record(purpose, payload * (self.world_size - 1) if is_src else 0, 0 if is_src else payload,
-                     len(tensors), time.perf_counter() - start)
-
-    def exchange(self, send: Sequence[Tensor], send_to: Sequence[int], recv: Sequence[Sequence[Tensor]],
-                 recv_from: Sequence[int], purpose: str) -> None:
-        """Send the same tensors ``send`` to every rank in ``send_to``; receive ``recv[k]`` from ``recv_from[k]``."""
-        if len(recv) != len(recv_from):
-            raise ValueError(f"got {len(recv)} receive buffers for {len(recv_from)} sources")
-        self.exchange_each([(peer, send) for peer in send_to], list(zip(recv_from, recv)), purpose)
+        self._record_broadcast(purpose, tensors, src, time.perf_counter() - start)
 
     def exchange_each(self, outgoing: Sequence[tuple[int, Sequence[Tensor]]],
                       incoming: Sequence[tuple[int, Sequence[Tensor]]], purpose: str) -> None:
@@ -401,20 +446,7 @@ class Communicator:
         with self.guarded("exchange", purpose, peers):
             for request in dist.batch_isend_irecv(operations):
                 request.wait()
-        sent = sum(tensor_nbytes(t) for _, tensors in outgoing for t in tensors)
-        received = sum(tensor_nbytes(t) for _, tensors in incoming for t in tensors)
-        messages = sum(1 for _, tensors in (*outgoing, *incoming) for t in tensors if t.numel())  # before cutting
-        self._record(purpose, sent, received, messages, time.perf_counter() - start)
-
-    def count_round(self) -> None:
-        count_round(self.stats)
-
-    def gather_stats(self) -> list[CommStats]:
-        """Every rank's :class:`CommStats`, in rank order (one small all-reduce, counted as ``control``)."""
-        table = torch.zeros(self.world_size, 5 + len(PURPOSES), dtype=torch.float64, device=self.device)
-        table[self.rank] = torch.tensor(self.stats.as_vector(), dtype=torch.float64)
-        self.all_reduce_([table], purpose="control", op="sum")
-        return [CommStats.from_vector(row) for row in table.tolist()]
+        self._record_exchange(purpose, outgoing, incoming, time.perf_counter() - start)  # messages before cutting
 
     @property
     def device(self) -> torch.device:

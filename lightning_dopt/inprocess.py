@@ -34,8 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from lightning_dopt.comm import (PURPOSES, CommStats, PeerFailure, count_round, is_narrow_float,
-                                 ring_allreduce_bytes, tensor_nbytes)
+from lightning_dopt.comm import PURPOSES, CommStats, CountedCommunicator, PeerFailure, is_narrow_float, tensor_nbytes
 
 T = TypeVar("T")
 _POLL_S = 0.05  # how often a blocked receive looks whether the group was aborted
@@ -154,7 +153,7 @@ class InProcessGroup:
                                       f"{self.timeout:.0f} s; the partner is stuck or gone") from None
 
 
-class InProcessCommunicator:
+class InProcessCommunicator(CountedCommunicator):
     """A virtual rank's communicator: :class:`~lightning_dopt.comm.Communicator`'s interface and byte accounting over
     an :class:`InProcessGroup` (see the module docstring)."""
 
@@ -164,11 +163,10 @@ class InProcessCommunicator:
                  counts_time: bool = True) -> None:
         if not 0 <= rank < group.world_size:
             raise ValueError(f"rank must be in [0, {group.world_size}); got {rank!r}")
+        super().__init__(stats, counts_time)
         self.group = group
         self.rank = rank
         self.world_size = group.world_size
-        self.stats = stats if stats is not None else CommStats()
-        self.counts_time = counts_time
         self._backgrounds = 0
 
     @property
@@ -189,9 +187,6 @@ class InProcessCommunicator:
     def guarded(self, operation: str, purpose: str, peers: Sequence[int] | None) -> Iterator[None]:
         """Failures are already :class:`PeerFailure`; kept for interface parity with ``Communicator``."""
         yield
-
-    def _record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
-        self.stats.record(purpose, sent, received, messages, seconds if self.counts_time else 0.0)
 
     @torch.no_grad()
     def all_reduce_(self, tensors: Sequence[Tensor], purpose: str, op: str = "mean") -> None:
@@ -215,12 +210,10 @@ class InProcessCommunicator:
                 total += contribution.to(tensor.device)
             results.append(total.div_(self.world_size) if op == "mean" else total)
         self.group._wait(self.rank, "all-reduce")  # everyone has read every contribution
-        payload = 0
         for tensor, result in zip(tensors, results):
             tensor.copy_(result)
-            payload += tensor_nbytes(result)
-        moved = ring_allreduce_bytes(payload, self.world_size)
-        self._record(purpose, moved, moved, len(tensors), time.perf_counter() - start)
+        self._record_all_reduce(purpose, sum(tensor_nbytes(r) for r in results), len(tensors),
+                                time.perf_counter() - start)
 
     @torch.no_grad()
     def broadcast_(self, tensors: Sequence[Tensor], src: int, purpose: str) -> None:
@@ -231,17 +224,7 @@ class InProcessCommunicator:
             for tensor, source in zip(tensors, everyone[src]):
                 tensor.copy_(source)
         self.group._wait(self.rank, "broadcast")
-        payload = sum(tensor_nbytes(t) for t in tensors)
-        is_src = self.rank == src
-        self._record(purpose, payload * (self.world_size - 1) if is_src else 0, 0 if is_src else payload,
-                     len(tensors), time.perf_counter() - start)
-
-    def exchange(self, send: Sequence[Tensor], send_to: Sequence[int], recv: Sequence[Sequence[Tensor]],
-                 recv_from: Sequence[int], purpose: str) -> None:
-        """Send ``send`` to every rank in ``send_to``; receive ``recv[k]`` from ``recv_from[k]``."""
-        if len(recv) != len(recv_from):
-            raise ValueError(f"got {len(recv)} receive buffers for {len(recv_from)} sources")
-        self.exchange_each([(peer, send) for peer in send_to], list(zip(recv_from, recv)), purpose)
+        self._record_broadcast(purpose, tensors, src, time.perf_counter() - start)
 
     @torch.no_grad()
     def exchange_each(self, outgoing: Sequence[tuple[int, Sequence[Tensor]]],
@@ -263,17 +246,4 @@ class InProcessCommunicator:
                                       f"shape {tuple(message.shape)} for a {buffer.dtype} buffer of shape "
                                       f"{tuple(buffer.shape)}: the two ranks posted different messages")
                 buffer.copy_(message)
-        sent = sum(tensor_nbytes(t) for _, tensors in outgoing for t in tensors)
-        received = sum(tensor_nbytes(t) for _, tensors in incoming for t in tensors)
-        messages = sum(1 for _, tensors in (*outgoing, *incoming) for t in tensors if t.numel())
-        self._record(purpose, sent, received, messages, time.perf_counter() - start)
-
-    def count_round(self) -> None:
-        count_round(self.stats)
-
-    def gather_stats(self) -> list[CommStats]:
-        """Every virtual rank's counters, in rank order (counted like the real one: a small all-reduce)."""
-        table = torch.zeros(self.world_size, 5 + len(PURPOSES), dtype=torch.float64, device=self.device)
-        table[self.rank] = torch.tensor(self.stats.as_vector(), dtype=torch.float64)
-        self.all_reduce_([table], purpose="control", op="sum")
-        return [CommStats.from_vector(row) for row in table.tolist()]
+        self._record_exchange(purpose, outgoing, incoming, time.perf_counter() - start)
