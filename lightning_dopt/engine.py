@@ -11,7 +11,7 @@ and :meth:`Engine.drain` before it reads or writes the replica (evaluation, chec
 the end. The engine owns the step and round counters, the schedule (warm-up, then a round every ``local_steps``
 steps), the control flags that travel before each round (stop requests, non-finite replicas, paces, compression
 noise), the pacing windows and the overlapped round in flight. The algorithms themselves are objects it composes,
-each with its own state: the round (:class:`~lightning_dopt.rounds.ReplicaSync` and its codec or pseudo-gradient
+each with its own state: the round (:class:`~lightning_dopt.replica.ReplicaSync` and its codec or pseudo-gradient
 rounds), the gradient combiners (:mod:`lightning_dopt.gradients`), the preconditioners (:mod:`lightning_dopt.scaling`)
 and the pacer (:mod:`lightning_dopt.pacing`). :meth:`Engine.state_dict` is the dict of their states: what a
 per-rank sidecar checkpoint holds besides the replica and the optimizer.
@@ -356,7 +356,7 @@ class Engine:
         """``[stop_0..stop_{n-1}, nonfinite_0..nonfinite_{n-1}, pace_0..pace_{n-1}, noise_0..noise_{n-1}]``
         with this rank's four entries set (stop: 1 for SIGTERM, 2 for a requeue signal; pace: seconds per trained
         step, :class:`~lightning_dopt.pacing.WorkPacer`, 0 without one; noise, only for the flags that precede a
-        round: :meth:`~lightning_dopt.rounds.ReplicaSync.noise_ratio`, which may make it an anchor refresh)."""
+        round: :meth:`~lightning_dopt.replica.ReplicaSync.noise_ratio`, which may make it an anchor refresh)."""
         assert self.sync is not None and self.comm is not None
         flags = torch.zeros(FLAG_BLOCKS, self.world_size, dtype=torch.float64, device=self.comm.device)
         flags[STOP_BLOCK, self.rank] = 2.0 if self.requeue else float(self.sigterm)

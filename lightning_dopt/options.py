@@ -93,7 +93,7 @@ class Options:
             :data:`~lightning_dopt.compress.CODECS` (``"bf16"``, ``"fp16"``, ``"int8"``, ``"int4"``) or a
             :class:`~lightning_dopt.compress.Codec`. Ranks send the difference from a shared anchor, so the error is
             proportional to the replicas' spread plus their drift since the anchor's last refresh, not to the
-            weights (:class:`~lightning_dopt.rounds.AnchoredCompression`).
+            weights (:class:`~lightning_dopt.compressed_rounds.AnchoredCompression`).
         block_size: values per quantization block (one scale and offset each) for ``int8``/``int4``.
         anchor_interval: with compression, every this many rounds is a compressed exact-mean round that
             refreshes the shared anchor (every round for ``complete``): the longest a shared anchor is kept.

@@ -403,9 +403,8 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Read the main file and, when fitting on as many ranks as wrote it, this rank's sidecar.
-
-        Validation, test and predict use the main file's averaged model."""
+        """Read the main file and, when fitting on as many ranks as wrote it, this rank's sidecar (validation, test and
+        predict use the main file's averaged model)."""
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         self._restored = restore_point(checkpoint, checkpoint_path, self.global_rank, self.world_size) if fitting \
