@@ -131,8 +131,9 @@ def read_sidecar(checkpoint_path: _PATH, rank: int, save_id: str) -> dict[str, A
         raise RuntimeError(f"rank {rank}: per-rank checkpoint file {path} is unreadable "
                            f"(truncated or corrupt): {error}") from error
     if sidecar.get("format") == SIDECAR_FORMAT_V1:  # the round's state was under its kind's name
-        parts = {part: sidecar.pop(part) for part in ENGINE_PARTS_V1}
+        parts = {part: sidecar.pop(part, None) for part in ENGINE_PARTS_V1}  # (early files lack pseudo_gradients)
         compression, pseudo_gradients = parts.pop("compression"), parts.pop("pseudo_gradients")
+        parts["scaling"] = parts["scaling"] or []
         parts["round"] = compression if compression is not None else pseudo_gradients
         sidecar = dict(sidecar, format=SIDECAR_FORMAT, engine=parts)
     if sidecar.get("format") != SIDECAR_FORMAT:

@@ -45,6 +45,11 @@ class NonFiniteReplicaError(FloatingPointError):
     """A replica holds NaN or Inf at a round; raised on every rank before the values reach a partner."""
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of every group of ``optimizer``, in order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def build_preconditioners(options: Options, optimizer_params: Sequence[Sequence[Tensor]], rank: int,
                           device: torch.device) -> list[tuple[list[Tensor], Preconditioner]]:
     """One frozen-between-rounds diagonal preconditioner per optimizer (``scaling``), or none. OASIS probes draw from
@@ -311,12 +316,14 @@ class Engine:
         self.abandon()
 
     def close(self) -> None:
-        """The end of a stage: stop the heartbeats and release the round's buffers (counters stay readable)."""
+        """The end of a stage: stop the heartbeats and release the round's and the gradient combiners' buffers
+        (counters stay readable)."""
         self.abandon()
         liveness = getattr(self.comm, "liveness", None)
         if liveness is not None:
             liveness.stop()
         self.sync = self.overlapped = None
+        self._grad_averagers, self._grad_combiners = {}, {}
 
     def partial_work_report(self) -> str:
         """How many optimizer steps each rank skipped in this fit (one ``n``-float64 all-reduce; collective)."""
@@ -414,11 +421,11 @@ class Engine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after the replica itself was restored)."""
         sync = self.sync
-        if self.comm is not None:
+        if self.comm is not None and state.get("comm_stats"):
             self.comm.stats.load_state_dict(state["comm_stats"])
         if sync is not None:
             sync.round.load_state_dict(state["round"])
-        for (_, preconditioner), saved in zip(self.preconditioners, state["scaling"]):
+        for (_, preconditioner), saved in zip(self.preconditioners, state.get("scaling") or []):
             preconditioner.load_state_dict(saved["state"])
             if isinstance(preconditioner, OASISScaling) and preconditioner.generator is not None:
                 preconditioner.generator.set_state(saved["generator"])

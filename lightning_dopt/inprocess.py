@@ -40,6 +40,14 @@ T = TypeVar("T")
 _POLL_S = 0.05  # how often a blocked receive looks whether the group was aborted
 
 
+def _settle(tensors: Any) -> None:
+    """On CUDA, wait until the current stream has written ``tensors``: another rank's thread reads them on its own
+    stream (threads of one process share the device but not the stream order). Nothing to do on CPU."""
+    devices = {tensor.device for tensor in tensors if isinstance(tensor, Tensor) and tensor.is_cuda}
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
+
+
 class InProcessGroup:
     """The shared meeting point of ``world_size`` virtual ranks (threads of this process).
 
@@ -78,11 +86,6 @@ class InProcessGroup:
         self._barrier.abort()
         for child in children:
             child.abort(reason)
-
-    @property
-    def failure(self) -> str | None:
-        """Why the group was aborted, or ``None``."""
-        return self._failure
 
     def child(self, index: int) -> InProcessGroup:
         """The ``index``-th background group (created on first request; every rank asks in the same order)."""
@@ -124,6 +127,9 @@ class InProcessGroup:
 
     # ---------------------------------------------------------------------------------- primitives
     def _wait(self, rank: int, operation: str) -> None:
+        """Barrier wait; on CUDA this rank's stream has finished its reads and writes before (:func:`_settle`)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.current_stream().synchronize()
         try:
             self._barrier.wait(self.timeout)
         except threading.BrokenBarrierError:
@@ -132,12 +138,15 @@ class InProcessGroup:
 
     def _collective(self, rank: int, value: Any, operation: str) -> list[Any]:
         """Every rank deposits ``value``; returns all ranks' values in rank order (collective)."""
+        _settle(value)
         self._slots[rank] = value
         self._wait(rank, operation)
         return list(self._slots)
 
     def _post(self, src: int, dst: int, tensor: Tensor) -> None:
-        self._mailboxes[(src, dst)].put(tensor.detach().clone())
+        message = tensor.detach().clone()
+        _settle([message])
+        self._mailboxes[(src, dst)].put(message)
 
     def _take(self, src: int, dst: int, operation: str) -> Tensor:
         deadline = time.monotonic() + self.timeout
@@ -178,7 +187,8 @@ class InProcessCommunicator(CountedCommunicator):
 
     def background(self, timeout: timedelta | None = None) -> InProcessCommunicator:
         """A communicator on a separate group over the same virtual ranks, sharing these counters (for a background
-        round thread). Every rank calls it in the same order."""
+        round thread). Every rank calls it in the same order. Its waits are bounded by the group's timeout (the
+        ``timeout`` argument is accepted for interface parity with ``Communicator.background``)."""
         child = self.group.child(self._backgrounds)
         self._backgrounds += 1
         return InProcessCommunicator(child, self.rank, stats=self.stats, counts_time=False)
@@ -246,4 +256,5 @@ class InProcessCommunicator(CountedCommunicator):
                                       f"shape {tuple(message.shape)} for a {buffer.dtype} buffer of shape "
                                       f"{tuple(buffer.shape)}: the two ranks posted different messages")
                 buffer.copy_(message)
+                _settle([buffer])  # before the message's memory is freed for reuse
         self._record_exchange(purpose, outgoing, incoming, time.perf_counter() - start)

@@ -65,6 +65,12 @@ class OptionsAttributes:
             return getattr(options, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in Options.names() and "options" in self.__dict__:
+            raise AttributeError(f"{name} is fixed when the strategy is built (the engine reads strategy.options); "
+                                 f"pass {name}={value!r} to the constructor instead")
+        super().__setattr__(name, value)
+
 
 @dataclass(frozen=True)
 class Options:

@@ -158,8 +158,6 @@ class ReplicaSync:
         self.counters = FlatState([b for b in buffers if not _is_averaged(b)])
         self.everything = FlatState(replica.params + replica.buffers)
         self.comm = comm
-        self.topology = topology
-        self.seed = seed
         self._work = self.state.new_buffers()
         self._backup = self.state.new_buffers()
         # Rounds mix the replica state plus the ``statistics`` (e.g. preconditioner statistics) in the same exchange;
@@ -184,12 +182,12 @@ class ReplicaSync:
 
     @property
     def compression(self) -> AnchoredCompression | None:
-        """The replica's anchored compression (``None`` for uncompressed rounds): its state is checkpointed."""
+        """The replica's anchored compression (``None`` for uncompressed rounds)."""
         return self.round.compression if isinstance(self.round, CompressedRound) else None
 
     @property
     def pseudo_gradients(self) -> PseudoGradientRound | None:
-        """The pseudo-gradient round (AdaCons rounds, outer optimizer), whose anchor and optimizer are checkpointed."""
+        """The pseudo-gradient round (AdaCons rounds, outer optimizer), ``None`` for the other rounds."""
         return self.round if isinstance(self.round, PseudoGradientRound) else None
 
     def noise_ratio(self) -> Tensor | float:

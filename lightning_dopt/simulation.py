@@ -57,7 +57,7 @@ from typing_extensions import override
 from lightning_dopt.combinations import check as check_combination
 from lightning_dopt.comm import CommStats
 from lightning_dopt.compress import Codec
-from lightning_dopt.engine import Engine, build_engine
+from lightning_dopt.engine import Engine, build_engine, optimizer_params
 from lightning_dopt.inprocess import InProcessGroup
 from lightning_dopt.options import Options, OptionsAttributes, check_int
 from lightning_dopt.replica import ReplicaTensors, persistent_buffers
@@ -209,7 +209,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
             count = len(list(module.parameters()))
             replica = ReplicaTensors(tensors[:count], tensors[count:], tensors[count:])
             by_module = dict(zip(map(id, mine), tensors))
-            params = [[by_module[id(p)] for group in optimizer.param_groups for p in group["params"]]]
+            params = [[by_module[id(p)] for p in optimizer_params(optimizer)]]
             engine = build_engine(options, replica, params, comm if self.workers > 1 else None, index, device,
                                   background=comm.background, timeout=self.timeout)
             state = optimizer.state if index == 0 else defaultdict(dict)
@@ -233,12 +233,14 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
             for tensor, value in zip(mine, worker.tensors):
                 tensor.data = value
         optimizer.state = worker.optimizer_state
+        own_rng = capture_rng_state(self.root_device)  # the process's stream (data loading, callbacks) goes on
         restore_rng_state(worker.rng, self.root_device)
         self._current = worker.index
         try:
             yield
         finally:
             worker.rng = capture_rng_state(self.root_device)
+            restore_rng_state(own_rng, self.root_device)
             if worker.index:
                 for tensor, own in zip(mine, self._own):
                     tensor.data = own
@@ -295,7 +297,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
         """One step of every worker (the four phases of the module docstring)."""
-        mine = [p for group in optimizer.param_groups for p in group["params"]]
+        mine = optimizer_params(optimizer)
         self._workers[0].optimizer_state = optimizer.state  # (a checkpoint restore replaces the dict)
         outputs = []
         for worker in self._workers:  # 1. forward and backward
@@ -306,7 +308,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
                     p.grad = None
         if any(worker.engine.wraps_gradients for worker in self._workers):  # 2. gradients across workers
             self._on_workers(lambda worker: self._combine_gradients(worker, mine, outputs[worker.index]))
-        for worker in self._workers:  # 3. clipping and update
+        for worker in reversed(self._workers):  # 3. clipping and update (worker 0 last: its gradients stay)
             with self._as_worker(worker):
                 for p, grad in zip(mine, worker.grads):
                     p.grad = grad
@@ -408,22 +410,28 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         self._restored = None
         if saved is None or self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
             return checkpoint
+        self._restored = saved
         if len(saved["workers"]) != self.workers:
             rank_zero_warn(f"{checkpoint_path} was written by a simulation of {len(saved['workers'])} workers and is "
                            f"resumed with {self.workers}: every worker starts from the averaged model with worker 0's "
                            "optimizer state; the workers' replicas, optimizer and random states are not restored.")
-            return checkpoint
-        self._restored = saved
+            self._restored = {"steps": saved["steps"], "round": saved["round"], "workers": None}
         return checkpoint
 
     @torch.no_grad()
     def _restore_workers(self, saved: dict[str, Any]) -> None:
+        """The counters, and with as many workers as saved every worker's replica, random and engine state (their
+        optimizer states follow in :meth:`on_train_start`, after Lightning restored worker 0's)."""
+        for worker in self._workers:
+            worker.engine.steps = worker.engine.fit_first_step = saved["steps"]
+            worker.engine.round = saved["round"]
+        if saved["workers"] is None:
+            self._on_workers(lambda worker: worker.engine.sync and worker.engine.sync.broadcast_(src=0))
+            return
         for worker, state in zip(self._workers, saved["workers"]):
             for tensor, value in zip(worker.tensors, state["replica"]):
                 tensor.copy_(value)
             worker.rng = state["rng"]
-            worker.engine.steps = worker.engine.fit_first_step = saved["steps"]
-            worker.engine.round = saved["round"]
             worker.engine.load_state_dict(state["engine"])
 
     @override
@@ -431,20 +439,20 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         """Restore the workers' optimizer states (after Lightning restored worker 0's from the main file)."""
         super().on_train_start()
         if self._restored is not None:
-            optimizer = self.optimizers[0]
-            for worker, state in zip(self._workers[1:], self._restored["workers"][1:]):
-                optimizer.load_state_dict(state["optimizer"])
+            optimizer, saved = self.optimizers[0], self._restored["workers"]
+            first = copy.deepcopy(optimizer.state_dict())  # worker 0's, restored by Lightning from the main file
+            states = [state["optimizer"] for state in saved] if saved is not None else [first] * self.workers
+            for worker, state in zip(self._workers, states):
+                optimizer.load_state_dict(state)
                 worker.optimizer_state = optimizer.state
-            optimizer.load_state_dict(self._restored["workers"][0]["optimizer"])
-            self._workers[0].optimizer_state = optimizer.state
+            optimizer.state = self._workers[0].optimizer_state
             self._restored = None
 
     @override
     def teardown(self) -> None:
         """Release the workers' tensors and threads; their counters and step counts stay readable."""
         for worker in self._workers:
-            worker.engine.abandon()
-            worker.engine.sync = worker.engine.overlapped = None
+            worker.engine.close()
             worker.engine.preconditioners = []
             worker.tensors, worker.optimizer_state, worker.grads = [], {}, []
         if self._group is not None:

@@ -42,7 +42,7 @@ from lightning_dopt.checkpoint_files import (SIDECAR_FORMAT, AtomicCheckpointIO,
 from lightning_dopt.combinations import check as check_combination
 from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec
-from lightning_dopt.engine import Engine, NonFiniteReplicaError, build_engine, device_clock
+from lightning_dopt.engine import Engine, NonFiniteReplicaError, build_engine, device_clock, optimizer_params
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.options import AGGREGATIONS, EVAL_MODELS, PRESETS, Options, OptionsAttributes
 from lightning_dopt.rounds import OuterOptimizerFactory
@@ -167,20 +167,18 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
         if comm is not None:  # before the background communicator, which shares the heartbeats
             comm.start_liveness(prefix=f"lightning_dopt/{self._setups}")
         self._engine = build_engine(
-            self.options, self.model, [self._params(o) for o in self.optimizers] if fitting else [], comm,
+            self.options, self.model, [optimizer_params(o) for o in self.optimizers] if fitting else [], comm,
             self.global_rank, self.root_device, steps, round_index, clock=device_clock(self.root_device),
             background=(lambda: comm.background(self._timeout)) if fitting and comm is not None else None,
             timeout=self._timeout.total_seconds() if self._timeout else None)
+        if not fitting and previous is not None:  # (after fit, a test stage still reports the fit's counts)
+            self._engine.skipped_steps = previous.skipped_steps
         sidecar = restored.get("sidecar") if restored else None
         if sidecar is not None:
             self._engine.load_state_dict(sidecar["engine"])
         elif self._sync is not None:
             self._sync.broadcast_(src=0)
         self._setups += 1
-
-    @staticmethod
-    def _params(optimizer: Optimizer) -> list[torch.Tensor]:
-        return [p for group in optimizer.param_groups for p in group["params"]]
 
     @override
     def configure_ddp(self) -> None:
@@ -244,7 +242,7 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
                 engine.skip_step()
                 self._after_step()
             return output
-        wrapped = engine.wrap_closure(self.optimizers.index(optimizer), self._params(optimizer), closure,
+        wrapped = engine.wrap_closure(self.optimizers.index(optimizer), optimizer_params(optimizer), closure,
                                       raw_closure=closure, loss_scale=self._loss_scale(),
                                       buffers=list(self.lightning_module.buffers()), device=self.root_device)
         output = super().optimizer_step(optimizer, wrapped, model, **kwargs)

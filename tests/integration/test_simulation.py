@@ -149,4 +149,21 @@ def test_resume_from_a_checkpoint_continues_every_worker_exactly(tmp_path: Path)
     assert max_difference(resumed, uninterrupted) == 0.0
     fewer = SimulatedStrategy(**{**options, "workers": 2})
     with pytest.warns(UserWarning, match="simulation of 3 workers and is resumed with 2"):
-        fit(tmp_path / "fewer", fewer, devices=1, steps=8, ckpt_path=checkpoint)
+        trainer, _, _ = fit(tmp_path / "fewer", fewer, devices=1, steps=8, ckpt_path=checkpoint)
+    assert trainer.strategy.steps == 8 and trainer.strategy.engine.round == 4  # the schedule goes on from step 6
+
+
+class RandomDraws(L.Callback):
+    """Draws from the process's random stream at every batch, as a data pipeline or an augmentation would."""
+
+    def __init__(self) -> None:
+        self.draws: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.draws.append(float(torch.rand(())))
+
+
+def test_workers_random_streams_leave_the_process_stream_going_on(tmp_path: Path) -> None:
+    draws = RandomDraws()
+    fit(tmp_path, SimulatedStrategy(workers=3, local_steps=2), devices=1, steps=6, callbacks=[draws])
+    assert len(draws.draws) == 6 and len(set(draws.draws)) == 6

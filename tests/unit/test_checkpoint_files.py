@@ -44,6 +44,13 @@ def test_first_format_sidecars_still_load(tmp_path: Path, kind: str | None) -> N
         assert torch.equal(sidecar["engine"]["round"]["anchor"], torch.full((3,), 2.0))
 
 
+def test_first_format_sidecars_from_before_pseudo_gradients_still_load(tmp_path: Path) -> None:
+    old = {"format": SIDECAR_FORMAT_V1, "save_id": SAVE_ID, "comm_stats": {"rounds": 2}, "aggregation": {},
+           "scaling": [], "compression": None}
+    sidecar = read_sidecar(write(tmp_path, old), 1, SAVE_ID)
+    assert sidecar["engine"]["round"] is None and sidecar["engine"]["comm_stats"] == {"rounds": 2}
+
+
 def test_unknown_format_names_the_formats_read(tmp_path: Path) -> None:
     main = write(tmp_path, {"format": "lightning_dopt.sidecar/99", "save_id": SAVE_ID})
     with pytest.raises(RuntimeError, match=r"has format 'lightning_dopt.sidecar/99'.*reads 'lightning_dopt.sidecar/2' "

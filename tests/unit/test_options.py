@@ -18,6 +18,8 @@ def test_both_strategies_hold_the_same_validated_options() -> None:
     assert (gossip.local_steps, simulated.compression, simulated.workers) == (3, "int8", 5)
     with pytest.raises(AttributeError, match="no attribute 'not_an_option'"):
         gossip.not_an_option  # noqa: B018
+    with pytest.raises(AttributeError, match="local_steps is fixed when the strategy is built"):
+        simulated.local_steps = 8
     for strategy in (GossipLocalStrategy, SimulatedStrategy):
         with pytest.raises(ValueError, match="unknown topology 'star'; valid choices: random, ring"):
             strategy(topology="star")
