@@ -22,7 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 
-from lightning_dopt import CommStats, GossipLocalStrategy
+from lightning_dopt import CommStats, GossipLocalStrategy, SimulatedStrategy
 from lightning_dopt.callbacks import CommProgressBar
 from recipes.common import LogStrategyOptions, replace_wandb_logger, use_offline_wandb
 from recipes.vision import ImageClassificationData, ImageClassifier
@@ -73,7 +73,7 @@ def _parse(parser: Any, *args: str) -> Namespace:
 # ---------------------------------------------------------------------------------------------------- configs
 def test_strategy_set_is_complete():
     assert set(STRATEGIES) == {"adacons.yaml", "ddp.yaml", "gossip_local.yaml", "gossip_local_int8.yaml",
-                               "local_sgd.yaml", "scaled_adam.yaml"}
+                               "local_sgd.yaml", "scaled_adam.yaml", "simulated.yaml"}
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -85,11 +85,14 @@ def test_every_config_parses(parser, base, override):
     if override == "ddp.yaml":
         assert strategy == "ddp"
     else:
-        assert strategy.class_path == "lightning_dopt.GossipLocalStrategy"
+        simulated = override == "simulated.yaml"
+        assert strategy.class_path == f"lightning_dopt.{'Simulated' if simulated else 'GossipLocal'}Strategy"
         options = wanted["trainer"]["strategy"]["init_args"]
         assert {key: strategy.init_args[key] for key in options} == options
-        built = GossipLocalStrategy(**{k: v for k, v in vars(strategy.init_args).items() if v is not None})
+        built = (SimulatedStrategy if simulated else GossipLocalStrategy)(
+            **{k: v for k, v in vars(strategy.init_args).items() if v is not None})
         assert built.local_steps == options["local_steps"]
+        assert config.trainer.devices == (1 if simulated else 4)
     assert config.model.lr == wanted.get("model", {}).get("lr", 0.1 if base == "full.yaml" else 0.05)
     assert config.data.source == ("cifar10" if base == "full.yaml" else "fashion_mnist")
     assert config.trainer.logger.class_path.endswith("WandbLogger")
