@@ -236,6 +236,15 @@ class AnchoredCompression:
                 for k in range(self.comm.world_size)]
 
 
+def check_anchor_options(anchor_interval: object, anchor_tolerance: object) -> None:
+    """``anchor_interval`` an integer ≥ 1, ``anchor_tolerance`` a number > 0 or ``None``; else a ``ValueError``."""
+    if isinstance(anchor_interval, bool) or not isinstance(anchor_interval, int) or anchor_interval < 1:
+        raise ValueError(f"anchor_interval must be an integer >= 1; got {anchor_interval!r}")
+    if anchor_tolerance is not None and (isinstance(anchor_tolerance, bool) or not isinstance(
+            anchor_tolerance, (int, float)) or not 0 < anchor_tolerance < float("inf")):
+        raise ValueError(f"anchor_tolerance must be a number > 0 or None; got {anchor_tolerance!r}")
+
+
 class CompressedRound(Round):
     """Graph or exact-mean rounds on encoded differences from a shared anchor.
 
@@ -249,11 +258,7 @@ class CompressedRound(Round):
 
     def __init__(self, state: RoundState, comm: Any, topology: str, seed: int, codec: Codec, anchor_interval: int = 16,
                  anchor_tolerance: float | None = None) -> None:
-        if isinstance(anchor_interval, bool) or not isinstance(anchor_interval, int) or anchor_interval < 1:
-            raise ValueError(f"anchor_interval must be an integer >= 1; got {anchor_interval!r}")
-        if anchor_tolerance is not None and (isinstance(anchor_tolerance, bool) or not isinstance(
-                anchor_tolerance, (int, float)) or not 0 < anchor_tolerance < float("inf")):
-            raise ValueError(f"anchor_tolerance must be a number > 0 or None; got {anchor_tolerance!r}")
+        check_anchor_options(anchor_interval, anchor_tolerance)
         self.state = state
         self.topology = topology
         self.seed = seed

@@ -106,6 +106,16 @@ def device_clock(device: torch.device) -> Callable[[], float]:
     return clock
 
 
+def _then(closure: Closure, work: Callable[[float | None], None], loss_scale: float | None) -> Closure:
+    """``closure`` followed by ``work(loss_scale)`` on the gradients it left (before clipping and the update)."""
+    def wrapped() -> Any:
+        output = closure()
+        work(loss_scale)
+        return output
+
+    return wrapped
+
+
 class Engine:
     """One rank's schedule, control flags and algorithm objects (see the module docstring).
 
@@ -170,12 +180,10 @@ class Engine:
         wrapper acts on ``g`` and hands back ``S ×`` its result. ``raw_closure`` (OASIS probes; Lightning's closure
         object, whose ``closure()`` re-runs the step without replacing its result), ``buffers`` (restored after the
         probes) and ``device`` (whose generator the probes replay)."""
-        if not self.wraps_gradients:
-            return closure
         if self.comm is not None and self.steps < self.options.warmup_steps:
-            closure = self._averaging(index, params, closure, loss_scale)
+            closure = _then(closure, self._averager(index, params).average_, loss_scale)
         elif self.comm is not None and self.options.combines_gradients:
-            closure = self._combining(index, params, closure, loss_scale)
+            closure = _then(closure, self._combiner(index, params).combine_, loss_scale)
         if self.preconditioners:
             closure = self._scaling(index, closure, raw_closure or closure, loss_scale, buffers,
                                     device or torch.device("cpu"))
@@ -187,20 +195,12 @@ class Engine:
         averages = self.comm is not None and (self.steps < self.options.warmup_steps or self.options.combines_gradients)
         return averages or bool(self.preconditioners)
 
-    def _averaging(self, index: int, params: Sequence[Tensor], closure: Closure,
-                   loss_scale: float | None) -> Closure:
+    def _averager(self, index: int, params: Sequence[Tensor]) -> GradientAverager:
         if index not in self._grad_averagers:
             self._grad_averagers[index] = GradientAverager(params, self.comm)
-        averager = self._grad_averagers[index]
+        return self._grad_averagers[index]
 
-        def averaged_closure() -> Any:
-            output = closure()
-            averager.average_(loss_scale)
-            return output
-
-        return averaged_closure
-
-    def _combining(self, index: int, params: Sequence[Tensor], closure: Closure, loss_scale: float | None) -> Closure:
+    def _combiner(self, index: int, params: Sequence[Tensor]) -> AdaConsGradients:
         if index not in self._grad_combiners:
             options = self.options
             combiner = AdaConsGradients(params, self.comm, momentum=options.adacons_momentum,
@@ -210,14 +210,7 @@ class Engine:
             if pending is not None:
                 combiner.combiner.load_state_dict(pending)
             self._grad_combiners[index] = combiner
-        combiner = self._grad_combiners[index]
-
-        def combined_closure() -> Any:
-            output = closure()
-            combiner.combine_(loss_scale)
-            return output
-
-        return combined_closure
+        return self._grad_combiners[index]
 
     def _scaling(self, index: int, closure: Closure, raw_closure: Closure, loss_scale: float | None,
                  buffers: Sequence[Tensor], device: torch.device) -> Closure:

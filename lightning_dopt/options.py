@@ -10,13 +10,13 @@ in :func:`~lightning_dopt.compress.make_codec`, the preconditioner's in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.combinations import Setting, check as check_combination
 from lightning_dopt.compress import Codec, make_codec
+from lightning_dopt.compressed_rounds import check_anchor_options
 from lightning_dopt.pacing import check_min_work
 from lightning_dopt.rounds import OuterOptimizerFactory, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, check_relative_floor, make_preconditioner
@@ -181,11 +181,7 @@ class Options:
         if self.consensus_interval is not None:
             check_int("consensus_interval", self.consensus_interval, 1)
         check_int("seed", self.seed, 0)
-        check_int("anchor_interval", self.anchor_interval, 1)
-        tolerance = self.anchor_tolerance
-        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                      or not 0 < tolerance < math.inf):
-            raise ValueError(f"anchor_tolerance must be a number > 0 or None; got {tolerance!r}")
+        check_anchor_options(self.anchor_interval, self.anchor_tolerance)
         self.codec  # noqa: B018 (validates compression and block_size)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; valid choices: {', '.join(AGGREGATIONS)}")

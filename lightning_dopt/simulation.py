@@ -103,6 +103,7 @@ class Worker:
 
     index: int
     tensors: list[Tensor]
+    params: list[Tensor]  # its copies of the optimizer's parameters, in the optimizer's order
     optimizer_state: dict[Any, Any]
     rng: RandomState
     engine: Engine
@@ -154,6 +155,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         self.parallel_devices: list[torch.device] | None = None  # the Trainer's devices (one)
         self._group: InProcessGroup | None = None
         self._workers: list[Worker] = []
+        self._module_tensors: list[Tensor] = []  # the module's parameters and persistent buffers, swapped per worker
         self._own: list[Tensor] = []  # the module's own storage (worker 0's), put back after each swap
         self._current = 0  # the worker whose batch training_step takes
         self._restored: dict[str, Any] | None = None  # the workers' states of the checkpoint a fit resumes
@@ -199,21 +201,21 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
             raise ValueError(f"SimulatedStrategy needs exactly one optimizer; configure_optimizers gave "
                              f"{len(self.optimizers)}")
         mine = list(module.parameters()) + persistent_buffers(module)
-        self._own = [tensor.data for tensor in mine]
+        self._module_tensors, self._own = mine, [tensor.data for tensor in mine]
+        count = len(list(module.parameters()))
         self._group = InProcessGroup(self.workers, self.timeout, device)
         comms = self._group.communicators()
         optimizer, rng = self.optimizers[0], capture_rng_state(device)
         self._workers = []
         for index, comm in enumerate(comms):
             tensors = mine if index == 0 else [t.detach().clone().requires_grad_(t.requires_grad) for t in mine]
-            count = len(list(module.parameters()))
             replica = ReplicaTensors(tensors[:count], tensors[count:], tensors[count:])
             by_module = dict(zip(map(id, mine), tensors))
-            params = [[by_module[id(p)] for p in optimizer_params(optimizer)]]
-            engine = build_engine(options, replica, params, comm if self.workers > 1 else None, index, device,
+            params = [by_module[id(p)] for p in optimizer_params(optimizer)]
+            engine = build_engine(options, replica, [params], comm if self.workers > 1 else None, index, device,
                                   background=comm.background, timeout=self.timeout)
             state = optimizer.state if index == 0 else defaultdict(dict)
-            self._workers.append(Worker(index, tensors, state, (rng[0].clone(), rng[1]), engine))
+            self._workers.append(Worker(index, tensors, params, state, (rng[0].clone(), rng[1]), engine))
         if self._restored is not None:
             self._restore_workers(self._restored)
         else:
@@ -227,8 +229,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
     @contextmanager
     def _as_worker(self, worker: Worker) -> Iterator[None]:
         """The module computes as ``worker``: its tensors, optimizer state and random state swapped in."""
-        mine = list(self.lightning_module.parameters()) + persistent_buffers(self.lightning_module)
-        optimizer = self.optimizers[0]
+        mine, optimizer = self._module_tensors, self.optimizers[0]
         if worker.index:
             for tensor, value in zip(mine, worker.tensors):
                 tensor.data = value
@@ -307,7 +308,7 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
                 for p in mine:
                     p.grad = None
         if any(worker.engine.wraps_gradients for worker in self._workers):  # 2. gradients across workers
-            self._on_workers(lambda worker: self._combine_gradients(worker, mine, outputs[worker.index]))
+            self._on_workers(lambda worker: self._combine_gradients(worker, outputs[worker.index]))
         for worker in reversed(self._workers):  # 3. clipping and update (worker 0 last: its gradients stay)
             with self._as_worker(worker):
                 for p, grad in zip(mine, worker.grads):
@@ -320,21 +321,15 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
             module.log_dict(logged[0], on_step=True, on_epoch=False, batch_size=1)
         return output
 
-    def _combine_gradients(self, worker: Worker, mine: list[Tensor], output: Any) -> None:
+    def _combine_gradients(self, worker: Worker, output: Any) -> None:
         """Phase 2 for one worker: its engine's gradient wrappers on its gradients (held on its own tensors)."""
-        tensors = [worker.tensors[index] for index in self._indices(mine)]
-        for tensor, grad in zip(tensors, worker.grads):
+        for tensor, grad in zip(worker.params, worker.grads):
             tensor.grad = grad
-        worker.engine.wrap_closure(0, tensors, lambda: output, device=self.root_device)()
-        worker.grads = [tensor.grad for tensor in tensors]
+        worker.engine.wrap_closure(0, worker.params, lambda: output, device=self.root_device)()
+        worker.grads = [tensor.grad for tensor in worker.params]
         if worker.index:
-            for tensor in tensors:
+            for tensor in worker.params:
                 tensor.grad = None
-
-    def _indices(self, mine: list[Tensor]) -> list[int]:
-        positions = {id(tensor): index for index, tensor in
-                     enumerate(list(self.lightning_module.parameters()) + persistent_buffers(self.lightning_module))}
-        return [positions[id(p)] for p in mine]
 
     @override
     def on_train_end(self) -> None:
@@ -454,10 +449,10 @@ class SimulatedStrategy(OptionsAttributes, SingleDeviceStrategy):
         for worker in self._workers:
             worker.engine.close()
             worker.engine.preconditioners = []
-            worker.tensors, worker.optimizer_state, worker.grads = [], {}, []
+            worker.tensors, worker.params, worker.optimizer_state, worker.grads = [], [], {}, []
         if self._group is not None:
             self._group.close()
-        self._group, self._own = None, []
+        self._group, self._module_tensors, self._own = None, [], []
         super().teardown()
 
 
