@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_dopt import compress
 from lightning_dopt.compress import (
     CODECS,
     BlockQuantCodec,
@@ -116,6 +117,32 @@ def test_decode_accepts_a_misaligned_payload_view() -> None:
         buffer = torch.zeros(payload.numel() + 1, dtype=torch.uint8)
         buffer[1:] = payload
         assert torch.equal(codec.decode(buffer[1:], 7), codec.decode(payload, 7))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_encode_equals_one_pass(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encode and decode walk the blocks in cache-sized chunks; the chunk boundaries (here every 3 blocks, with a
+    partial last block) change neither the payload nor the decoded values: the random words are drawn in order."""
+    codec = BlockQuantCodec(bits, 64)
+    x = torch.randn(64 * 10 + 17, generator=gen(9)) * torch.arange(64 * 10 + 17) / 100
+    whole = codec.encode(x, gen(1))
+    decoded = codec.decode(whole, x.numel())
+    monkeypatch.setattr(compress, "_CPU_CHUNK_VALUES", 3 * 64)
+    assert torch.equal(codec.encode(x, gen(1)), whole)
+    assert torch.equal(codec.decode(whole, x.numel()), decoded)
+    assert_within_block_bound(codec, x, decoded)
+
+
+@pytest.mark.parametrize("codec", ALL_CODECS, ids=CODEC_IDS)
+def test_decode_into_a_reused_buffer(codec: Codec) -> None:
+    x = torch.randn(300, generator=gen(10))
+    payload = codec.encode(x, gen(0))
+    out = torch.full((300,), float("nan"))
+    assert codec.decode(payload, 300, out=out) is out
+    assert torch.equal(out, codec.decode(payload, 300))
+    for bad in (torch.empty(299), torch.empty(300, dtype=torch.float64), torch.empty(600)[::2], [0.0] * 300):
+        with pytest.raises(ValueError, match=r"out must be a contiguous float32 tensor of shape \(300,\)"):
+            codec.decode(payload, 300, out=bad)
 
 
 # ------------------------------------------------------------------------------------------------ error bounds
