@@ -228,12 +228,15 @@ class AnchoredCompression:
                 mine.copy_(mean)
 
     def _chunks(self, numel: int) -> list[tuple[int, int]]:
-        """``[start, stop)`` of each rank's chunk, aligned to the codec's block size."""
-        align = getattr(self.codec, "block_size", 1)
-        blocks = -(-numel // align)
-        per_rank = -(-blocks // self.comm.world_size)
-        return [(min(k * per_rank * align, numel), min((k + 1) * per_rank * align, numel))
-                for k in range(self.comm.world_size)]
+        return aligned_chunks(numel, getattr(self.codec, "block_size", 1), self.comm.world_size)
+
+
+def aligned_chunks(numel: int, align: int, world_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each rank's chunk of ``numel`` values in an exact-mean round: equal numbers of
+    ``align``-value blocks (the codec's block size), the last chunks shorter or empty."""
+    blocks = -(-numel // align)
+    per_rank = -(-blocks // world_size)
+    return [(min(k * per_rank * align, numel), min((k + 1) * per_rank * align, numel)) for k in range(world_size)]
 
 
 def check_anchor_options(anchor_interval: object, anchor_tolerance: object) -> None:
