@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_dopt.comm import FlatState
 from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode
-from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, Round, _mix_
+from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, Round
 from lightning_dopt.topology import mixing_row
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ class AnchoredCompression:
         self.mean_residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
             torch.zeros(stop - start, dtype=torch.float32, device=device)
             for start, stop in (self._chunks(size)[comm.rank] for size in sizes)]
+        self._buffers: list[list[Tensor]] = []  # fp32 scratch shaped like the state (graph rounds)
+        self._received: list[list[Tensor]] = []  # payload receive buffers (graph rounds)
 
     def reset_anchor_(self) -> None:
         """Anchor ← the module's current state (call only when every rank holds the same state); nothing to do when
@@ -77,9 +79,11 @@ class AnchoredCompression:
         if self.anchored:
             self.state.pack(self.anchor)
 
-    def _difference(self, mine: Tensor, anchor: Tensor) -> Tensor:
-        """``x − a`` in fp32 (``x`` itself without an anchor)."""
-        return mine.float() - anchor.float() if self.anchored else mine.float()
+    def _difference(self, mine: Tensor, anchor: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x − a`` in fp32 (``x`` itself without an anchor), into ``out`` when given."""
+        if out is None:
+            return mine.float() - anchor.float() if self.anchored else mine.float()
+        return torch.sub(mine.float(), anchor.float(), out=out) if self.anchored else out.copy_(mine)
 
     def state_dict(self) -> dict[str, Any]:
         def copies(tensors: list[Tensor] | None) -> list[Tensor] | None:
@@ -110,8 +114,9 @@ class AnchoredCompression:
                 for mine, value in zip(current, saved):
                     mine.copy_(value)
 
-    def _encode(self, values: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Payload and its decoded value; biased codecs update ``residual`` in place (error feedback)."""
+    def _encode(self, values: Tensor, residual: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Payload and its decoded value (into ``out`` when given); biased codecs update ``residual`` in place (error
+        feedback)."""
         if values.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=values.device), values
         if residual is None:
@@ -119,45 +124,71 @@ class AnchoredCompression:
         else:
             payload, new_residual = error_feedback_encode(self.codec, values, residual, self.generator)
             residual.copy_(new_residual)
-        return payload, self.codec.decode(payload, values.numel())
+        return payload, self.codec.decode(payload, values.numel(), out=out)
 
-    def _decode(self, payload: Tensor, numel: int, device: torch.device) -> Tensor:
+    def _decode(self, payload: Tensor, numel: int, device: torch.device, out: Tensor | None = None) -> Tensor:
         if numel == 0:
             return torch.zeros(0, dtype=torch.float32, device=device)
-        return self.codec.decode(payload, numel)
+        return self.codec.decode(payload, numel, out=out)
 
     def _empty_payload(self, numel: int, device: torch.device) -> Tensor:
         return torch.empty(self.codec.payload_bytes(numel) if numel else 0, dtype=torch.uint8, device=device)
 
+    def _scratch(self, count: int, work: list[Tensor]) -> list[list[Tensor]]:
+        """``count`` fp32 buffer sets shaped like ``work``, kept between rounds (allocated on first use)."""
+        while len(self._buffers) < count:
+            self._buffers.append([torch.empty(mine.numel(), dtype=torch.float32, device=mine.device) for mine in work])
+        return self._buffers[:count]
+
+    def _payloads(self, peers: int, work: list[Tensor]) -> list[list[Tensor]]:
+        """Receive buffers for the payloads of ``peers`` neighbours, kept between graph rounds."""
+        while len(self._received) < peers:
+            self._received.append([self._empty_payload(mine.numel(), mine.device) for mine in work])
+        return self._received[:peers]
+
     @torch.no_grad()
     def graph_round(self, work: list[Tensor], row: Any, comm: Any = None) -> None:
         """Mix ``work`` (packed replica state, updated in place) with the round's neighbours (over ``comm``,
-        default: the communicator given at construction)."""
-        sent, own = [], []
+        default: the communicator given at construction).
+
+        Per group, in three fp32 buffers kept between rounds (no other full-size allocation): ``d = x − a``;
+        ``q = decode(encode(d))``; ``s = Σ_j W_ij q_j`` decoded neighbour by neighbour; ``x ← a + (W_ii q + s)``.
+        """
+        differences, owns, spare = self._scratch(3, work)
+        sent = []
         noise = torch.zeros_like(self.spread)
         drift = torch.zeros_like(self.spread)
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             residual = self.residual[index] if self.residual is not None else None
-            difference = self._difference(mine, anchor)
-            payload, decoded = self._encode(difference, residual)
+            difference = self._difference(mine, anchor, out=differences[index])
+            payload, own = self._encode(difference, residual, out=owns[index])
             if self.measure_noise:
-                noise += torch.linalg.vector_norm(decoded - difference, dtype=torch.float64).square()
-                drift += torch.linalg.vector_norm(difference, dtype=torch.float64).square()
+                noise += _squared_norm(torch.sub(own, difference, out=spare[index]))
+                drift += _squared_norm(difference)
             sent.append(payload)
-            own.append(decoded)
-        received = [[self._empty_payload(mine.numel(), mine.device) for mine in work] for _ in row.recv_from]
+        received = self._payloads(len(row.recv_from), work)
         (comm or self.comm).exchange(sent, row.send_to, received, row.recv_from, purpose="round")
         spread = torch.zeros_like(noise)
+        total_weight = sum(row.recv_weights)
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
-            others = [self._decode(payloads[index], mine.numel(), mine.device) for payloads in received]
-            if self.measure_noise and others:  # distance to the neighbours' (weighted) decoded replicas
-                neighbourhood = others[0] if len(others) == 1 else torch.zeros_like(own[index])
-                if len(others) > 1:
-                    _mix_(neighbourhood, 0.0, others, [w / sum(row.recv_weights) for w in row.recv_weights])
-                spread += torch.linalg.vector_norm(own[index] - neighbourhood, dtype=torch.float64).square()
-            mixed = own[index].clone()
-            _mix_(mixed, row.self_weight, others, row.recv_weights)
-            mine.copy_(anchor.float() + mixed if self.anchored else mixed)
+            numel, own, neighbours = mine.numel(), owns[index], differences[index]  # d is no longer needed
+            for k, (payloads, weight) in enumerate(zip(received, row.recv_weights)):
+                decoded = self._decode(payloads[index], numel, mine.device, out=neighbours if k == 0 else spare[index])
+                if k == 0:
+                    neighbours.mul_(weight)
+                else:
+                    neighbours.add_(decoded, alpha=weight)
+            if self.measure_noise and received:  # distance to the neighbours' (weighted) decoded replicas
+                gap = torch.sub(own, neighbours, alpha=1 / total_weight, out=spare[index])
+                spread += _squared_norm(gap)
+            own.mul_(row.self_weight)
+            if received:
+                own.add_(neighbours)
+            if self.anchored:
+                torch.add(anchor.float(), own, out=mine) if mine.dtype == torch.float32 else \
+                    mine.copy_(anchor.float() + own)
+            else:
+                mine.copy_(own)
         if self.measure_noise:
             self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
             if received:
@@ -174,7 +205,7 @@ class AnchoredCompression:
         if self.anchored:
             for _, tensors, views in self.state.views(self.anchor):
                 for tensor, view in zip(tensors, views):
-                    drift += torch.linalg.vector_norm(tensor.float() - view.float(), dtype=torch.float64).square()
+                    drift += _squared_norm(tensor.float() - view.float())
         noise = self.relative_error * drift.sqrt()
         return torch.where(self.spread > 0, noise / self.spread.clamp_min(1e-300),
                            torch.where(noise > 0, torch.inf, 0.0))
@@ -229,6 +260,12 @@ class AnchoredCompression:
 
     def _chunks(self, numel: int) -> list[tuple[int, int]]:
         return aligned_chunks(numel, getattr(self.codec, "block_size", 1), self.comm.world_size)
+
+
+def _squared_norm(values: Tensor) -> Tensor:
+    """``‖values‖²`` as a float64 scalar: the norm summed in fp32 (blockwise, several times faster than a float64
+    reduction, which converts every value first), squared in float64. For the noise estimates only."""
+    return torch.linalg.vector_norm(values).double().square()
 
 
 def aligned_chunks(numel: int, align: int, world_size: int) -> list[tuple[int, int]]:
