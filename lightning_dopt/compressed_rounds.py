@@ -47,6 +47,10 @@ class AnchoredCompression:
     a little more when a tensor group is not a multiple of ``n`` blocks, from padding): graph rounds ``c · P`` per
     neighbour; average rounds ``2(n−1)/n · c · P``. With a refresh every 16 rounds of ``random`` gossip at
     ``n = 4`` the mix is ``c · (15 + 1.5)/16`` (0.266 × fp32 gossip for int8, 0.137 for int4).
+
+    Memory (fp32 copies of the state): the anchor, three scratch buffers for graph rounds (allocated at the first
+    one and kept, so a round allocates nothing of the model's size but the payload it sends), an error-feedback
+    residual for biased codecs; plus one payload per neighbour.
     """
 
     def __init__(self, state: FlatState, comm: Any, codec: Codec, seed: int, anchored: bool = True,
