@@ -57,7 +57,7 @@ ORDER = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local
          "no_sync")
 KEY = "gossip_local_int8"
 CONFIG_KEYS = ("ranks", "rate_mbit", "steps", "batch_size", "eval_every", "hidden", "lr", "momentum", "local_steps",
-               "warmup", "powersgd_rank", "test_limit", "seed", "threads")
+               "warmup", "powersgd_rank", "test_limit", "seed", "threads", "compute_sleep")
 
 DESCRIPTIONS = {
     "ddp": "Lightning `ddp` (gradient all-reduce every step)",
@@ -147,7 +147,7 @@ def child_args(cfg: dict[str, Any]) -> list[str]:
             str(cfg["eval_every"]), "--hidden", str(cfg["hidden"]), "--lr", str(cfg["lr"]), "--momentum",
             str(cfg["momentum"]), "--local-steps", str(cfg["local_steps"]), "--warmup", str(cfg["warmup"]),
             "--powersgd-rank", str(cfg["powersgd_rank"]), "--test-limit", str(cfg["test_limit"]),
-            "--seed", str(cfg["seed"])]
+            "--seed", str(cfg["seed"]), "--compute-sleep", str(cfg["compute_sleep"])]
 
 
 def measure_goodput(cluster: netns.EmulatedCluster, megabytes: int = 8) -> float:
@@ -695,10 +695,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--compute-sleep", type=float, default=0.0,
+                        help="accelerator emulation: each step sleeps this long (CPU idle) and computes the loss of "
+                             "only 8 examples (0: real compute on the whole batch)")
     parser.add_argument("--target", type=float, default=84.0, help="test accuracy target (%%)")
     parser.add_argument("--skip", type=int, default=8, help="steps left out of the time per step")
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per contender run (all ranks)")
-    parser.add_argument("--results-dir", default=None, help="default /tmp/dopt_cluster_results (quick: _quick)")
+    parser.add_argument("--results-dir", default=None,
+                        help="default /tmp/dopt_cluster_results (quick: _quick; with --compute-sleep: _sleep)")
     parser.add_argument("--rerun", action="store_true", help="run contenders that have stored results again")
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the stored results")
     parser.add_argument("--out", help="markdown file whose section to (re)write, e.g. docs/benchmarks.md")
@@ -713,7 +717,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--quick is a smoke run: it does not write --out")
     if args.quick:
         args.hidden, args.steps, args.eval_every, args.test_limit, args.skip = 256, 16, 8, 2000, 4
-    args.results_dir = Path(args.results_dir or ("/tmp/dopt_cluster_quick" if args.quick else "/tmp/dopt_cluster_results"))
+    default_dir = "/tmp/dopt_cluster_quick" if args.quick else "/tmp/dopt_cluster_results"
+    args.results_dir = Path(args.results_dir or (default_dir + ("_sleep" if args.compute_sleep else "")))
     names = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in names if c not in ORDER]
     if unknown:
@@ -728,7 +733,8 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"ranks": args.ranks, "rate_mbit": args.rate_mbit, "steps": args.steps, "batch_size": args.batch_size,
             "eval_every": args.eval_every, "hidden": args.hidden, "lr": args.lr, "momentum": args.momentum,
             "local_steps": args.local_steps, "warmup": args.warmup, "powersgd_rank": args.powersgd_rank,
-            "test_limit": args.test_limit, "seed": args.seed, "threads": args.threads}
+            "test_limit": args.test_limit, "seed": args.seed, "threads": args.threads,
+            "compute_sleep": args.compute_sleep}
 
 
 def result_path(results_dir: Path, name: str, seed: int) -> Path:

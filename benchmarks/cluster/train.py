@@ -58,16 +58,24 @@ class MLPClassifier(pl.LightningModule):
     Validation computes the accuracy of the model as it is when validation runs (Lightning's DistributedSampler
     splits the test set evenly over ranks; the correct counts are summed over ranks)."""
 
-    def __init__(self, hidden: int, lr: float, momentum: float, total_steps: int) -> None:
+    def __init__(self, hidden: int, lr: float, momentum: float, total_steps: int, compute_sleep: float = 0.0,
+                 sleep_samples: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                  nn.ReLU(), nn.Linear(hidden, 10))
         self.lr, self.momentum, self.total_steps = lr, momentum, total_steps
+        self.compute_sleep, self.sleep_samples = compute_sleep, sleep_samples
         self.last_accuracy: float | None = None
         self._correct = torch.zeros(2, dtype=torch.float64)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The loss of the batch; with ``compute_sleep`` > 0 (accelerator emulation), the loss of its first
+        ``sleep_samples`` examples, then a sleep of ``compute_sleep`` seconds during which the CPU is idle, as a GPU
+        host's CPU is while the device computes (the optimizer step over the full model still runs on the CPU)."""
         inputs, labels = batch
+        if self.compute_sleep > 0:
+            inputs, labels = inputs[:self.sleep_samples], labels[:self.sleep_samples]
+            time.sleep(self.compute_sleep)
         return nn.functional.cross_entropy(self.net(inputs), labels)
 
     def on_validation_epoch_start(self) -> None:
@@ -340,6 +348,8 @@ def main() -> None:
     parser.add_argument("--powersgd-rank", type=int, default=4)
     parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute-sleep", type=float, default=0.0,
+                        help="accelerator emulation: seconds of idle CPU per step, on a loss of a few examples")
     args = parser.parse_args()
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -362,7 +372,7 @@ def main() -> None:
     assert trainer.global_rank == rank and trainer.world_size == world_size, (
         f"Lightning read rank {trainer.global_rank}/{trainer.world_size} from the environment, expected "
         f"{rank}/{world_size}")
-    model = MLPClassifier(args.hidden, args.lr, args.momentum, args.steps)
+    model = MLPClassifier(args.hidden, args.lr, args.momentum, args.steps, args.compute_sleep)
     trainer.fit(model, train_dataloaders=DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True),
                 val_dataloaders=DataLoader(test, batch_size=1000))
 
