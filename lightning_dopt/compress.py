@@ -54,7 +54,10 @@ errors cancel over rounds: what was not sent this round is added to the next rou
 from __future__ import annotations
 
 import operator
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -265,15 +268,15 @@ class BlockQuantCodec(Codec):
         codes = payload[:code_bytes].view(num_blocks, self.block_size * self.bits // 8)
         stats = torch.empty(2, num_blocks, dtype=torch.float32, device=x.device)  # lo, step
         chunk = min(self._blocks_per_chunk(x.device), num_blocks)
-        work = _Workspace(chunk, self.block_size, x.device)
         finite = torch.ones((), dtype=torch.bool, device=x.device)
         start = 0
-        for rows in self._block_rows(x):
-            for first in range(0, rows.shape[0], chunk):
-                part = rows[first:first + chunk]
-                stop = start + part.shape[0]
-                finite &= self._encode_blocks(part, codes[start:stop], stats[:, start:stop], work, generator)
-                start = stop
+        with _WORKSPACES.borrow(chunk, self.block_size, x.device) as work:
+            for rows in self._block_rows(x):
+                for first in range(0, rows.shape[0], chunk):
+                    part = rows[first:first + chunk]
+                    stop = start + part.shape[0]
+                    finite &= self._encode_blocks(part, codes[start:stop], stats[:, start:stop], work, generator)
+                    start = stop
         payload[code_bytes:].copy_(stats.view(-1).view(torch.uint8))
         if not bool(finite):  # the one host sync of encode
             check_finite(x, f"{self.name} encode input")
@@ -358,7 +361,7 @@ class _Workspace:
     int4 codes), the random words (int64, 16 bits per value) and the integer codes (int32)."""
 
     def __init__(self, blocks: int, block_size: int, device: torch.device) -> None:
-        self.block_size = block_size
+        self.blocks, self.block_size = blocks, block_size
         self.t = torch.empty(blocks, block_size, dtype=torch.float32, device=device)
         self.noise = torch.empty_like(self.t)
         self.random_words = torch.empty(-(-blocks * block_size // 4), dtype=torch.int64, device=device)
@@ -368,6 +371,38 @@ class _Workspace:
         """The four buffers cut to ``blocks`` blocks."""
         words = -(-blocks * self.block_size // 4)
         return self.t[:blocks], self.noise[:blocks], self.random_words[:words], self.as_int[:blocks]
+
+
+class _WorkspacePool:
+    """CPU workspaces reused between encode calls: a fresh multi-megabyte allocation costs page faults on every call,
+    as much as the encoding itself for a tensor of a million values. Thread-safe; at most ``keep`` idle workspaces
+    (each at most ``_CPU_CHUNK_VALUES`` values, 14 bytes per value) are kept. Other devices allocate per call (their
+    caching allocators reuse the memory)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._idle: list[_Workspace] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self, blocks: int, block_size: int, device: torch.device) -> Iterator[_Workspace]:
+        if device.type != "cpu":
+            yield _Workspace(blocks, block_size, device)
+            return
+        with self._lock:
+            work = next((w for w in self._idle if w.block_size == block_size and w.blocks >= blocks), None)
+            if work is not None:
+                self._idle.remove(work)
+        work = work or _Workspace(blocks, block_size, device)
+        try:
+            yield work
+        finally:
+            with self._lock:
+                if len(self._idle) < self.keep:
+                    self._idle.append(work)
+
+
+_WORKSPACES = _WorkspacePool()
 
 
 def _check_out(out: Tensor | None, numel: int, device: torch.device, codec: str) -> Tensor:

@@ -133,6 +133,31 @@ def test_chunked_encode_equals_one_pass(bits: int, monkeypatch: pytest.MonkeyPat
     assert_within_block_bound(codec, x, decoded)
 
 
+def test_concurrent_encodes_share_the_workspace_pool_safely() -> None:
+    """Threads encoding at once (simulated workers do) each borrow their own scratch buffers: every payload equals
+    the one a lone encode gives, and the pool keeps at most its bound of idle workspaces."""
+    import threading
+
+    codec = BlockQuantCodec(8, 256)
+    inputs = [torch.randn(300_000 + 1000 * k, generator=gen(k)) for k in range(8)]
+    alone = [codec.encode(x, gen(k)) for k, x in enumerate(inputs)]
+    together: list[torch.Tensor | None] = [None] * len(inputs)
+    start = threading.Barrier(len(inputs))
+
+    def encode(k: int) -> None:
+        start.wait()
+        for _ in range(3):
+            together[k] = codec.encode(inputs[k], gen(k))
+
+    threads = [threading.Thread(target=encode, args=(k,)) for k in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert len(compress._WORKSPACES._idle) <= compress._WORKSPACES.keep
+
+
 @pytest.mark.parametrize("codec", ALL_CODECS, ids=CODEC_IDS)
 def test_decode_into_a_reused_buffer(codec: Codec) -> None:
     x = torch.randn(300, generator=gen(10))
