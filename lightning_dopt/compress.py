@@ -78,6 +78,16 @@ def _extremes(x: Tensor) -> Tensor:
     return torch.stack(torch.aminmax(x))
 
 
+def finite_flag(x: Tensor) -> Tensor:
+    """A 0-dim bool tensor on ``x``'s device: whether every value of the floating-point or complex ``x`` is finite
+    (one min/max reduction, no host sync, no tensor of ``x``'s size allocated)."""
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=x.device)
+    return torch.isfinite(_extremes(x)).all()
+
+
 def check_finite(x: Tensor, what: str) -> None:
     """Raise ``ValueError`` if the floating-point tensor ``x`` holds NaN or ±Inf (one device reduction, one host sync)."""
     if x.numel() and not bool(torch.isfinite(_extremes(x)).all()):

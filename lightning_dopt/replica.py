@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dopt.comm import FlatState, is_narrow_float
-from lightning_dopt.compress import Codec
+from lightning_dopt.compress import Codec, finite_flag
 from lightning_dopt.compressed_rounds import AnchoredCompression, CompressedRound
 from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.rounds import AllReduceRound, GossipRound, OuterOptimizerFactory, PseudoGradientRound, Round
@@ -232,7 +232,7 @@ class ReplicaSync:
         partner."""
         per_device: dict[torch.device, list[Tensor]] = {}
         for tensor in self.round_state.tensors:
-            per_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+            per_device.setdefault(tensor.device, []).append(finite_flag(tensor))
         return all(bool(torch.stack(results).all()) for results in per_device.values())
 
     def mark_statistics(self) -> None:

@@ -307,6 +307,16 @@ def test_non_finite_input_is_refused(codec: Codec, bad: float, index: int) -> No
         codec.encode(x, gen(0))
 
 
+@pytest.mark.parametrize(("values", "finite"), [
+    (torch.tensor([1.0, float("nan")]), False), (torch.tensor([1.0, -2.0]), True),
+    (torch.tensor([float("-inf"), 0.0]).bfloat16(), False), (torch.zeros(0), True),
+    (torch.tensor([1 + 1j, complex(0.0, float("inf"))]), False), (torch.ones(3, 4)[:, ::2], True),
+    (torch.tensor([3e38, -3e38]), True)])
+def test_finite_flag(values: torch.Tensor, finite: bool) -> None:
+    flag = compress.finite_flag(values)
+    assert flag.dim() == 0 and bool(flag) is finite
+
+
 def test_check_finite() -> None:
     check_finite(torch.ones(3), "x")
     check_finite(torch.zeros(0), "x")
