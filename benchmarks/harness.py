@@ -1,0 +1,148 @@
+"""What the benchmark scripts share: a child run in its own process group, the machine's facts, the JSON results
+file and the markdown table. A benchmark measures: it writes its rows to one JSON file (:func:`new_results`,
+:func:`write_results`) and prints one markdown table (:func:`markdown_table`); people write the reading in ``docs/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, NamedTuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # ``recipes`` is not an installed package: the scripts import it from the checkout
+    sys.path.insert(0, str(REPO_ROOT))
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")
+"""Removed from a child's environment, so that its launcher starts its own ranks on a fresh port."""
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One way of training in a benchmark: its name, the ``GossipLocalStrategy`` options it sets, and the settings
+    the script reads itself (label, optimizer, learning rate, reference contender, ...)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Column(NamedTuple):
+    """A table column: the row key, the header, the format spec of its values ("" for text) and the unit the values
+    are divided by before formatting."""
+
+    key: str
+    header: str
+    spec: str = ""
+    unit: float = 1.0
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """How a child command ended: its exit code (``None``: killed at the timeout), wall seconds and log file."""
+
+    returncode: int | None
+    seconds: float
+    log: Path
+
+    def failure(self) -> str:
+        ending = "killed at the timeout" if self.returncode is None else f"exit code {self.returncode}"
+        tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        return f"FAILED ({ending} after {self.seconds:.0f} s); end of {self.log}:\n{tail}"
+
+
+def run_child(command: Sequence[str], log: Path, timeout: float, omp_threads: int | None = None,
+              env: Mapping[str, str] | None = None) -> ChildRun:
+    """Run ``command`` from the repository root in a new process group (its launcher's ranks join it), output to
+    ``log``, with ``env`` added to this environment less :data:`LAUNCHER_VARIABLES` and ``OMP_NUM_THREADS`` set unless
+    ``omp_threads`` is ``None``. The whole group is killed after ``timeout`` seconds, after a failure (ranks left
+    behind) and when this process is interrupted."""
+    variables = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES} | dict(env or {})
+    variables |= {} if omp_threads is None else {"OMP_NUM_THREADS": str(omp_threads)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started, returncode = time.perf_counter(), None
+    with log.open("w") as output:
+        process = subprocess.Popen(list(command), cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   env=variables, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if returncode != 0:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+    return ChildRun(returncode, time.perf_counter() - started, log)
+
+
+def read_result(path: Path, run: ChildRun) -> dict[str, Any] | None:
+    """The JSON a child wrote to ``path``; ``None``, after printing how the child ended, when it wrote none."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    print(run.failure(), flush=True)
+    return None
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (other jobs included)."""
+    return os.getloadavg()[0]
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def machine_facts() -> dict[str, Any]:
+    """UTC date and time, torch and lightning versions, CPU model and count, 1-minute load average now."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    models = [line.partition(":")[2].strip() for line in cpuinfo if line.startswith("model name")]
+    return {"date": utc_now(), "torch": version("torch"), "lightning": version("lightning"),
+            "cpu": models[0] if models else platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_start": load_average()}
+
+
+def new_results(benchmark: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The results document before its rows: ``{"benchmark", "command", "started", "machine", "config", "rows"}``,
+    with this process's command line and the machine's facts now."""
+    return {"benchmark": benchmark, "command": shlex.join(["python", *sys.argv]), "started": utc_now(),
+            "machine": machine_facts(), "config": dict(config), "rows": []}
+
+
+def write_results(path: Path, results: Mapping[str, Any]) -> None:
+    """Write ``results`` to ``path`` as JSON, atomically (a temporary file renamed over it), with the load average
+    and the time of writing added to its machine facts (``load_end``, ``ended``)."""
+    document = {**results, "machine": {**results["machine"], "load_end": load_average(), "ended": utc_now()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    os.replace(staging, path)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """One line per row: a cell is ``format(row[key] / unit, spec)``, text as it is, ``-`` when the key is missing or
+    ``None``. Columns with a format spec are right-aligned."""
+    lines = ["| " + " | ".join(column.header for column in columns) + " |",
+             "|" + "|".join("---:" if column.spec else "---" for column in columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_cell(row.get(column.key), column) for column in columns) + " |"
+                              for row in rows])
+
+
+def _cell(value: Any, column: Column) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str) or not column.spec:
+        return str(value)
+    return format(value / column.unit if column.unit != 1 else value, column.spec)
