@@ -1,36 +1,74 @@
-"""Shared by the image-classification benchmark drivers (``adacons_curves``, ``scaling_curves``,
-``quantized_accuracy``): the installed data source, a contender-list argument, the classifier with a per-step
-cosine learning rate, the loss-curve recorder, and one child run in its own process group.
+"""The image-classification benchmarks ``adacons_curves``, ``scaling_curves`` and ``quantized_accuracy``: each is a
+:class:`Study` (contenders, argument defaults, table) that :func:`main` runs.
 
-Each driver runs every contender as a child process (``python <driver> --run <name> ... --result <json>``);
-Lightning's popen launcher re-runs that command line for ranks ``1 … n-1`` and rank 0 writes the JSON result.
+Every job (a contender on ``n`` ranks, a seed, a learning rate) is a child process, the driver's command line plus
+``--run <contender> ... --result <json>``, killed whole after ``--timeout`` seconds. The child (:func:`train`) trains
+the vision recipe's classifier with ``GossipLocalStrategy`` on CPU ranks (gloo, popen launcher) and tests the final
+model (the exact average); rank 0 records what :func:`train` lists. Each row adds (:func:`summarize`,
+:func:`compare`): training bytes (``warmup`` + ``aggregate`` + ``round``, mean over ranks) per rank, step and round,
+their formula, the final training loss (mean of the last 10 % of the steps, at least 10), and the accuracy difference
+and byte ratio to the run of the contender's reference on the same ranks with the same seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
+import math
+import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # ``recipes`` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO_ROOT))
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
+from harness import Column, Contender, markdown_table, new_results, run_child, write_results
+from lightning_dopt import GossipLocalStrategy
+from lightning_dopt import gradients as dopt_gradients
+from lightning_dopt.callbacks import CommReport
+from lightning_dopt.comm import TRAINING_PURPOSES
+from lightning_dopt.options import Options
+from lightning_dopt.traffic import expected_traffic
+from recipes.vision.data import FASHION_MNIST_DIRS, SOURCES, ImageClassificationData
+from recipes.vision.models import MODELS
+from recipes.vision.module import ImageClassifier
 
-from recipes.vision.data import FASHION_MNIST_DIRS  # noqa: E402
-from recipes.vision.module import ImageClassifier  # noqa: E402
+Row = dict[str, Any]
+SMOOTHING, DIFFERENCE_SMOOTHING = 25, 50
+"""Moving-average windows (steps) of the plotted losses and of their differences to the reference."""
 
-_LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")
-"""Removed from a child's environment, so that its popen launcher starts its own ranks on a fresh port."""
+
+def traffic_formula(result: Mapping[str, Any]) -> float | None:
+    """Training bytes per rank by ``lightning_dopt.traffic.expected_traffic`` (anchor refreshes: the scheduled ones
+    only); ``None`` for the options it has no formula for."""
+    try:
+        return expected_traffic(Options(**result["options"]), result["params"], result["param_tensors"],
+                                result["world_size"], result["steps"], buffer_numel=result["buffer_values"]).total
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Study:
+    """One benchmark. Contender settings: ``label``, ``optimizer`` (see :class:`Classifier`), ``lr`` (else
+    ``--<optimizer>-lr``), ``reference`` (a contender), plot ``style``. ``sweep``: learning rates tried per contender;
+    ``inherit_lr``: contenders run at the lr picked for another; ``prepare`` completes the parsed arguments."""
+
+    name: str
+    description: str
+    contenders: dict[str, Contender]
+    defaults: dict[str, Any]
+    columns: list[Column]
+    sweep: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    inherit_lr: dict[str, str] = field(default_factory=dict)
+    formula: Callable[[Mapping[str, Any]], float | None] = traffic_formula
+    prepare: Callable[[argparse.Namespace], None] = lambda args: None
 
 
 def default_source() -> str:
@@ -42,60 +80,105 @@ def default_source() -> str:
     return "mnist5k"
 
 
-def contender_list(valid: Collection[str]) -> Callable[[str], list[str]]:
-    """An argparse ``type``: a comma-separated, non-empty list of names from ``valid``."""
+def _list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda text: [kind(part.strip()) for part in text.split(",") if part.strip()]
 
-    def parse(value: str) -> list[str]:
-        names = [name.strip() for name in value.split(",") if name.strip()]
-        unknown = [name for name in names if name not in valid]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown contender(s) {unknown}; valid: {', '.join(valid)}")
-        return names
 
-    return parse
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda text: None if text.lower() == "none" else kind(text)
+
+
+def parse_args(study: Study) -> argparse.Namespace:
+    """The command line of every study; ``study.defaults`` replace the defaults below."""
+    parser = argparse.ArgumentParser(description=study.description)
+    add, names = parser.add_argument, _list(str)
+    add("--run", choices=tuple(study.contenders), help="child mode: train this one contender")
+    add("--result", type=Path, help="child mode: where rank 0 writes its JSON result")
+    add("--devices", type=int, default=4, help="CPU ranks (driver: unless --world-sizes)")
+    add("--steps", type=_optional(int), help="optimizer steps (driver: unless --steps-per-world)")
+    add("--epochs", type=_optional(int), help="epochs of --limit-train-batches batches instead of --steps")
+    add("--limit-train-batches", type=_optional(lambda text: int(text) if text.isdigit() else float(text)),
+        help="batches per epoch and rank (int) or fraction of an epoch (float)")
+    add("--seed", type=int, default=0, help="child mode: seed of initialization, data order and round schedule")
+    add("--lr", type=float, help="peak learning rate of every contender (default: the contender's)")
+    add("--adam-lr", type=float, default=1e-3, help="peak Adam learning rate of contenders without their own")
+    add("--sgd-lr", type=float, default=0.05, help="peak SGD learning rate of contenders without their own")
+    add("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    add("--source", choices=SOURCES, default=default_source(), help="data (default: fashion_mnist if installed)")
+    add("--model", choices=tuple(MODELS), default="mlp", help="vision recipe model")
+    add("--batch-size", type=int, default=32, help="per rank, the same for every world size")
+    add("--threads", type=_optional(int), default=1, help="torch threads per rank and OMP_NUM_THREADS (None: torch's)")
+    add("--local-steps", type=int, default=1, help="H, optimizer steps between rounds")
+    add("--topology", default="complete", help="topology of contenders without their own")
+    add("--block-size", type=int, default=256, help="values per int8/int4 quantization block")
+    add("--anchor-interval", type=int, default=16, help="with compression: an anchor refresh every this many rounds")
+    add("--anchor-tolerance", type=_optional(float), default=0.5, help="with compression: see Options")
+    add("--world-sizes", type=_list(int), help="driver: ranks per run, comma-separated (default: --devices)")
+    add("--steps-per-world", type=_list(int), help="driver: optimizer steps for each of --world-sizes")
+    add("--contenders", type=names, default=list(study.contenders), help="driver: comma-separated list")
+    add("--extra-contenders", type=names, default=[], help="driver: contenders run at the first world size only")
+    add("--seeds", type=_list(int), default=[0], help="driver: seeds; the first for every job")
+    add("--noise-contenders", type=names, default=[], help="driver: contenders run with every seed (first world size)")
+    add("--lrs", type=_list(lambda part: part.partition("=")), default=[], help="driver: e.g. scaled-adam=1e-3,sgd=0.1")
+    add("--no-sweep", action="store_true", help="driver: one run per contender at its own lr")
+    add("--timeout", type=float, default=300.0, help="driver: seconds per child run")
+    add("--results-dir", type=Path, help="driver: keep every run's result and log here (default: a temporary dir)")
+    add("--replot", action="store_true", help="driver: no training; report the results kept in --results-dir")
+    add("--plot", type=Path, help="driver: PNG of the loss curves")
+    add("--json", type=Path, help="driver: write the results (harness JSON) here")
+    parser.set_defaults(**study.defaults)
+    args = parser.parse_args()
+    study.prepare(args)
+    args.world_sizes = args.world_sizes or [args.devices]
+    args.steps_per_world = args.steps_per_world or [args.steps] * len(args.world_sizes)
+    args.lrs = {name: float(lr) for name, _, lr in args.lrs}
+    unknown = set(args.contenders + args.extra_contenders + args.noise_contenders + [*args.lrs]) - set(study.contenders)
+    if unknown or args.run and not args.result or args.replot and not args.results_dir:
+        parser.error(f"unknown contenders {sorted(unknown)}, --run without --result or --replot without --results-dir")
+    if len(args.steps_per_world) != len(args.world_sizes):
+        parser.error("--steps-per-world needs one value per --world-sizes entry")
+    return args
 
 
 class Classifier(ImageClassifier):
-    """The recipe's classifier with a choice of optimizer and a per-step cosine learning rate.
+    """The recipe's classifier with a choice of optimizer. ``"recipe"``: the recipe's own (SGD, momentum 0.9, weight
+    decay, cosine learning rate over the epochs). ``"sgd"``, the same SGD, and ``"adam"``, ``torch.optim.Adam`` (state
+    local to the rank, no weight decay), anneal the learning rate to 0 over the run's steps, per step."""
 
-    ``optimizer="sgd"``: ``torch.optim.SGD`` with the recipe's momentum (0.9) and ``weight_decay``; ``"adam"``:
-    ``torch.optim.Adam`` (default betas, no weight decay), state local to the rank. Both anneal the learning rate
-    to 0 over ``trainer.estimated_stepping_batches`` steps.
-    """
-
-    def __init__(self, optimizer: str, model: str, lr: float, weight_decay: float = 5e-4) -> None:
+    def __init__(self, optimizer: str, model: str, lr: float, weight_decay: float) -> None:
         super().__init__(model=model, lr=lr, weight_decay=weight_decay)
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
         self.optimizer_name = optimizer
 
     def configure_optimizers(self) -> Any:
-        if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-        else:
-            optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                                        weight_decay=self.hparams.weight_decay)
-        steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+        if self.optimizer_name == "recipe":
+            return super().configure_optimizers()
+        optimizer = (torch.optim.Adam(self.parameters(), lr=self.hparams.lr) if self.optimizer_name == "adam" else
+                     torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                                     weight_decay=self.hparams.weight_decay))
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class CurveRecorder(pl.Callback):
-    """Keeps this rank's loss at every step; at the end of training, gathers all ranks' (one collective)."""
+    """This rank's loss at every step and the norm of the gradient its optimizer receives; at the end of training,
+    the loss averaged over ranks (one all-gather) and the training time."""
 
     def __init__(self) -> None:
         self.local: list[float] = []
+        self.grad_norms: list[float] = []
         self.mean_over_ranks: list[float] = []
-        self.train_seconds = float("nan")
-        self._start = 0.0
+        self.train_seconds, self._start = float("nan"), 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.local.append(float(loss))
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        norms = [torch.linalg.vector_norm(p.grad) for p in pl_module.parameters() if p.grad is not None]
+        self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack(norms))))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *args: Any) -> None:
+        self.local.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.train_seconds = time.perf_counter() - self._start
@@ -103,29 +186,221 @@ class CurveRecorder(pl.Callback):
         self.mean_over_ranks = gathered.reshape(trainer.world_size, -1).mean(dim=0).tolist()
 
 
-def run_child(command: list[str], tag: str, result_path: Path, workdir: Path, timeout: float,
-              omp_threads: int | None = 1) -> tuple[dict[str, Any] | None, float]:
-    """Run ``command`` (which writes ``result_path``) in its own process group, killed whole after ``timeout``
-    seconds, with its output in ``<workdir>/<tag>.log`` and ``OMP_NUM_THREADS=omp_threads`` (``None``: inherited).
+class WeightProbe:
+    """AdaCons' consensus weights per step, read by wrapping ``AdaConsCombiner._gathered_weights`` in this process
+    (every rank computes the same): ``n·min α`` and ``n·max α`` (1 = uniform), and whether some rank got weight 0
+    (the ``shift`` guard acted on a negative coefficient). Stale weights computed at step ``t`` serve step ``t+1``."""
 
-    Returns the JSON result (``None`` after printing the log's tail when there is none) and the wall time."""
-    log_path = workdir / f"{tag}.log"
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
-    if omp_threads is not None:
-        env["OMP_NUM_THREADS"] = str(omp_threads)
-    started = time.perf_counter()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   cwd=REPO_ROOT)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    seconds = time.perf_counter() - started
-    if not result_path.exists():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        print(f"FAILED: {tag} produced no result (exit code {process.returncode}, {seconds:.0f} s); "
-              f"log tail:\n{tail}", flush=True)
-        return None, seconds
-    return json.loads(result_path.read_text()), seconds
+    def __init__(self) -> None:
+        self.low: list[float] = []
+        self.high: list[float] = []
+        self.zero: list[bool] = []
+        original = dopt_gradients.AdaConsCombiner._gathered_weights
+
+        def recorded(combiner: Any, norms: Tensor, dots: Tensor) -> Tensor:
+            weights = original(combiner, norms, dots)
+            self.low.append(float(weights.min() * weights.shape[0]))
+            self.high.append(float(weights.max() * weights.shape[0]))
+            self.zero.append(bool((weights == 0).any()))
+            return weights
+
+        dopt_gradients.AdaConsCombiner._gathered_weights = recorded
+
+    def summary(self) -> dict[str, float]:
+        if not self.low:
+            return {}
+        return {"weight_min_mean": statistics.fmean(self.low), "weight_max_mean": statistics.fmean(self.high),
+                "weight_min_min": min(self.low), "weight_max_max": max(self.high),
+                "weight_zero_fraction": statistics.fmean(self.zero)}
+
+
+def job_lr(contender: Contender, args: argparse.Namespace) -> float:
+    """``--lr``, else the contender's ``lr``, else ``--<optimizer>-lr``."""
+    if args.lr is not None:
+        return args.lr
+    return contender.settings.get("lr") or getattr(args, f"{contender.settings['optimizer']}_lr")
+
+
+def train(study: Study, args: argparse.Namespace) -> None:
+    """Train ``--run`` on ``--devices`` CPU ranks for ``--steps`` steps (or ``--epochs`` epochs of
+    ``--limit-train-batches`` batches) and test the final model. Rank 0 writes to ``--result``: the loss of every step
+    (mean over ranks), the median norm of the gradient its optimizer received, AdaCons' weights (:class:`WeightProbe`),
+    test accuracy and loss, every rank's bytes sent by purpose and rounds (``CommReport``, at the end of training),
+    its training time (``on_train_start`` to ``on_train_end``) and the model's sizes."""
+    contender, lr = study.contenders[args.run], job_lr(study.contenders[args.run], args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pl.seed_everything(args.seed, verbose=False)
+    options = {"local_steps": args.local_steps, "topology": args.topology, "block_size": args.block_size,
+               "anchor_interval": args.anchor_interval, "anchor_tolerance": args.anchor_tolerance,
+               **contender.options, "seed": args.seed}
+    report, recorder, probe = CommReport(), CurveRecorder(), WeightProbe()
+    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, max_steps=args.steps or -1,
+                         max_epochs=args.epochs or -1, limit_train_batches=args.limit_train_batches,
+                         strategy=GossipLocalStrategy(**options, start_method="popen", process_group_backend="gloo"),
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[report, recorder])
+    data = ImageClassificationData(source=args.source, batch_size=args.batch_size, seed=args.seed)
+    model = Classifier(contender.settings["optimizer"], args.model, lr, args.weight_decay)
+    trainer.fit(model, datamodule=data)
+    steps = trainer.strategy.steps
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if trainer.is_global_zero:
+        Path(args.result).write_text(json.dumps({
+            "contender": contender.name, "seed": args.seed, "world_size": trainer.world_size, "steps": steps,
+            "lr": lr, "options": options, "test_acc": float(metrics["test/acc"]),
+            "test_loss": float(metrics["test/loss"]), "losses": recorder.mean_over_ranks,
+            "grad_norm_median": statistics.median(recorder.grad_norms), "train_seconds": recorder.train_seconds,
+            "rounds_per_rank": [row["rounds"] for row in report.rows],
+            "bytes_by_purpose_per_rank": [row["by_purpose"] for row in report.rows],
+            "train_samples": len(data.train_dataset), "test_samples": len(data.test_dataset),
+            "params": sum(p.numel() for p in params), "param_tensors": len(params),
+            "buffer_values": sum(b.numel() for b in buffers), "buffer_tensors": len(buffers), **probe.summary()}))
+
+
+def summarize(study: Study, result: dict[str, Any], wall_seconds: float | None) -> Row:
+    """The child's result plus the derived numbers of the module docstring (accuracy in percent)."""
+    sent = statistics.fmean(sum(purposes.get(p, 0) for p in TRAINING_PURPOSES)
+                            for purposes in result["bytes_by_purpose_per_rank"])
+    steps, rounds, losses = result["steps"], statistics.fmean(result["rounds_per_rank"]), result["losses"]
+    expected = study.formula(result)
+    return {"label": study.contenders[result["contender"]].settings["label"], "ranks": result["world_size"], **result,
+            "accuracy": 100 * result["test_acc"], "rounds": rounds, "wall_seconds": wall_seconds,
+            "final_train_loss": statistics.fmean(losses[-max(10, len(losses) // 10):]),
+            "diverged": not all(map(math.isfinite, [*losses, result["test_loss"]])), "bytes_per_rank": sent,
+            "bytes_per_step": sent / steps, "bytes_per_round": sent / rounds if rounds else None,
+            "formula_per_rank": expected, "formula_per_step": None if expected is None else expected / steps}
+
+
+def reference_run(rows: list[Row], row: Row) -> Row | None:
+    """The picked run of ``row``'s reference contender on the same ranks with the same seed."""
+    return next((other for other in rows if other["picked"] and (other["contender"], other["ranks"], other["seed"])
+                 == (row["reference"], row["ranks"], row["seed"])), None)
+
+
+def compare(study: Study, rows: list[Row]) -> None:
+    """Adds to every row its ``reference`` contender, ``delta_accuracy`` (points) and ``bytes_ratio`` against the
+    reference's run."""
+    for row in rows:
+        row["reference"] = study.contenders[row["contender"]].settings["reference"]
+        reference = reference_run(rows, row)
+        row["delta_accuracy"] = None if reference is None else row["accuracy"] - reference["accuracy"]
+        row["bytes_ratio"] = (row["bytes_per_rank"] / reference["bytes_per_rank"]
+                              if reference and reference["bytes_per_rank"] else None)
+
+
+def lr_grid(study: Study, name: str, args: argparse.Namespace, picked: dict[str, float]) -> tuple[float, ...]:
+    """``--lrs``, ``--lr``, the lr picked for the contender ``name`` inherits from, its sweep, or its own."""
+    if name in args.lrs or args.lr is not None:
+        return (args.lrs.get(name, args.lr),)
+    if study.inherit_lr.get(name) in picked:
+        return (picked[study.inherit_lr[name]],)
+    return study.sweep[name] if name in study.sweep and not args.no_sweep else (job_lr(study.contenders[name], args),)
+
+
+def run_job(study: Study, args: argparse.Namespace, path: Path, job: list[str]) -> Row | None:
+    """One child run: ``job`` (its own options) after the driver's (argparse keeps the last value), result and log at
+    ``path`` (``--replot``: the result already there); its row, or ``None``."""
+    seconds = None
+    if not args.replot:
+        print(f"running {path.stem} ...", flush=True)
+        path.unlink(missing_ok=True)
+        command = [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:], *job, f"--result={path}"]
+        child = run_child(command, path.with_suffix(".log"), args.timeout, args.threads)
+        seconds = child.seconds
+        if not path.is_file():
+            print(child.failure(), flush=True)
+    return summarize(study, json.loads(path.read_text()), seconds) if path.is_file() else None
+
+
+def run_jobs(study: Study, args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """Every ``--contenders`` on every world size with the first seed (``--extra-contenders`` too at the first size),
+    then ``--noise-contenders`` with each other seed at the first size, each at every lr of :func:`lr_grid`; of a
+    contender's runs on the same ranks with the same seed, the lowest final training loss is ``picked``."""
+    extra = [name for name in args.extra_contenders if name not in args.contenders]
+    noise = [name for name in args.contenders if name in args.noise_contenders]
+    plan = [(world, steps, args.seeds[0], args.contenders + extra * (index == 0))
+            for index, (world, steps) in enumerate(zip(args.world_sizes, args.steps_per_world))]
+    plan += [(args.world_sizes[0], args.steps_per_world[0], seed, noise) for seed in args.seeds[1:]]
+    rows: list[Row] = []
+    picked: dict[str, float] = {}
+    for world, steps, seed, names in plan:
+        for name in names:
+            candidates = []
+            for lr in lr_grid(study, name, args, picked):
+                job = [f"--run={name}", f"--devices={world}", f"--steps={steps}", f"--seed={seed}", f"--lr={lr!r}"]
+                row = run_job(study, args, workdir / f"{name}_n{world}_seed{seed}_lr{lr:g}.json", job)
+                candidates += [row] if row else []
+            best = min(candidates, key=lambda r: math.inf if r["diverged"] else r["final_train_loss"], default=None)
+            for row in candidates:
+                row["picked"] = row is best
+            picked |= {name: best["lr"]} if best else {}
+            rows += candidates
+    return rows
+
+
+def main(study: Study) -> None:
+    """Child mode (``--run``): :func:`train`. Driver: run the jobs, print the table, write ``--json``, draw
+    ``--plot``."""
+    args = parse_args(study)
+    if args.run:
+        train(study, args)
+        return
+    results = new_results(study.name, vars(args))
+    with tempfile.TemporaryDirectory(prefix=f"{study.name}_") as scratch:
+        workdir = Path(args.results_dir or scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        rows = run_jobs(study, args, workdir)
+    if not rows:
+        sys.exit("no run produced a result")
+    compare(study, rows)
+    print("\n" + markdown_table(rows, study.columns))
+    if args.json:
+        write_results(args.json, {**results, "rows": rows})
+    if args.plot:
+        plot_curves(study, [row for row in rows if row["picked"]], args.plot)
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` values (truncated at both ends)."""
+    return [statistics.fmean(values[max(0, i - window // 2):i + window // 2 + 1]) for i in range(len(values))]
+
+
+def plot_curves(study: Study, rows: list[Row], path: Path) -> None:
+    """One column per world size. Top: training loss (mean over ranks) against the step, centred moving average, log
+    scale. Bottom: each run's loss minus its reference's. Thin lines: seeds after the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    worlds, first_seed = sorted({row["ranks"] for row in rows}), min(row["seed"] for row in rows)
+    colours = dict(zip(study.contenders, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(2, len(worlds), figsize=(6.4 * len(worlds), 9.0), squeeze=False, sharex="col")
+    for (top, bottom), world in zip(zip(*axes), worlds):
+        for row in (r for r in rows if r["ranks"] == world):
+            first = row["seed"] == first_seed
+            style = {"color": colours[row["contender"]], "linewidth": 1.5 if first else 0.8,
+                     "linestyle": study.contenders[row["contender"]].settings.get("style", "-"),
+                     "label": f"{row['label']} (lr {row['lr']:g}" + (")" if first else f", seed {row['seed']})")}
+            top.plot(range(1, len(row["losses"]) + 1), moving_average(row["losses"], SMOOTHING), **style)
+            reference = reference_run(rows, row)
+            if reference is not None and reference is not row:
+                gap = [a - b for a, b in zip(row["losses"], reference["losses"])]
+                bottom.plot(range(1, len(gap) + 1), moving_average(gap, DIFFERENCE_SMOOTHING), **style)
+        top.set(title=f"{world} ranks: training loss, {SMOOTHING}-step moving average", yscale="log")
+        top.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        top.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+        bottom.axhline(0.0, color="black", linewidth=0.8)
+        bottom.set(title=f"minus the reference's loss (same ranks, seed), {DIFFERENCE_SMOOTHING}-step average",
+                   xlabel="optimizer step")
+        top.legend(fontsize=7)
+        for axis in (top, bottom):
+            axis.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
