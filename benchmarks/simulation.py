@@ -1,14 +1,11 @@
 """SimulatedStrategy at 4 to 256 workers: time and memory per epoch, accuracy of the average, consensus curve.
 
-The vision recipe's MLP (784-64-10, 50,890 parameters) on Fashion-MNIST (mnist5k when Fashion-MNIST is not installed),
-random gossip with H = 4 local steps (``--topology``, ``--local-steps``), SGD with momentum 0.9 and the recipe's cosine learning rate, for a fixed global
-batch: each of the ``N`` workers trains on batches of ``global_batch / N`` from its own shard (as ``N`` ranks of DDP
-would), so every contender sees the same images per optimizer step and per epoch, and the same learning rate.
-
-Each contender runs in a child process (``--run N``), so peak memory (``ru_maxrss``) is its own; it writes one JSON
-record: seconds per epoch (training only, validation excluded), peak resident memory, test accuracy of the exact
-average after each epoch, and the consensus distance ``mean_i ‖x_i − x̄‖² / ‖x̄‖²`` every 10 optimizer steps.
-``--plot`` draws accuracy and consensus distance against the worker count from the JSON.
+The vision recipe's MLP on Fashion-MNIST (else mnist5k), SGD with momentum 0.9 and the recipe's cosine learning rate,
+``--topology`` gossip every ``--local-steps`` steps, a fixed global batch: each of ``N`` workers trains on batches of
+``global_batch / N`` from its own shard, as ``N`` DDP ranks would. Each contender runs in a child process, so its peak
+memory (``ru_maxrss``) is its own; recorded: training seconds per epoch (validation excluded), peak resident memory,
+test accuracy of the exact average after each epoch, the consensus distance ``mean_i ‖x_i − x̄‖² / ‖x̄‖²`` every 10
+steps, round bytes per worker and rounds. ``--out``: the harness JSON; ``--plot``: accuracy and consensus distance::
 
     python benchmarks/simulation.py --workers 4,16,64,256 --epochs 3 --out docs/simulation.json \
         --plot docs/img/simulation.png
@@ -21,23 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # ``recipes`` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(REPO_ROOT))
+import lightning.pytorch as pl
+import torch
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
+from harness import REPO_ROOT, Column, markdown_table, new_results, read_result, run_child, write_results
+from lightning_dopt import SimulatedStrategy
+from recipes.vision.data import ImageClassificationData
+from recipes.vision.module import ImageClassifier
+from vision_runs import default_source
 
-from lightning_dopt import SimulatedStrategy  # noqa: E402
-from recipes.vision.data import ImageClassificationData  # noqa: E402
-from recipes.vision.module import ImageClassifier  # noqa: E402
-from vision_runs import default_source  # noqa: E402
+COLUMNS = [Column("workers", "workers N", "d"), Column("batch_per_worker", "batch per worker", "d"),
+           Column("steps", "steps", "d"), Column("last_epoch_seconds", "s/epoch (last)", ".1f"),
+           Column("peak_rss_mb", "peak RSS (MB)", ".0f"), Column("last_accuracy", "test accuracy (%)", ".2f"),
+           Column("last_consensus", "last consensus distance", ".2e"), Column("rounds", "rounds", "d"),
+           Column("round_bytes_per_worker", "round MB/worker", ".1f", 1e6)]
 
 
 class EpochRecorder(pl.Callback):
@@ -66,7 +66,7 @@ class EpochRecorder(pl.Callback):
 
 
 def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One contender in this process."""
+    """One contender in this process (the driver's command line plus ``--run N --result FILE``): its record."""
     if args.global_batch % workers:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of {workers} workers")
     torch.set_num_threads(args.threads)
@@ -81,28 +81,30 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                          num_sanity_val_steps=0, callbacks=[recorder])
     trainer.fit(model, datamodule=data)
     stats = strategy.comm_stats
-    return {"workers": workers, "topology": args.topology, "local_steps": args.local_steps, "batch_per_worker": args.global_batch // workers, "global_batch": args.global_batch,
-            "steps": trainer.global_step, "epochs": args.epochs, "source": args.source,
-            "seconds_per_epoch": recorder.epoch_seconds, "peak_rss_mb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1024, "accuracy": recorder.accuracy,
-            "consensus": recorder.consensus, "round_bytes_per_worker": stats.bytes_sent_by_purpose.get("round", 0),
-            "rounds": stats.rounds, "threads": args.threads}
+    return {"workers": workers, "batch_per_worker": args.global_batch // workers, "steps": trainer.global_step,
+            "seconds_per_epoch": recorder.epoch_seconds, "accuracy": recorder.accuracy, "consensus": recorder.consensus,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "round_bytes_per_worker": stats.bytes_sent_by_purpose.get("round", 0), "rounds": stats.rounds,
+            "last_epoch_seconds": recorder.epoch_seconds[-1], "last_accuracy": 100 * recorder.accuracy[-1],
+            "last_consensus": recorder.consensus[-1][1] if recorder.consensus else None}
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Left: accuracy of the average after the last epoch against ``N``; right: consensus distance per step."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (accuracy, consensus) = plt.subplots(1, 2, figsize=(10, 4))
-    workers = [r["workers"] for r in results]
-    accuracy.plot(workers, [100 * r["accuracy"][-1] for r in results], "o-")
+    workers = [row["workers"] for row in rows]
+    accuracy.plot(workers, [row["last_accuracy"] for row in rows], "o-")
     accuracy.set(xscale="log", xlabel="simulated workers N (global batch fixed)",
                  ylabel="test accuracy of the average (%)", title="Accuracy after the last epoch")
     accuracy.set_xticks(workers, [str(n) for n in workers])
-    for r in results:
-        steps, distances = zip(*r["consensus"]) if r["consensus"] else ((), ())
-        consensus.plot(steps, distances, label=f"N = {r['workers']}")
+    for row in rows:
+        steps, distances = zip(*row["consensus"]) if row["consensus"] else ((), ())
+        consensus.plot(steps, distances, label=f"N = {row['workers']}")
     consensus.set(yscale="log", xlabel="optimizer step", ylabel="consensus distance", title="Consensus distance")
     consensus.legend()
     figure.tight_layout()
@@ -120,7 +122,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     parser.add_argument("--source", default=None, help="fashion_mnist or mnist5k (default: what is installed)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "simulation.json")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per contender")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "simulation.json", help="results JSON")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--run", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -129,21 +132,21 @@ def main() -> None:
     if args.run is not None:
         args.result.write_text(json.dumps(run(args.run, args)))
         return
-    results = []
-    for workers in [int(n) for n in args.workers.split(",")]:
-        result_file = args.out.with_suffix(f".{workers}.tmp.json")
-        child = [sys.executable, __file__, "--run", str(workers), "--result", str(result_file)] + [
-            f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-            if name in ("epochs", "global_batch", "local_steps", "topology", "lr", "seed", "threads", "source")]
-        subprocess.run(child, check=True, timeout=3600)
-        results.append(json.loads(result_file.read_text()))
-        result_file.unlink()
-        last = results[-1]
-        print(f"N={workers}: {last['seconds_per_epoch']} s/epoch, {last['peak_rss_mb']:.0f} MB, "
-              f"accuracy {last['accuracy']}", flush=True)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+    results = new_results("simulation", vars(args))
+    with tempfile.TemporaryDirectory(prefix="simulation_") as workdir:
+        for workers in [int(n) for n in args.workers.split(",")]:
+            path = Path(workdir, f"{workers}.json")
+            child = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], f"--run={workers}",
+                     f"--result={path}"]
+            print(f"running N = {workers} ...", flush=True)
+            result = read_result(path, run_child(child, path.with_suffix(".log"), args.timeout))
+            if result is None:
+                sys.exit(f"N = {workers} produced no result")
+            results["rows"].append(result)
+    print(markdown_table(results["rows"], COLUMNS))
+    write_results(args.out, results)
     if args.plot is not None:
-        plot(results, args.plot)
+        plot(results["rows"], args.plot)
 
 
 if __name__ == "__main__":
