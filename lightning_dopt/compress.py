@@ -37,8 +37,8 @@ What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
   own rounding of ``x``), with per-element variance ``≤ step² / 4``.
 
   Cost: encode reads ``x`` once from memory and makes about ten passes over a cache-sized chunk (min, max, shift,
-  scale, noise, add, clamp, two conversions); the random bits (one 64-bit draw per four values) are about half of
-  its time on a CPU. Decode is three passes (convert, multiply, add) and can write into a caller's buffer (``out``).
+  scale, noise, add, clamp, two conversions); the random bits (one 64-bit draw per four values) are about a third
+  of its time on a CPU. Decode is three passes (convert, multiply, add) and can write into a caller's buffer (``out``).
 
 Why the caller encodes differences from an anchor: the strategy sends ``Q(x_i − a)`` where ``a`` is an anchor every
 rank holds identically, and receivers add ``a`` back. The quantization error is proportional to each block's *range*
