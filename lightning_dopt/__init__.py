@@ -13,6 +13,7 @@ from lightning_dopt.inprocess import InProcessCommunicator, InProcessGroup
 from lightning_dopt.options import EVAL_MODELS, Options
 from lightning_dopt.simulation import SimulatedStrategy
 from lightning_dopt.strategy import GossipLocalStrategy, sidecar_path
+from lightning_dopt.topk import TopKCodec
 from lightning_dopt.topology import TOPOLOGIES
 
 GossipLocalStrategy.register_strategies(StrategyRegistry)
@@ -22,4 +23,4 @@ if SimulatedStrategy.strategy_name not in StrategyRegistry:
 __version__ = "0.1.0"
 __all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "Engine", "GossipLocalStrategy", "InProcessCommunicator",
            "InProcessGroup", "NonFiniteReplicaError", "Options", "PeerFailure", "SimulatedStrategy", "TOPOLOGIES",
-           "make_codec", "sidecar_path", "__version__"]
+           "TopKCodec", "make_codec", "sidecar_path", "__version__"]

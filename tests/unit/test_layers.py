@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ENGINE_MODULES = ("engine", "options", "combinations", "replica", "rounds", "compressed_rounds", "inprocess",
-                  "gradients", "scaling", "pacing", "topology", "compress", "aggregate", "comm", "traffic")
+                  "gradients", "scaling", "pacing", "topology", "compress", "topk", "aggregate", "comm", "traffic")
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_dopt"
 
 SCRIPT = f"""

@@ -13,6 +13,7 @@ from lightning_dopt.compress import make_codec
 from lightning_dopt.engine import build_engine
 from lightning_dopt.inprocess import InProcessGroup
 from lightning_dopt.options import Options
+from lightning_dopt.topk import TopKCodec
 from lightning_dopt.traffic import compressed_mean_bytes, expected_traffic, gradient_mean_bytes, round_bytes
 
 
@@ -60,10 +61,12 @@ CASES = [
     (Options(local_steps=2, topology="one_peer_exponential", compression="bf16", warmup_steps=1,
              anchor_tolerance=None), 4),
     (Options(local_steps=2, topology="random", average_buffers=False, warmup_steps=1), 3),
+    (Options(local_steps=1, topology="random", compression=TopKCodec(block_size=8, k=2, bits=2), anchor_interval=4,
+             anchor_tolerance=None), 4),
 ]
 
 
-@pytest.mark.parametrize(("options", "world_size"), CASES, ids=[f"{o.topology}-{o.compression}-n{w}" for o, w in CASES])
+@pytest.mark.parametrize(("options", "world_size"), CASES, ids=[f"{o.topology}-{o.codec.name if o.codec else None}-n{w}" for o, w in CASES])
 def test_formulas_equal_the_counted_bytes(options: Options, world_size: int) -> None:
     steps = 9
     counted, rounds = measured(options, world_size, steps)
