@@ -118,10 +118,12 @@ class Options:
         adacons_guard: ``"shift"`` or ``"mean"``: what to do with negative coefficients or a sum ≤ eps.
         preserve_scale: rescale the AdaCons gradient to the norm of the mean gradient (use it with plain SGD).
         stale_weights: reuse the previous step's AdaCons weights: one gradient all-reduce per step instead of two.
-        outer_optimizer: with ``topology="complete"``: ``"diloco"`` (SGD, Nesterov momentum 0.9, lr 0.7) or a
-            factory ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=1.0)``;
-            picklable for the spawn launcher). Each round then steps a shared anchor with the pseudo-gradient
-            ``anchor − mean_i x_i`` (DiLoCo) and sets every replica to it.
+        outer_optimizer: ``"diloco"`` (SGD, Nesterov momentum 0.9, lr 0.7) or a factory
+            ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=1.0)``; picklable for
+            the spawn launcher). With ``topology="complete"`` each round steps a shared anchor with the
+            pseudo-gradient ``anchor − mean_i x_i`` (DiLoCo) and sets every replica to it; with a graph topology each
+            rank steps its own anchor with its neighbourhood's mixed pseudo-gradient from its neighbourhood's mixed
+            anchor (NoLoCo-style, :class:`~lightning_dopt.rounds.GossipOuterRound`; twice gossip's bytes).
         scaling: ``None`` or one of :data:`~lightning_dopt.scaling.SCALINGS` (``"adam"``, ``"rmsprop"``,
             ``"oasis"``): every local step becomes ``x ← x − γ D⁻¹ g`` (the optimizer sees ``D⁻¹ g``) with a diagonal
             ``D`` frozen during a local phase and refreshed after each round from statistics mixed in the round's

@@ -29,7 +29,14 @@ from lightning_dopt.comm import FlatState, is_narrow_float
 from lightning_dopt.compress import Codec, finite_flag
 from lightning_dopt.compressed_rounds import AnchoredCompression, CompressedRound
 from lightning_dopt.gradients import AdaConsCombiner
-from lightning_dopt.rounds import AllReduceRound, GossipRound, OuterOptimizerFactory, PseudoGradientRound, Round
+from lightning_dopt.rounds import (
+    AllReduceRound,
+    GossipOuterRound,
+    GossipRound,
+    OuterOptimizerFactory,
+    PseudoGradientRound,
+    Round,
+)
 
 
 def _is_averaged(tensor: Tensor) -> bool:
@@ -120,13 +127,18 @@ def make_round(state: RoundState, replica: ReplicaTensors, comm: Any, topology: 
                combiner: AdaConsCombiner | None = None, outer_optimizer: OuterOptimizerFactory | None = None) -> Round:
     """The round object for these options: the one place that maps options to a round algorithm.
 
+    an outer optimizer over a graph topology (uncompressed) → :class:`GossipOuterRound`;
     pseudo-gradients (AdaCons weights or an outer optimizer; ``complete``, uncompressed) → :class:`PseudoGradientRound`;
     a codec → :class:`~lightning_dopt.compressed_rounds.CompressedRound`; ``complete`` → :class:`AllReduceRound`;
     any other topology → :class:`GossipRound`."""
+    if outer_optimizer is not None and combiner is None and codec is None and topology != "complete":
+        params = {id(p) for p in replica.params}
+        buffers = [tensor for tensor in state.replica.tensors if id(tensor) not in params]
+        return GossipOuterRound(replica, buffers, topology, seed, outer_optimizer)
     if combiner is not None or outer_optimizer is not None:
         if codec is not None or topology != "complete":
-            raise ValueError("AdaCons rounds and outer optimizers combine the pseudo-gradients of all ranks: "
-                             "they need topology='complete' and no compression")
+            raise ValueError("AdaCons rounds combine the pseudo-gradients of all ranks (topology='complete'), and "
+                             "outer optimizers step on exact pseudo-gradients (compression=None)")
         return PseudoGradientRound(replica, comm, combiner, outer_optimizer)
     if codec is not None:
         return CompressedRound(state, comm, topology, seed, codec, anchor_interval, anchor_tolerance)
@@ -206,6 +218,9 @@ class ReplicaSync:
     def gossip_round(self, round_index: int, refresh: bool = False) -> None:
         """One synchronization round (see the module docstring); with compression, ``refresh`` makes it an anchor
         refresh (as every ``anchor_interval``-th round is)."""
+        if isinstance(self.round, GossipOuterRound):
+            self.round.step_(round_index, self.comm)
+            return
         if isinstance(self.round, PseudoGradientRound):
             self.round.step_()
             self.average_buffers_("round")

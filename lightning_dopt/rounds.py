@@ -14,6 +14,8 @@ travel with it) and ``P`` its size in bytes. :func:`~lightning_dopt.replica.make
   anchor (int8/int4/bf16/fp16).
 * :class:`PseudoGradientRound` (``complete`` only): combines the pseudo-gradients ``Δ_i = a − x_i`` (mean or
   AdaCons) and steps the shared anchor ``a`` with them, optionally through an outer optimizer (DiLoCo).
+* :class:`GossipOuterRound` (graph topologies): an outer optimizer on each rank's own anchor, stepped with the
+  neighbourhood's mixed pseudo-gradient from the neighbourhood's mixed anchor (NoLoCo-style).
 * :class:`OverlappedRounds` runs any of the packed-state rounds in a background thread, applied one round late.
 
 A new round algorithm is a :class:`Round` subclass here (or in a file of its own) and one line in ``make_round``.
@@ -144,20 +146,17 @@ class PseudoGradientRound(Round):
         self.params = [p for p in params if p.is_floating_point()]
         self.comm = comm
         self.combiner = combiner
-        self.anchor = self._flat()
+        self.anchor = _flat(self.params)
         self.outer = outer_optimizer([self.anchor]) if outer_optimizer is not None else None
-
-    def _flat(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
 
     @torch.no_grad()
     def reset_anchor_(self) -> None:
         """Anchor ← the current parameters (call only when every rank holds the same parameters)."""
-        self.anchor.copy_(self._flat())
+        self.anchor.copy_(_flat(self.params))
 
     @torch.no_grad()
     def step_(self) -> None:
-        pseudo_gradient = self.anchor - self._flat()
+        pseudo_gradient = self.anchor - _flat(self.params)
         if self.combiner is not None:
             self.combiner.combine_(pseudo_gradient)
         else:
@@ -168,8 +167,7 @@ class PseudoGradientRound(Round):
             self.anchor.grad = pseudo_gradient
             self.outer.step()
             self.anchor.grad = None
-        for param, value in zip(self.params, self.anchor.split([p.numel() for p in self.params])):
-            param.copy_(value.view_as(param))
+        _unflatten(self.anchor, self.params)
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": self.anchor.clone(),
@@ -185,6 +183,88 @@ class PseudoGradientRound(Round):
             self.combiner.load_state_dict(state["combiner"])
         if self.outer is not None:
             self.outer.load_state_dict(state["outer"])
+
+
+class GossipOuterRound(Round):
+    """An outer optimizer over a graph topology (NoLoCo-style: no all-reduce). Every rank keeps its own anchor ``θ_i``
+    (its parameters after its previous outer step). At round ``r``, with row ``i`` of the mixing matrix ``W(r)``::
+
+        x̄_i = Σ_j W_ij x_j,   θ̄_i = Σ_j W_ij θ_j     (one exchange of [x_j, θ_j] with the row's neighbours)
+        Δ̄_i = θ̄_i − x̄_i                               (the neighbourhood's pseudo-gradient)
+        θ_i ← outer_step(θ̄_i, grad=Δ̄_i)              (the step starts from θ̄_i: the pull toward the neighbours' anchors)
+        x_i ← θ_i
+
+    Floating buffers (BatchNorm statistics) travel in the same exchange and are mixed, ``b_i ← Σ_j W_ij b_j``, with
+    no outer step. What is preserved: every ``W`` here is doubly stochastic, so ``Σ_i θ̄_i = Σ_i θ_i`` and
+    ``Σ_i Δ̄_i = Σ_i Δ_i`` exactly (in real arithmetic); for an outer optimizer linear in its gradients (SGD, with or
+    without (Nesterov) momentum, no weight decay) the mean anchor then follows exactly that optimizer applied to the
+    mean pseudo-gradient, DiLoCo's update of the average model, while the ranks' anchors differ from each other by
+    what gossip has not yet mixed. Adaptive outer optimizers (Adam) preserve no such mean. Outer SGD with lr 1 and no
+    momentum gives ``θ_i ← θ̄_i − Δ̄_i = x̄_i``: plain gossip.
+
+    Bytes per neighbour and round: ``4·(2P + B)`` for ``P`` parameter values and ``B`` floating buffer values, twice
+    plain gossip's. Memory: the anchor and the outer optimizer's state (fp32, as large as the parameters, each), and
+    one receive buffer set per in-neighbour.
+    """
+
+    def __init__(self, module: nn.Module | ReplicaTensors, buffers: Sequence[Tensor], topology: str, seed: int,
+                 outer_optimizer: OuterOptimizerFactory) -> None:
+        params = module.params if hasattr(module, "params") else list(module.parameters())
+        self.params = [p for p in params if p.is_floating_point()]
+        self.buffers = list(buffers)
+        self.topology, self.seed = topology, seed
+        self.anchor = _flat(self.params)
+        self.outer = outer_optimizer([self.anchor])
+        self._received: list[list[Tensor]] = []
+
+    @torch.no_grad()
+    def reset_anchor_(self) -> None:
+        """Anchor ← the current parameters (at the common start)."""
+        self.anchor.copy_(_flat(self.params))
+
+    def _receive_buffers(self, count: int, like: list[Tensor]) -> list[list[Tensor]]:
+        while len(self._received) < count:
+            self._received.append([torch.empty_like(tensor) for tensor in like])
+        return self._received[:count]
+
+    @torch.no_grad()
+    def step_(self, round_index: int, comm: Any) -> None:
+        row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
+        parts = [_flat(self.params), self.anchor] + ([_flat(self.buffers)] if self.buffers else [])
+        if row.send_to or row.recv_from:
+            received = self._receive_buffers(len(row.recv_from), parts)
+            comm.exchange(parts, row.send_to, received, row.recv_from, purpose="round")
+            for index, part in enumerate(parts):  # parts[1] is the anchor itself: θ_i ← θ̄_i
+                _mix_(part, row.self_weight, [r[index] for r in received], row.recv_weights)
+        mixed_x = parts[0]
+        self.anchor.grad = self.anchor - mixed_x
+        self.outer.step()
+        self.anchor.grad = None
+        _unflatten(self.anchor, self.params)
+        if self.buffers:
+            _unflatten(parts[2], self.buffers)
+        comm.count_round()
+
+    def is_refresh(self, round_index: int, requested: bool = False) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor.clone(), "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.anchor.copy_(state["anchor"])
+        self.outer.load_state_dict(state["outer"])
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    """One flat fp32 copy of ``tensors``."""
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def _unflatten(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` into ``tensors`` (cast to each one's dtype)."""
+    for tensor, value in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(value.view_as(tensor))
 
 
 class OverlappedRounds:

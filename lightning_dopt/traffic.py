@@ -17,8 +17,11 @@ Per rank, with ``P`` parameter values in ``m`` tensors, ``B`` floating-point buf
   of encoded chunks to the ``n − 1`` other ranks, then this rank's encoded mean chunk to the ``n − 1`` others
   (chunks aligned to the codec's block size): about ``ring(payload_bytes(numel))``.
 
-Not covered (their rounds exist, their formulas are not written here yet): outer optimizers and AdaCons rounds
-(pseudo-gradient all-reduces), preconditioner statistics mixed with the replica, replicas with bf16/fp16 tensors.
+* outer optimizer, ``complete``: ``ring(4P)`` (the pseudo-gradient) plus ``ring(4B)`` (the buffers) per round;
+* outer optimizer, graph topology: ``4·(2P + B)`` (parameters, anchor, buffers) to each rank of ``send_to``.
+
+Not covered (their rounds exist, their formulas are not written here yet): AdaCons (gradient or pseudo-gradient
+combination), preconditioner statistics mixed with the replica, replicas with bf16/fp16 tensors.
 Control messages (a few floats of flags per round, the stop/pace blocks) are purpose ``control`` and not counted here.
 """
 
@@ -49,10 +52,18 @@ def compressed_mean_bytes(numel: int, codec: Codec, rank: int, world_size: int) 
 
 
 def round_bytes(numel: int, rank: int, world_size: int, round_index: int, topology: str, seed: int = 0,
-                codec: Codec | None = None, anchor_interval: int = 16, refresh: bool = False) -> int:
-    """Bytes ``rank`` sends in round ``round_index`` for ``numel`` fp32 values of round state (module docstring)."""
+                codec: Codec | None = None, anchor_interval: int = 16, refresh: bool = False,
+                outer_numel: int = 0) -> int:
+    """Bytes ``rank`` sends in round ``round_index`` for ``numel`` fp32 values of round state (module docstring);
+    ``outer_numel`` > 0: an outer optimizer over these many parameter values (the rest of ``numel`` are buffers)."""
     if world_size < 2:
         return 0
+    if outer_numel and topology == "complete":
+        return ring_allreduce_bytes(FP32 * outer_numel, world_size) + \
+            (ring_allreduce_bytes(FP32 * (numel - outer_numel), world_size) if numel > outer_numel else 0)
+    if outer_numel:
+        peers = len(mixing_row(topology, rank, world_size, round_index, seed).send_to)
+        return peers * FP32 * (numel + outer_numel)
     if codec is not None and (refresh or topology == "complete" or round_index % anchor_interval == anchor_interval - 1):
         return compressed_mean_bytes(numel, codec, rank, world_size)
     if codec is None and topology == "complete":
@@ -82,10 +93,9 @@ def expected_traffic(options: Options, param_numel: int, param_tensors: int, wor
     ``local_steps`` steps. Compressed runs refresh their anchor every ``anchor_interval``-th round and wherever the
     noise check asks (``anchor_tolerance``): pass those round indices as ``refreshed_rounds``; with
     ``anchor_tolerance=None`` there are none. Raises ``ValueError`` for the options whose formulas are not written."""
-    if options.outer_optimizer is not None or options.aggregation != "mean" or options.scaling is not None:
-        raise ValueError("expected_traffic covers mean aggregation without outer optimizer or scaling "
-                         f"(got aggregation={options.aggregation!r}, outer_optimizer={options.outer_optimizer!r}, "
-                         f"scaling={options.scaling!r})")
+    if options.aggregation != "mean" or options.scaling is not None:
+        raise ValueError("expected_traffic covers mean aggregation without scaling "
+                         f"(got aggregation={options.aggregation!r}, scaling={options.scaling!r})")
     state_numel = param_numel + (buffer_numel if options.average_buffers else 0)
     warmup_steps = min(options.warmup_steps, steps)
     warmup = warmup_steps * gradient_mean_bytes(param_numel, param_tensors, world_size)
@@ -94,7 +104,8 @@ def expected_traffic(options: Options, param_numel: int, param_tensors: int, wor
     rounds = (steps - warmup_steps) // options.local_steps
     codec = make_codec(options.compression, block_size=options.block_size)
     refreshed = set(refreshed_rounds)
+    outer_numel = param_numel if options.outer_optimizer is not None else 0
     total = sum(round_bytes(state_numel, rank, world_size, index, options.topology, options.seed, codec,
-                            options.anchor_interval, index in refreshed)
+                            options.anchor_interval, index in refreshed, outer_numel)
                 for index in range(rounds) for rank in range(world_size))
     return Traffic(warmup=float(warmup), round=total / world_size, rounds=rounds)

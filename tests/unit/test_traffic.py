@@ -63,10 +63,13 @@ CASES = [
     (Options(local_steps=2, topology="random", average_buffers=False, warmup_steps=1), 3),
     (Options(local_steps=1, topology="random", compression=TopKCodec(block_size=8, k=2, bits=2), anchor_interval=4,
              anchor_tolerance=None), 4),
+    (Options(local_steps=2, topology="complete", outer_optimizer="diloco", warmup_steps=1), 3),
+    (Options(local_steps=2, topology="random", outer_optimizer="diloco"), 5),
+    (Options(local_steps=3, topology="ring", outer_optimizer="diloco", average_buffers=False), 4),
 ]
 
 
-@pytest.mark.parametrize(("options", "world_size"), CASES, ids=[f"{o.topology}-{o.codec.name if o.codec else None}-n{w}" for o, w in CASES])
+@pytest.mark.parametrize(("options", "world_size"), CASES, ids=[f"{o.topology}-{o.codec.name if o.codec else o.outer_optimizer}-n{w}" for o, w in CASES])
 def test_formulas_equal_the_counted_bytes(options: Options, world_size: int) -> None:
     steps = 9
     counted, rounds = measured(options, world_size, steps)
@@ -91,5 +94,5 @@ def test_formula_pieces() -> None:
 
 
 def test_uncovered_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="outer_optimizer='diloco'"):
-        expected_traffic(Options(topology="complete", local_steps=4, outer_optimizer="diloco"), 10, 1, 2, 8)
+    with pytest.raises(ValueError, match="aggregation='adacons'"):
+        expected_traffic(Options(topology="complete", local_steps=4, aggregation="adacons"), 10, 1, 2, 8)
