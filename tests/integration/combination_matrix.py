@@ -281,6 +281,11 @@ def expected_bytes(setting: Setting, model: nn.Module, world_size: int, rank: in
         expected["aggregate"] = (combined - skipped) * full + skipped * short \
             + combined * ring_allreduce_bytes(4 * buffer_numel, n)
         return expected
+    if setting.outer_optimizer is not None and setting.topology != "complete":  # parameters, anchor, buffers
+        expected["round"] = sum(len(mixing_row(setting.topology, rank, n, index, 0).send_to)
+                                * 4 * (2 * param_numel + buffer_numel)
+                                for index in range((steps - warmup_steps) // setting.local_steps))
+        return expected
     if setting.outer_optimizer is not None or setting.aggregation == "adacons":
         per_round = ring_allreduce_bytes(4 * param_numel, n) + ring_allreduce_bytes(4 * buffer_numel, n)
         if setting.aggregation == "adacons":
