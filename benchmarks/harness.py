@@ -5,6 +5,7 @@ file and the markdown table. A benchmark measures: it writes its rows to one JSO
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -88,6 +89,11 @@ def run_child(command: Sequence[str], log: Path, timeout: float, omp_threads: in
     return ChildRun(returncode, time.perf_counter() - started, log)
 
 
+def child_command(*options: str) -> list[str]:
+    """This script's command line again (``sys.argv``) with ``options`` after it: argparse keeps their last value."""
+    return [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:], *options]
+
+
 def read_result(path: Path, run: ChildRun) -> dict[str, Any] | None:
     """The JSON a child wrote to ``path``; ``None``, after printing how the child ended, when it wrote none."""
     if path.is_file():
@@ -131,6 +137,13 @@ def write_results(path: Path, results: Mapping[str, Any]) -> None:
     os.replace(staging, path)
 
 
+def report(results: Mapping[str, Any], columns: Sequence[Column], path: Path | None) -> None:
+    """Print the rows of ``results`` as a markdown table; write ``results`` to ``path`` unless it is ``None``."""
+    print("\n" + markdown_table(results["rows"], columns), flush=True)
+    if path:
+        write_results(path, results)
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """One line per row: a cell is ``format(row[key] / unit, spec)``, text as it is, ``-`` when the key is missing or
     ``None``. Columns with a format spec are right-aligned."""
@@ -146,3 +159,84 @@ def _cell(value: Any, column: Column) -> str:
     if isinstance(value, str) or not column.spec:
         return str(value)
     return format(value / column.unit if column.unit != 1 else value, column.spec)
+
+
+def comma_list(kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
+    """An argparse type: ``"a,b"`` as ``[kind("a"), kind("b")]``."""
+    return lambda text: [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+
+
+def plot_against_bytes(lines: Mapping[str, Sequence[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
+                       title: str = "") -> None:
+    """One line of ``(MB, value)`` points per name (``ddp`` dashed), MB on a log axis."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    figure, axis = pyplot().subplots(figsize=(7, 4.2))
+    for name, points in lines.items():
+        if points:
+            axis.plot(*zip(*points), "--" if name == "ddp" else "-", marker="o", markersize=3, label=name)
+    axis.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    save_figure(figure, path)
+
+
+def recipe_parser(description: str, strategies: Sequence[str], default: Sequence[str], results_dir: Path,
+                  timeout: float) -> argparse.ArgumentParser:
+    """The command line of a recipe benchmark: which strategy configs, the base config, where runs and results go,
+    and ``--extra`` (or everything after ``--``) for every run's command line."""
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--strategies", nargs="+", type=comma_list(), default=[list(default)],
+        help=f"strategy configs, space- or comma-separated, of: {', '.join(strategies)}")
+    add("--base", default="quick.yaml", help="base config of every run (in the recipe's configs/)")
+    add("--results-dir", type=Path, default=results_dir, help="every run's output and summary.json go here")
+    add("--json", type=Path, help="write the results (harness JSON) here")
+    add("--timeout", type=float, default=timeout, help="seconds per run")
+    add("--extra", nargs=argparse.REMAINDER, default=[], help="everything after this goes to every run's command line")
+    add("rest", nargs="*", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_recipe_args(parser: argparse.ArgumentParser, strategies: Sequence[str]) -> argparse.Namespace:
+    args = parser.parse_args()
+    args.strategies, args.extra = [n for names in args.strategies for n in names], args.extra + args.rest
+    if not args.strategies or set(args.strategies) - set(strategies):
+        parser.error(f"unknown strategies {sorted(set(args.strategies) - set(strategies))}")
+    args.results_dir = args.results_dir.resolve()
+    return args
+
+
+def run_recipe(recipe: str, name: str, base: str, options: Sequence[str], out_dir: Path,
+               timeout: float) -> tuple[ChildRun, dict[str, Any]]:
+    """``python -m recipes.<recipe> fit`` on the base config and strategy config ``name`` with ``options``, in a
+    child (output in ``out_dir/output.txt``): how it ended, and its command (paths relative to the repository), wall
+    time, load averages and date."""
+    configs = REPO_ROOT / "recipes" / recipe / "configs"
+    command = [sys.executable, "-m", f"recipes.{recipe}", "fit", f"--config={configs / base}",
+               f"--config={configs / 'strategies' / name}.yaml", *options]
+    recorded = shlex.join(["python", *command[1:]]).replace(f"{REPO_ROOT}/", "")
+    print(f"[{name}] {recorded}", flush=True)
+    load_start, date = load_average(), utc_now()
+    child = run_child(command, out_dir / "output.txt", timeout, env={"PYTHONUNBUFFERED": "1"})
+    return child, {"command": recorded, "wall_seconds": child.seconds, "load_start": load_start,
+                   "load_end": load_average(), "date": date}
