@@ -1,9 +1,5 @@
 """Loss curves, test accuracy and bytes per step: mean gradient aggregation versus AdaCons, on 4 and 8 ranks.
 
-    python benchmarks/adacons_curves.py [--source fashion_mnist|mnist5k] [--results-dir DIR] [--json FILE]
-    python benchmarks/adacons_curves.py --replot --results-dir DIR       # table and plot again, no training
-    python benchmarks/adacons_curves.py --run adacons-adam --devices 4 --steps 300 --seed 0 --result r.json
-
 Jobs, child runs and rows: ``vision_runs``. Every run: ``topology="complete"``, ``local_steps=1``, the same steps
 within a world size. ``mean-*``: ``warmup_steps`` past the last step, so every step averages the gradients with one
 all-reduce like DDP (bytes under ``warmup``); ``adacons-*``: ``aggregation="adacons"`` with the options of

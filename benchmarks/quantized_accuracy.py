@@ -1,8 +1,5 @@
 """Test accuracy at equal steps: ``gossip_local`` with fp32 rounds versus quantized rounds (int8, int4, bf16).
 
-    python benchmarks/quantized_accuracy.py [--source fashion_mnist|mnist5k] [--json FILE]
-    python benchmarks/quantized_accuracy.py --run int8 --seed 0 --result int8.json    # one contender
-
 Jobs, child runs and rows: ``vision_runs``. Every run: the recipe's ``small_cnn`` and optimizer (SGD, cosine learning
 rate over the epochs), 4 CPU ranks, torch's default threads, random gossip every ``--local-steps`` steps, the epochs of
 :data:`SOURCE_EPOCHS`. Contenders differ only in ``compression`` (fp32 is the reference); fp32 and int8 also run the

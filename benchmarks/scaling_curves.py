@@ -1,9 +1,6 @@
 """Scaled local steps (SAVIC-style frozen diagonal preconditioners) vs SGD vs per-rank Adam, and DiLoCo's outer
 optimizer vs plain Local SGD, at equal steps on a real task.
 
-    python benchmarks/scaling_curves.py [--source fashion_mnist|mnist5k] [--steps 480] [--json FILE]
-    python benchmarks/scaling_curves.py --run sgd --devices 4 --steps 480 --result r.json    # one contender
-
 Jobs, child runs and rows: ``vision_runs``. Every run: 4 CPU ranks, ``local_steps=8``, topology ``complete`` unless
 the contender says ``random``, no weight decay. ``sgd``: SGD, momentum 0.9 (the reference); ``scaled-*``: that SGD fed
 ``D⁻¹ g``, ``D`` the strategy's frozen-between-rounds diagonal (``scaling=...``); ``adam``: per-rank Adam; ``diloco``:

@@ -1,13 +1,13 @@
-"""The image-classification benchmarks ``adacons_curves``, ``scaling_curves`` and ``quantized_accuracy``: each is a
-:class:`Study` (contenders, argument defaults, table) that :func:`main` runs.
+"""What ``adacons_curves``, ``scaling_curves`` and ``quantized_accuracy`` share: each is a :class:`Study` that
+:func:`main` runs.
 
 Every job (a contender on ``n`` ranks, a seed, a learning rate) is a child process, the driver's command line plus
 ``--run <contender> ... --result <json>``, killed whole after ``--timeout`` seconds. The child (:func:`train`) trains
 the vision recipe's classifier with ``GossipLocalStrategy`` on CPU ranks (gloo, popen launcher) and tests the final
-model (the exact average); rank 0 records what :func:`train` lists. Each row adds (:func:`summarize`,
-:func:`compare`): training bytes (``warmup`` + ``aggregate`` + ``round``, mean over ranks) per rank, step and round,
-their formula, the final training loss (mean of the last 10 % of the steps, at least 10), and the accuracy difference
-and byte ratio to the run of the contender's reference on the same ranks with the same seed.
+model (the exact average). Each row adds (:func:`summarize`, :func:`compare`): training bytes (``warmup`` +
+``aggregate`` + ``round``, mean over ranks) per rank, step and round, their formula, the final training loss (mean
+of the last 10 % of the steps, at least 10), and the accuracy difference and byte ratio to the run of the
+contender's reference on the same ranks with the same seed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +27,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from harness import Column, Contender, markdown_table, new_results, run_child, write_results
+from harness import (Column, Contender, child_command, comma_list, new_results, pyplot, read_result, report, run_child,
+                     save_figure)
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt import gradients as dopt_gradients
 from lightning_dopt.callbacks import CommReport
@@ -40,8 +40,8 @@ from recipes.vision.models import MODELS
 from recipes.vision.module import ImageClassifier
 
 Row = dict[str, Any]
-SMOOTHING, DIFFERENCE_SMOOTHING = 25, 50
-"""Moving-average windows (steps) of the plotted losses and of their differences to the reference."""
+SMOOTHING, DIFFERENCE_SMOOTHING = 25, 50  # moving-average windows (steps): losses, differences to the reference
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}  # peak learning rate of contenders without their own
 
 
 def traffic_formula(result: Mapping[str, Any]) -> float | None:
@@ -57,7 +57,7 @@ def traffic_formula(result: Mapping[str, Any]) -> float | None:
 @dataclass(frozen=True)
 class Study:
     """One benchmark. Contender settings: ``label``, ``optimizer`` (see :class:`Classifier`), ``lr`` (else
-    ``--<optimizer>-lr``), ``reference`` (a contender), plot ``style``. ``sweep``: learning rates tried per contender;
+    :data:`DEFAULT_LR`), ``reference`` (a contender), plot ``style``. ``sweep``: learning rates tried per contender;
     ``inherit_lr``: contenders run at the lr picked for another; ``prepare`` completes the parsed arguments."""
 
     name: str
@@ -80,10 +80,6 @@ def default_source() -> str:
     return "mnist5k"
 
 
-def _list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    return lambda text: [kind(part.strip()) for part in text.split(",") if part.strip()]
-
-
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: None if text.lower() == "none" else kind(text)
 
@@ -91,7 +87,7 @@ def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 def parse_args(study: Study) -> argparse.Namespace:
     """The command line of every study; ``study.defaults`` replace the defaults below."""
     parser = argparse.ArgumentParser(description=study.description)
-    add, names = parser.add_argument, _list(str)
+    add, names = parser.add_argument, comma_list()
     add("--run", choices=tuple(study.contenders), help="child mode: train this one contender")
     add("--result", type=Path, help="child mode: where rank 0 writes its JSON result")
     add("--devices", type=int, default=4, help="CPU ranks (driver: unless --world-sizes)")
@@ -101,8 +97,6 @@ def parse_args(study: Study) -> argparse.Namespace:
         help="batches per epoch and rank (int) or fraction of an epoch (float)")
     add("--seed", type=int, default=0, help="child mode: seed of initialization, data order and round schedule")
     add("--lr", type=float, help="peak learning rate of every contender (default: the contender's)")
-    add("--adam-lr", type=float, default=1e-3, help="peak Adam learning rate of contenders without their own")
-    add("--sgd-lr", type=float, default=0.05, help="peak SGD learning rate of contenders without their own")
     add("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     add("--source", choices=SOURCES, default=default_source(), help="data (default: fashion_mnist if installed)")
     add("--model", choices=tuple(MODELS), default="mlp", help="vision recipe model")
@@ -113,17 +107,14 @@ def parse_args(study: Study) -> argparse.Namespace:
     add("--block-size", type=int, default=256, help="values per int8/int4 quantization block")
     add("--anchor-interval", type=int, default=16, help="with compression: an anchor refresh every this many rounds")
     add("--anchor-tolerance", type=_optional(float), default=0.5, help="with compression: see Options")
-    add("--world-sizes", type=_list(int), help="driver: ranks per run, comma-separated (default: --devices)")
-    add("--steps-per-world", type=_list(int), help="driver: optimizer steps for each of --world-sizes")
+    add("--world-sizes", type=comma_list(int), help="driver: ranks per run, comma-separated (default: --devices)")
+    add("--steps-per-world", type=comma_list(int), help="driver: optimizer steps for each of --world-sizes")
     add("--contenders", type=names, default=list(study.contenders), help="driver: comma-separated list")
     add("--extra-contenders", type=names, default=[], help="driver: contenders run at the first world size only")
-    add("--seeds", type=_list(int), default=[0], help="driver: seeds; the first for every job")
+    add("--seeds", type=comma_list(int), default=[0], help="driver: seeds; the first for every job")
     add("--noise-contenders", type=names, default=[], help="driver: contenders run with every seed (first world size)")
-    add("--lrs", type=_list(lambda part: part.partition("=")), default=[], help="driver: e.g. scaled-adam=1e-3,sgd=0.1")
-    add("--no-sweep", action="store_true", help="driver: one run per contender at its own lr")
     add("--timeout", type=float, default=300.0, help="driver: seconds per child run")
     add("--results-dir", type=Path, help="driver: keep every run's result and log here (default: a temporary dir)")
-    add("--replot", action="store_true", help="driver: no training; report the results kept in --results-dir")
     add("--plot", type=Path, help="driver: PNG of the loss curves")
     add("--json", type=Path, help="driver: write the results (harness JSON) here")
     parser.set_defaults(**study.defaults)
@@ -131,10 +122,9 @@ def parse_args(study: Study) -> argparse.Namespace:
     study.prepare(args)
     args.world_sizes = args.world_sizes or [args.devices]
     args.steps_per_world = args.steps_per_world or [args.steps] * len(args.world_sizes)
-    args.lrs = {name: float(lr) for name, _, lr in args.lrs}
-    unknown = set(args.contenders + args.extra_contenders + args.noise_contenders + [*args.lrs]) - set(study.contenders)
-    if unknown or args.run and not args.result or args.replot and not args.results_dir:
-        parser.error(f"unknown contenders {sorted(unknown)}, --run without --result or --replot without --results-dir")
+    unknown = set(args.contenders + args.extra_contenders + args.noise_contenders) - set(study.contenders)
+    if unknown or args.run and not args.result:
+        parser.error(f"unknown contenders {sorted(unknown)} or --run without --result")
     if len(args.steps_per_world) != len(args.world_sizes):
         parser.error("--steps-per-world needs one value per --world-sizes entry")
     return args
@@ -215,18 +205,16 @@ class WeightProbe:
 
 
 def job_lr(contender: Contender, args: argparse.Namespace) -> float:
-    """``--lr``, else the contender's ``lr``, else ``--<optimizer>-lr``."""
+    """``--lr``, else the contender's ``lr``, else :data:`DEFAULT_LR` of its optimizer."""
     if args.lr is not None:
         return args.lr
-    return contender.settings.get("lr") or getattr(args, f"{contender.settings['optimizer']}_lr")
+    return contender.settings.get("lr") or DEFAULT_LR[contender.settings["optimizer"]]
 
 
 def train(study: Study, args: argparse.Namespace) -> None:
-    """Train ``--run`` on ``--devices`` CPU ranks for ``--steps`` steps (or ``--epochs`` epochs of
-    ``--limit-train-batches`` batches) and test the final model. Rank 0 writes to ``--result``: the loss of every step
-    (mean over ranks), the median norm of the gradient its optimizer received, AdaCons' weights (:class:`WeightProbe`),
-    test accuracy and loss, every rank's bytes sent by purpose and rounds (``CommReport``, at the end of training),
-    its training time (``on_train_start`` to ``on_train_end``) and the model's sizes."""
+    """Train ``--run`` and test the final model. Rank 0 writes to ``--result``: the loss of every step (mean over
+    ranks), the median gradient norm, AdaCons' weights (:class:`WeightProbe`), test accuracy and loss, every rank's
+    bytes sent by purpose and rounds (``CommReport``), its training time and the model's sizes."""
     contender, lr = study.contenders[args.run], job_lr(study.contenders[args.run], args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -292,27 +280,19 @@ def compare(study: Study, rows: list[Row]) -> None:
 
 
 def lr_grid(study: Study, name: str, args: argparse.Namespace, picked: dict[str, float]) -> tuple[float, ...]:
-    """``--lrs``, ``--lr``, the lr picked for the contender ``name`` inherits from, its sweep, or its own."""
-    if name in args.lrs or args.lr is not None:
-        return (args.lrs.get(name, args.lr),)
-    if study.inherit_lr.get(name) in picked:
+    """``--lr``, the lr picked for the contender ``name`` inherits from, its sweep, or its own."""
+    if args.lr is None and study.inherit_lr.get(name) in picked:
         return (picked[study.inherit_lr[name]],)
-    return study.sweep[name] if name in study.sweep and not args.no_sweep else (job_lr(study.contenders[name], args),)
+    return study.sweep[name] if args.lr is None and name in study.sweep else (job_lr(study.contenders[name], args),)
 
 
 def run_job(study: Study, args: argparse.Namespace, path: Path, job: list[str]) -> Row | None:
-    """One child run: ``job`` (its own options) after the driver's (argparse keeps the last value), result and log at
-    ``path`` (``--replot``: the result already there); its row, or ``None``."""
-    seconds = None
-    if not args.replot:
-        print(f"running {path.stem} ...", flush=True)
-        path.unlink(missing_ok=True)
-        command = [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:], *job, f"--result={path}"]
-        child = run_child(command, path.with_suffix(".log"), args.timeout, args.threads)
-        seconds = child.seconds
-        if not path.is_file():
-            print(child.failure(), flush=True)
-    return summarize(study, json.loads(path.read_text()), seconds) if path.is_file() else None
+    """One child run, result and log at ``path``: its row, or ``None``."""
+    print(f"running {path.stem} ...", flush=True)
+    path.unlink(missing_ok=True)
+    child = run_child(child_command(*job, f"--result={path}"), path.with_suffix(".log"), args.timeout, args.threads)
+    result = read_result(path, child)
+    return None if result is None else summarize(study, result, child.seconds)
 
 
 def run_jobs(study: Study, args: argparse.Namespace, workdir: Path) -> list[Row]:
@@ -342,8 +322,7 @@ def run_jobs(study: Study, args: argparse.Namespace, workdir: Path) -> list[Row]
 
 
 def main(study: Study) -> None:
-    """Child mode (``--run``): :func:`train`. Driver: run the jobs, print the table, write ``--json``, draw
-    ``--plot``."""
+    """Child mode (``--run``): :func:`train`. Driver: the jobs, the table, ``--json``, ``--plot``."""
     args = parse_args(study)
     if args.run:
         train(study, args)
@@ -354,11 +333,9 @@ def main(study: Study) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         rows = run_jobs(study, args, workdir)
     if not rows:
-        sys.exit("no run produced a result")
+        raise SystemExit("no run produced a result")
     compare(study, rows)
-    print("\n" + markdown_table(rows, study.columns))
-    if args.json:
-        write_results(args.json, {**results, "rows": rows})
+    report({**results, "rows": rows}, study.columns, args.json)
     if args.plot:
         plot_curves(study, [row for row in rows if row["picked"]], args.plot)
 
@@ -371,12 +348,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
 def plot_curves(study: Study, rows: list[Row], path: Path) -> None:
     """One column per world size. Top: training loss (mean over ranks) against the step, centred moving average, log
     scale. Bottom: each run's loss minus its reference's. Thin lines: seeds after the first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter
 
+    plt = pyplot()
     worlds, first_seed = sorted({row["ranks"] for row in rows}), min(row["seed"] for row in rows)
     colours = dict(zip(study.contenders, plt.get_cmap("tab10").colors))
     fig, axes = plt.subplots(2, len(worlds), figsize=(6.4 * len(worlds), 9.0), squeeze=False, sharex="col")
@@ -400,7 +374,4 @@ def plot_curves(study: Study, rows: list[Row], path: Path) -> None:
         top.legend(fontsize=7)
         for axis in (top, bottom):
             axis.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
