@@ -1,9 +1,5 @@
 """Encode and decode speed of the codecs in ``lightning_dopt.compress``, against an fp32 ``clone`` of the same tensor.
 
-Usage::
-
-    python benchmarks/codec_throughput.py [--sizes 1000000 16000000] [--threads 1] [--json runs/codecs.json]
-
 For every codec (bf16, fp16, int8, int4 at block size 256) and size ``n``, ``torch.utils.benchmark.Timer`` times
 (median of ``blocked_autorange``, at least ``--min-run-time`` seconds per measurement) on a random fp32 tensor:
 
@@ -13,9 +9,9 @@ For every codec (bf16, fp16, int8, int4 at block size 256) and size ``n``, ``tor
 * ``decode_new``: ``codec.decode(payload, n)`` into fresh memory.
 
 ``--baseline REV`` also times the codecs of ``lightning_dopt/compress.py`` as it was at git revision ``REV`` (rows
-named ``<codec>@REV``), side by side in the same run. It prints one markdown table (GB/s = ``4n`` bytes of fp32 input / median time; ``vs clone`` = clone time / (encode +
-decode) time) and writes the rows as JSON. CUDA rows are added when ``torch.cuda.is_available()`` (the timer
-synchronizes the device).
+named ``<codec>@REV``), side by side in the same run. GB/s = ``4n`` bytes of fp32 input / median time; ``vs clone`` =
+clone time / (encode + decode) time. CUDA rows are added when ``torch.cuda.is_available()`` (the timer synchronizes
+the device).
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import argparse
 import importlib.util
 import inspect
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -32,10 +27,8 @@ from types import ModuleType
 import torch
 from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Column, markdown_table, new_results, write_results  # noqa: E402
-
-from lightning_dopt.compress import CODECS, Codec, make_codec  # noqa: E402
+from harness import Column, new_results, report
+from lightning_dopt.compress import CODECS, Codec, make_codec
 
 BLOCK_SIZE = 256
 COLUMNS = [Column("device", "device"), Column("codec", "codec"), Column("numel", "elements", ",.0f"),
@@ -109,9 +102,7 @@ def main() -> None:
         codecs |= {f"{name}@{args.baseline}": baseline.make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
     results["rows"] = [row for device in devices for numel in args.sizes
                        for row in measure(device, numel, args.threads, args.min_run_time, codecs)]
-    print(markdown_table(results["rows"], COLUMNS))
-    if args.json:
-        write_results(args.json, results)
+    report(results, COLUMNS, args.json)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,12 @@
 """Bytes sent and wall time per optimizer step: Lightning ``ddp`` versus ``gossip_local``.
 
-Usage (the driver, every contender in its own subprocess; and one contender, what the driver runs)::
-
-    python benchmarks/comm_per_step.py [--steps 80] [--json FILE]
-    python benchmarks/comm_per_step.py --contender gossip_local --local-steps 4 --topology random --result r.json
-
-A ~10 M parameter MLP, SGD with momentum 0.9, fixed random inputs and labels, ``n`` CPU ranks (gloo). Bytes sent per
-rank and step: ``ddp``: the gradient bytes DDP hands to all-reduce (a communication hook counts them) times the ring
-cost ``2(n−1)/n``; ``gossip_local``: the strategy's training counters, mean/min/max over ranks; formula:
-a ring all-reduce of ``4P`` (``ddp``), ``lightning_dopt.traffic`` (``gossip_local``). Time: rank 0's step durations
-(``on_train_batch_end``) after ``--skip`` steps, and its ``comm_stats.seconds`` over them; load: the 1-minute load
-average when the contender ended. ``--steps`` is a multiple of 16: every ``H`` runs whole rounds.
+Every contender is a child run of this script (``--contender ... --result FILE``). A ~10 M parameter MLP, SGD with
+momentum 0.9, fixed random inputs and labels, ``n`` CPU ranks (gloo). Bytes sent per rank and step: ``ddp``: the
+gradient bytes DDP hands to all-reduce (a communication hook counts them) times the ring cost ``2(n−1)/n``;
+``gossip_local``: the strategy's training counters, mean/min/max over ranks; formula: a ring all-reduce of ``4P``
+(``ddp``), ``lightning_dopt.traffic`` (``gossip_local``). Time: rank 0's step durations (``on_train_batch_end``) after
+``--skip`` steps, and its ``comm_stats.seconds`` over them; load: the 1-minute load average when the contender ended.
+``--steps`` is a multiple of 16: every ``H`` runs whole rounds.
 """
 
 # No ``from __future__ import annotations``: DDP checks the comm hook's annotations at runtime.
@@ -31,7 +27,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness import Column, load_average, markdown_table, new_results, read_result, run_child, write_results
+from harness import Column, child_command, load_average, new_results, read_result, report, run_child
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.comm import ring_allreduce_bytes
 from lightning_dopt.options import Options
@@ -158,8 +154,8 @@ def run_driver(args: argparse.Namespace) -> None:
             options = [f"--{key.replace('_', '-')}={value}" for key, value in contender.items()]
             print(f"running {' '.join(options)} ...", flush=True)
             path = Path(workdir, "_".join(map(str, contender.values())) + ".json")
-            command = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], *options, f"--result={path}"]
-            if (result := read_result(path, run_child(command, path.with_suffix(".log"), args.timeout))) is not None:
+            child = run_child(child_command(*options, f"--result={path}"), path.with_suffix(".log"), args.timeout)
+            if (result := read_result(path, child)) is not None:
                 results["rows"].append(summarize(contender, result, args.skip))
     rows = results["rows"]
     if not rows or rows[0]["contender"] != "ddp":
@@ -167,14 +163,12 @@ def run_driver(args: argparse.Namespace) -> None:
     for row in rows:
         row["bytes_ratio"], row["time_ratio"] = (row["bytes_per_step"] / rows[0]["bytes_per_step"],
                                                  row["step_mean"] / rows[0]["step_mean"])
-    print("\n" + markdown_table(rows, COLUMNS))
-    if args.json:
-        write_results(args.json, results)
+    report(results, COLUMNS, args.json)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contender", choices=("ddp", "gossip_local"), help="run one contender (child mode)")
+    parser.add_argument("--contender", choices=("ddp", "gossip_local"), help="child mode: run one contender")
     parser.add_argument("--local-steps", type=int, default=1, help="H, for gossip_local")
     parser.add_argument("--topology", default="random", help="for gossip_local")
     parser.add_argument("--result", help="child mode: where rank 0 writes its JSON result")

@@ -1,6 +1,5 @@
-"""What the benchmark scripts share: a child run in its own process group, the machine's facts, the JSON results
-file and the markdown table. A benchmark measures: it writes its rows to one JSON file (:func:`new_results`,
-:func:`write_results`) and prints one markdown table (:func:`markdown_table`); people write the reading in ``docs/``.
+"""What the benchmark scripts share: child runs in their own process group, the machine's facts, the JSON results
+(:func:`new_results`, :func:`write_results`), one markdown table (:func:`report`), plots and the recipe driver.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # ``recipes`` is not an installed package: the scripts import it from the checkout
     sys.path.insert(0, str(REPO_ROOT))
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")
-"""Removed from a child's environment, so that its launcher starts its own ranks on a fresh port."""
+# ^ removed from a child's environment, so that its launcher starts its own ranks on a fresh port
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,6 @@ def read_result(path: Path, run: ChildRun) -> dict[str, Any] | None:
 
 
 def load_average() -> float:
-    """The machine's 1-minute load average (other jobs included)."""
     return os.getloadavg()[0]
 
 
@@ -128,8 +126,7 @@ def new_results(benchmark: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_results(path: Path, results: Mapping[str, Any]) -> None:
-    """Write ``results`` to ``path`` as JSON, atomically (a temporary file renamed over it), with the load average
-    and the time of writing added to its machine facts (``load_end``, ``ended``)."""
+    """Write ``results`` to ``path`` as JSON atomically, with ``load_end`` and ``ended`` added to its machine facts."""
     document = {**results, "machine": {**results["machine"], "load_end": load_average(), "ended": utc_now()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -145,8 +142,7 @@ def report(results: Mapping[str, Any], columns: Sequence[Column], path: Path | N
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
-    """One line per row: a cell is ``format(row[key] / unit, spec)``, text as it is, ``-`` when the key is missing or
-    ``None``. Columns with a format spec are right-aligned."""
+    """A cell is ``format(row[key] / unit, spec)``, text as it is, ``-`` when missing or ``None``."""
     lines = ["| " + " | ".join(column.header for column in columns) + " |",
              "|" + "|".join("---:" if column.spec else "---" for column in columns) + "|"]
     return "\n".join(lines + ["| " + " | ".join(_cell(row.get(column.key), column) for column in columns) + " |"
@@ -202,8 +198,7 @@ def plot_against_bytes(lines: Mapping[str, Sequence[tuple[float, float]]], path:
 
 def recipe_parser(description: str, strategies: Sequence[str], default: Sequence[str], results_dir: Path,
                   timeout: float) -> argparse.ArgumentParser:
-    """The command line of a recipe benchmark: which strategy configs, the base config, where runs and results go,
-    and ``--extra`` (or everything after ``--``) for every run's command line."""
+    """The command line of ``vision_recipe`` and ``translation_recipe``; ``--extra`` may also be ``--``."""
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument
     add("--strategies", nargs="+", type=comma_list(), default=[list(default)],
@@ -228,9 +223,8 @@ def parse_recipe_args(parser: argparse.ArgumentParser, strategies: Sequence[str]
 
 def run_recipe(recipe: str, name: str, base: str, options: Sequence[str], out_dir: Path,
                timeout: float) -> tuple[ChildRun, dict[str, Any]]:
-    """``python -m recipes.<recipe> fit`` on the base config and strategy config ``name`` with ``options``, in a
-    child (output in ``out_dir/output.txt``): how it ended, and its command (paths relative to the repository), wall
-    time, load averages and date."""
+    """``python -m recipes.<recipe> fit`` on the base config and strategy config ``name`` plus ``options`` in a child
+    (output in ``out_dir/output.txt``): how it ended, and its command, wall time, load averages and date."""
     configs = REPO_ROOT / "recipes" / recipe / "configs"
     command = [sys.executable, "-m", f"recipes.{recipe}", "fit", f"--config={configs / base}",
                f"--config={configs / 'strategies' / name}.yaml", *options]

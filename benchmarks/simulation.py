@@ -5,12 +5,7 @@ The vision recipe's MLP on Fashion-MNIST (else mnist5k), SGD with momentum 0.9 a
 ``global_batch / N`` from its own shard, as ``N`` DDP ranks would. Each contender runs in a child process, so its peak
 memory (``ru_maxrss``) is its own; recorded: training seconds per epoch (validation excluded), peak resident memory,
 test accuracy of the exact average after each epoch, the consensus distance ``mean_i ‖x_i − x̄‖² / ‖x̄‖²`` every 10
-steps, round bytes per worker and rounds. ``--out``: the harness JSON; ``--plot``: accuracy and consensus distance::
-
-    python benchmarks/simulation.py --workers 4,16,64,256 --epochs 3 --out docs/simulation.json \
-        --plot docs/img/simulation.png
-    python benchmarks/simulation.py --workers 4,64,256 --epochs 1 --topology complete --local-steps 1 \
-        --out docs/simulation_control.json     # exact averaging every step: minibatch SGD at any N
+steps, round bytes per worker and rounds. ``--out``: the harness JSON; ``--plot``: accuracy and consensus distance.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from harness import REPO_ROOT, Column, markdown_table, new_results, read_result, run_child, write_results
+from harness import REPO_ROOT, Column, child_command, new_results, pyplot, read_result, report, run_child, save_figure
 from lightning_dopt import SimulatedStrategy
 from recipes.vision.data import ImageClassificationData
 from recipes.vision.module import ImageClassifier
@@ -91,12 +86,7 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Left: accuracy of the average after the last epoch against ``N``; right: consensus distance per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (accuracy, consensus) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (accuracy, consensus) = pyplot().subplots(1, 2, figsize=(10, 4))
     workers = [row["workers"] for row in rows]
     accuracy.plot(workers, [row["last_accuracy"] for row in rows], "o-")
     accuracy.set(xscale="log", xlabel="simulated workers N (global batch fixed)",
@@ -107,12 +97,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         consensus.plot(steps, distances, label=f"N = {row['workers']}")
     consensus.set(yscale="log", xlabel="optimizer step", ylabel="consensus distance", title="Consensus distance")
     consensus.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="4,16,64,256", help="comma-separated worker counts")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--global-batch", type=int, default=256)
@@ -136,15 +125,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="simulation_") as workdir:
         for workers in [int(n) for n in args.workers.split(",")]:
             path = Path(workdir, f"{workers}.json")
-            child = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], f"--run={workers}",
-                     f"--result={path}"]
             print(f"running N = {workers} ...", flush=True)
-            result = read_result(path, run_child(child, path.with_suffix(".log"), args.timeout))
+            child = run_child(child_command(f"--run={workers}", f"--result={path}"), path.with_suffix(".log"),
+                              args.timeout)
+            result = read_result(path, child)
             if result is None:
                 sys.exit(f"N = {workers} produced no result")
             results["rows"].append(result)
-    print(markdown_table(results["rows"], COLUMNS))
-    write_results(args.out, results)
+    report(results, COLUMNS, args.out)
     if args.plot is not None:
         plot(results["rows"], args.plot)
 

@@ -1,7 +1,5 @@
 """Non-blocking gossip: is communication hidden, and what does one slow rank cost the others?
 
-    python benchmarks/straggler.py [--ranks 4] [--steps 120] [--local-steps 1 4] [--json FILE]
-
 Every contender trains ``comm_per_step.SyntheticMLP`` (:data:`WIDTHS`, 4.2 M parameters) on synthetic data on
 ``--ranks`` CPU ranks (gloo, spawn launcher, one thread each), sleeping ``--compute`` seconds per step (emulated
 accelerator compute), alone and with ``slow_ranks.SlowRanks`` making the last rank 2× slower. Per rank: steps per
@@ -24,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from comm_per_step import SyntheticMLP, synthetic_loader
-from harness import Column, markdown_table, new_results, write_results
+from harness import Column, new_results, report
 from lightning_dopt import GossipLocalStrategy
 from slow_ranks import SlowRanks
 
@@ -84,7 +82,7 @@ def run(name: str, local_steps: int, straggler: bool, args: argparse.Namespace) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -108,9 +106,7 @@ def main() -> None:
             "alone": alone, "slowed": slowed, "fast": alone["fast"], "vs_local": alone["fast"] / local["fast"],
             "fast_slowed": slowed["fast"], "kept": slowed["fast"] / alone["fast"], "slow": slowed["slow"],
             "slow_trained": slowed["slow_trained"]})
-    print(markdown_table(results["rows"], COLUMNS))
-    if args.json:
-        write_results(args.json, results)
+    report(results, COLUMNS, args.json)
 
 
 if __name__ == "__main__":
