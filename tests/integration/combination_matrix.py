@@ -142,15 +142,29 @@ def flat_state(module: nn.Module) -> torch.Tensor:
 class Observer(L.Callback):
     """Records, on one rank: the kind of every round (from the strategy's own decision), the largest change of the
     ranks' mean over a round (checked with two extra all-reduces around each round, where the docs promise an exact
-    mean), the replica before the final average, and the gradient scaler's scale."""
+    mean), the replica before the final average, and the gradient scaler's scale at the end of warm-up (kept in
+    checkpoints, so a resumed fit knows it) and at the end."""
 
-    def __init__(self, check_mean: bool) -> None:
+    def __init__(self, check_mean: bool, warmup_steps: int = 0) -> None:
         self.check_mean = check_mean
+        self.warmup_steps = warmup_steps
         self.rounds: list[tuple[int, bool]] = []
         self.mean_change = 0.0
         self.mean_checks = 0
         self.local: torch.Tensor | None = None
         self.scale: float | None = None
+        self.warmup_scale = INIT_SCALE
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_scale": self.warmup_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.warmup_scale = state["warmup_scale"]
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and trainer.global_step == self.warmup_steps and self.warmup_steps > 0:
+            self.warmup_scale = float(scaler.get_scale())  # steps the scaler skipped so far were warm-up steps
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
@@ -206,7 +220,7 @@ def fit(setting: Setting, world_size: int, root: str, resume_from: str | None = 
     lr = 0.002 if setting.scaling is not None else 0.05
     model = MatrixModel(not setting.automatic_optimization, world_size, setting.accumulate_grad_batches, lr)
     strategy = GossipLocalStrategy(start_method="popen", **strategy_options(setting))
-    observer = Observer(check_mean=mean_is_exact(setting))
+    observer = Observer(check_mean=mean_is_exact(setting), warmup_steps=setting.warmup_steps)
     checkpoint = ModelCheckpoint(dirpath=os.path.join(root, "checkpoints"), every_n_epochs=1, save_top_k=-1,
                                  save_on_train_epoch_end=True, filename="{epoch}")
     trainer = L.Trainer(default_root_dir=root, accelerator="cpu", devices=world_size, num_nodes=1, strategy=strategy,
@@ -227,7 +241,7 @@ def fit(setting: Setting, world_size: int, root: str, resume_from: str | None = 
             "scale": observer.scale, "skipped": all_skipped(strategy.skipped_steps),
             "sent": dict(stats.bytes_sent_by_purpose),
             "expected": expected_bytes(setting, model, world_size, dist.get_rank(), observer.rounds,
-                                       observer.scale, strategy.steps)}
+                                       observer.scale, strategy.steps, observer.warmup_scale)}
 
 
 def all_skipped(skipped: int) -> int:
@@ -258,7 +272,7 @@ def run_rows(rank: int, world_size: int, rows: list[dict[str, Any]], root: str) 
 
 # ---------------------------------------------------------------------------------------------- the oracle
 def expected_bytes(setting: Setting, model: nn.Module, world_size: int, rank: int, rounds: list[tuple[int, bool]],
-                   scale: float | None, steps: int) -> dict[str, int]:
+                   scale: float | None, steps: int, warmup_scale: float = INIT_SCALE) -> dict[str, int]:
     """What this rank sends for ``warmup``, ``aggregate`` and ``round`` in a fit of ``steps`` steps, from the
     module's sizes and the round kinds the strategy chose (an independent count of the strategy's messages)."""
     n = world_size
@@ -274,7 +288,8 @@ def expected_bytes(setting: Setting, model: nn.Module, world_size: int, rank: in
                                          + ring_allreduce_bytes(4 * buffer_numel, n))
     if synchronous:
         combined = steps - warmup_steps
-        skipped = round(math.log2(INIT_SCALE / scale)) if scale is not None else 0
+        # steps the scaler skipped after warm-up (each halves its scale): AdaCons skips its second all-reduce there
+        skipped = round(math.log2(warmup_scale / scale)) if scale is not None else 0
         full = (ring_allreduce_bytes(4 * len(params), n) + 2 * ring_allreduce_bytes(4 * param_numel, n)
                 + ring_allreduce_bytes(4 * n, n))
         short = ring_allreduce_bytes(4 * len(params), n) + ring_allreduce_bytes(4 * param_numel, n)
