@@ -1,33 +1,23 @@
 """Encode and decode speed of the codecs in ``lightning_dopt.compress``, against an fp32 ``clone`` of the same tensor.
 
-For every codec (bf16, fp16, int8, int4 at block size 256) and size ``n``, ``torch.utils.benchmark.Timer`` times
-(median of ``blocked_autorange``, at least ``--min-run-time`` seconds per measurement) on a random fp32 tensor:
-
-* ``clone``: ``x.clone()``, the reference (a new fp32 tensor: one read, one write, fresh memory);
-* ``encode``: ``codec.encode(x, generator)``;
-* ``decode``: ``codec.decode(payload, n, out=buffer)`` into a buffer reused between calls, as rounds decode;
-* ``decode_new``: ``codec.decode(payload, n)`` into fresh memory.
-
-``--baseline REV`` also times the codecs of ``lightning_dopt/compress.py`` as it was at git revision ``REV`` (rows
-named ``<codec>@REV``), side by side in the same run. GB/s = ``4n`` bytes of fp32 input / median time; ``vs clone`` =
-clone time / (encode + decode) time. CUDA rows are added when ``torch.cuda.is_available()`` (the timer synchronizes
-the device).
+For every codec and size ``n``, ``torch.utils.benchmark.Timer`` (median of ``blocked_autorange``) times on a random
+fp32 tensor ``x.clone()``, ``encode``, ``decode`` into a reused buffer (as rounds do) and into new memory. GB/s = ``4n``
+bytes / median time; ``vs clone`` = clone time / (encode + decode) time. ``--baseline REV`` adds the codecs of
+``lightning_dopt/compress.py`` at git revision ``REV``; CUDA rows are added when CUDA is available.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import subprocess
-import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch.utils import benchmark
 
-from harness import Column, new_results, report
+from harness import REPO_ROOT, Column, new_results, report
 from lightning_dopt.compress import CODECS, Codec, make_codec
 
 BLOCK_SIZE = 256
@@ -46,18 +36,15 @@ def median_seconds(statement: str, scope: dict, threads: int, min_run_time: floa
 def compress_module_at(revision: str) -> ModuleType:
     """``lightning_dopt/compress.py`` as it was at git ``revision``, imported under another name."""
     source = subprocess.run(["git", "show", f"{revision}:lightning_dopt/compress.py"], check=True, capture_output=True,
-                            text=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    path = Path(tempfile.mkdtemp()) / "compress_baseline.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("compress_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+                            text=True, cwd=REPO_ROOT).stdout
+    module = ModuleType("compress_baseline")
+    exec(compile(source, f"lightning_dopt/compress.py@{revision}", "exec"), module.__dict__)
     return module
 
 
 def measure(device: torch.device, numel: int, threads: int, min_run_time: float,
             codecs: dict[str, Codec]) -> list[dict]:
-    """One row per codec (and the clone reference) for a random fp32 tensor of ``numel`` values on ``device``."""
+    """One row per codec (and the clone reference) for a random fp32 tensor of ``numel`` values."""
     x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).to(device)
     gbps = 4 * numel / 1e9
     clone_s = median_seconds("x.clone()", {"x": x}, threads, min_run_time)

@@ -1,12 +1,9 @@
 """Bytes sent and wall time per optimizer step: Lightning ``ddp`` versus ``gossip_local``.
 
-Every contender is a child run of this script (``--contender ... --result FILE``). A ~10 M parameter MLP, SGD with
-momentum 0.9, fixed random inputs and labels, ``n`` CPU ranks (gloo). Bytes sent per rank and step: ``ddp``: the
-gradient bytes DDP hands to all-reduce (a communication hook counts them) times the ring cost ``2(n−1)/n``;
-``gossip_local``: the strategy's training counters, mean/min/max over ranks; formula: a ring all-reduce of ``4P``
-(``ddp``), ``lightning_dopt.traffic`` (``gossip_local``). Time: rank 0's step durations (``on_train_batch_end``) after
-``--skip`` steps, and its ``comm_stats.seconds`` over them; load: the 1-minute load average when the contender ended.
-``--steps`` is a multiple of 16: every ``H`` runs whole rounds.
+Every contender is a child run of this script (``--contender ... --result FILE``) training a ~10 M parameter MLP on
+random data. Bytes per rank and step: ``ddp``, what DDP hands to all-reduce (counted by a comm hook) × ``2(n−1)/n``;
+``gossip_local``, its training counters; formulas from ``lightning_dopt.traffic``. Time: rank 0's step durations after
+``--skip`` steps. Setup and reading: ``docs/benchmarks.md``, "Bytes and time per optimizer step".
 """
 
 # No ``from __future__ import annotations``: DDP checks the comm hook's annotations at runtime.
@@ -27,18 +24,16 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness import Column, child_command, load_average, new_results, read_result, report, run_child
+from harness import QUIET, Column, child_command, load_average, new_results, read_result, report, run_child
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.comm import ring_allreduce_bytes
 from lightning_dopt.options import Options
 from lightning_dopt.traffic import expected_traffic
 
-LAYER_WIDTHS = (1024, 2048, 2048, 1024, 1024, 512, 10)
-"""MLP widths: 9,973,258 fp32 parameters (≈10 M)."""
+LAYER_WIDTHS = (1024, 2048, 2048, 1024, 1024, 512, 10)  # 9,973,258 fp32 parameters
 H_VALUES = (1, 4, 16)
 CONTENDERS = [{"contender": "ddp"}] + [{"contender": "gossip_local", "local_steps": h, "topology": topology}
-                                       for topology in ("random", "complete") for h in H_VALUES]
-"""Lightning ``ddp`` first (the reference), then ``gossip_local`` for every topology and ``H``."""
+                                       for topology in ("random", "complete") for h in H_VALUES]  # ddp: the reference
 COLUMNS = [Column("contender", "contender"), Column("local_steps", "H", "d"), Column("topology", "topology"),
            Column("bytes_per_step", "bytes/step/rank (MB)", ".3f", 1e6), Column("bytes_min", "min (MB)", ".3f", 1e6),
            Column("bytes_max", "max (MB)", ".3f", 1e6), Column("formula_per_step", "formula (MB)", ".3f", 1e6),
@@ -49,8 +44,7 @@ COLUMNS = [Column("contender", "contender"), Column("local_steps", "H", "d"), Co
 
 
 class SyntheticMLP(pl.LightningModule):
-    """An MLP (ReLU between ``widths``), cross-entropy, SGD (lr 0.01, momentum 0.9); each step also sleeps ``compute``
-    seconds (emulated accelerator time, ``straggler.py``)."""
+    """An MLP (ReLU), cross-entropy, SGD (lr 0.01, momentum 0.9), sleeping ``compute`` s per step."""
 
     def __init__(self, widths: tuple[int, ...] = LAYER_WIDTHS, compute: float = 0.0) -> None:
         super().__init__()
@@ -69,7 +63,7 @@ class SyntheticMLP(pl.LightningModule):
 
 
 def synthetic_loader(samples: int, batch_size: int, widths: tuple[int, ...] = LAYER_WIDTHS) -> DataLoader:
-    """A fixed random data set (inputs and labels from seed 0), the same on every rank."""
+    """A fixed random data set (seed 0), the same on every rank."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(samples, widths[0], generator=generator)
     labels = torch.randint(0, widths[-1], (samples,), generator=generator)
@@ -77,14 +71,11 @@ def synthetic_loader(samples: int, batch_size: int, widths: tuple[int, ...] = LA
 
 
 class StepRecorder(pl.Callback):
-    """The time at the end of every step, and the strategy's cumulative ``comm_stats.seconds`` (``gossip_local``) or
-    the bytes DDP hands to all-reduce (``ddp``: Lightning registers ``ddp_comm_hook`` only on CUDA, so the hook is
-    registered here); rank 0 writes the result at the end of training."""
+    """The time at the end of every step and the cumulative ``comm_stats.seconds`` (``gossip_local``) or the bytes DDP
+    hands to all-reduce (``ddp``; Lightning registers comm hooks only on CUDA); rank 0 writes the result."""
 
     def __init__(self, result_path: Path) -> None:
-        self.result_path, self.ddp_payload_bytes = result_path, 0
-        self.step_end_times: list[float] = []
-        self.comm_seconds: list[float] = []
+        self.result_path, self.ddp_payload_bytes, self.step_end_times, self.comm_seconds = result_path, 0, [], []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(trainer.strategy, GossipLocalStrategy):  # Lightning's DDPStrategy
@@ -114,21 +105,17 @@ def counting_allreduce_hook(state: StepRecorder, bucket: dist.GradBucket) -> tor
 
 
 def run_contender(args: argparse.Namespace) -> None:
-    """Train ``--steps`` optimizer steps on ``--devices`` CPU ranks; rank 0 writes ``--result``."""
     pl.seed_everything(0, verbose=False)
     strategy = (DDPStrategy(start_method="popen", process_group_backend="gloo") if args.contender == "ddp" else
                 GossipLocalStrategy(local_steps=args.local_steps, topology=args.topology, start_method="popen",
                                     process_group_backend="gloo"))
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[StepRecorder(Path(args.result))])
+    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, **QUIET,
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[StepRecorder(Path(args.result))])
     trainer.fit(SyntheticMLP(), synthetic_loader(args.steps * args.batch_size * args.devices, args.batch_size))
 
 
 def summarize(contender: dict[str, Any], result: dict[str, Any], skip: int) -> dict[str, Any]:
-    """Bytes per rank and step and their formula; rank 0's step durations and time in communication calls over
-    steps ``skip+1 .. steps`` (module docstring)."""
+    """Bytes per rank and step and their formula; rank 0's step durations after ``skip`` steps."""
     steps, world, params = result["steps"], result["world_size"], result["params"]
     if contender["contender"] == "ddp":
         per_rank = [ring_allreduce_bytes(result["ddp_payload_bytes"], world) / steps]
@@ -147,7 +134,7 @@ def summarize(contender: dict[str, Any], result: dict[str, Any], skip: int) -> d
 
 
 def run_driver(args: argparse.Namespace) -> None:
-    """Every contender in a child (killed whole after ``--timeout``); print the table, write ``--json``."""
+    """Every contender in a child; the table, ``--json``."""
     results = new_results("comm_per_step", vars(args))
     with tempfile.TemporaryDirectory(prefix="comm_per_step_") as workdir:
         for contender in CONTENDERS:

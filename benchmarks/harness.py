@@ -1,10 +1,9 @@
-"""What the benchmark scripts share: child runs in their own process group, the machine's facts, the JSON results
-(:func:`new_results`, :func:`write_results`), one markdown table (:func:`report`), plots and the recipe driver.
-"""
+"""What the benchmark scripts share: child runs, machine facts, JSON results, the table, plots and recipe runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -25,12 +24,12 @@ if str(REPO_ROOT) not in sys.path:  # ``recipes`` is not an installed package: t
     sys.path.insert(0, str(REPO_ROOT))
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK")
 # ^ removed from a child's environment, so that its launcher starts its own ranks on a fresh port
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
 @dataclass(frozen=True)
 class Contender:
-    """One way of training in a benchmark: its name, the ``GossipLocalStrategy`` options it sets, and the settings
-    the script reads itself (label, optimizer, learning rate, reference contender, ...)."""
+    """A way of training: its name, its ``GossipLocalStrategy`` options, the settings the script reads itself."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -38,8 +37,7 @@ class Contender:
 
 
 class Column(NamedTuple):
-    """A table column: the row key, the header, the format spec of its values ("" for text) and the unit the values
-    are divided by before formatting."""
+    """A table column: the row key, the header, the format spec ("" for text), the unit values are divided by."""
 
     key: str
     header: str
@@ -63,10 +61,8 @@ class ChildRun:
 
 def run_child(command: Sequence[str], log: Path, timeout: float, omp_threads: int | None = None,
               env: Mapping[str, str] | None = None) -> ChildRun:
-    """Run ``command`` from the repository root in a new process group (its launcher's ranks join it), output to
-    ``log``, with ``env`` added to this environment less :data:`LAUNCHER_VARIABLES` and ``OMP_NUM_THREADS`` set unless
-    ``omp_threads`` is ``None``. The whole group is killed after ``timeout`` seconds, after a failure (ranks left
-    behind) and when this process is interrupted."""
+    """Run ``command`` from the repository root in a new process group (its launcher's ranks join it), output in
+    ``log``, with ``env`` less :data:`LAUNCHER_VARIABLES`; the group is killed unless it ends well in ``timeout`` s."""
     variables = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES} | dict(env or {})
     variables |= {} if omp_threads is None else {"OMP_NUM_THREADS": str(omp_threads)}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -80,16 +76,14 @@ def run_child(command: Sequence[str], log: Path, timeout: float, omp_threads: in
             pass
         finally:
             if returncode != 0:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 process.wait()
     return ChildRun(returncode, time.perf_counter() - started, log)
 
 
 def child_command(*options: str) -> list[str]:
-    """This script's command line again (``sys.argv``) with ``options`` after it: argparse keeps their last value."""
+    """This script's command line with ``options`` after it (argparse keeps their last value)."""
     return [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:], *options]
 
 
@@ -119,8 +113,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def new_results(benchmark: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The results document before its rows: ``{"benchmark", "command", "started", "machine", "config", "rows"}``,
-    with this process's command line and the machine's facts now."""
+    """The results document before its rows, with this process's command line and the machine's facts now."""
     return {"benchmark": benchmark, "command": shlex.join(["python", *sys.argv]), "started": utc_now(),
             "machine": machine_facts(), "config": dict(config), "rows": []}
 
@@ -163,7 +156,6 @@ def comma_list(kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
 
 
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,16 +171,19 @@ def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
     pyplot().close(figure)
 
 
-def plot_against_bytes(lines: Mapping[str, Sequence[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
-                       title: str = "") -> None:
-    """One line of ``(MB, value)`` points per name (``ddp`` dashed), MB on a log axis."""
+def plot_lines(lines: Mapping[str, Sequence[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
+               title: str = "", level: float | None = None) -> None:
+    """One line of ``(x, y)`` points per name (``ddp*`` dashed), x on a log axis; a dotted line at y = ``level``."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure, axis = pyplot().subplots(figsize=(7, 4.2))
     for name, points in lines.items():
         if points:
-            axis.plot(*zip(*points), "--" if name == "ddp" else "-", marker="o", markersize=3, label=name)
-    axis.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+            axis.plot(*zip(*points), "--" if name.startswith("ddp") else "-", marker="o", markersize=3, label=name)
+    if level is not None:
+        axis.axhline(level, color="gray", linewidth=0.8, linestyle=":")
+    axis.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
+    axis.set_title(title, fontsize=9)
     axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.xaxis.set_minor_formatter(NullFormatter())
     axis.grid(True, which="both", alpha=0.3)
@@ -196,9 +191,9 @@ def plot_against_bytes(lines: Mapping[str, Sequence[tuple[float, float]]], path:
     save_figure(figure, path)
 
 
-def recipe_parser(description: str, strategies: Sequence[str], default: Sequence[str], results_dir: Path,
-                  timeout: float) -> argparse.ArgumentParser:
-    """The command line of ``vision_recipe`` and ``translation_recipe``; ``--extra`` may also be ``--``."""
+def recipe_args(description: str, strategies: Sequence[str], default: Sequence[str], results_dir: Path,
+                timeout: float, plot: Path | None) -> argparse.Namespace:
+    """The command line of ``vision_recipe`` and ``translation_recipe``."""
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument
     add("--strategies", nargs="+", type=comma_list(), default=[list(default)],
@@ -207,14 +202,10 @@ def recipe_parser(description: str, strategies: Sequence[str], default: Sequence
     add("--results-dir", type=Path, default=results_dir, help="every run's output and summary.json go here")
     add("--json", type=Path, help="write the results (harness JSON) here")
     add("--timeout", type=float, default=timeout, help="seconds per run")
+    add("--plot", type=Path, default=plot, help="PNG of the validation metric against bytes sent")
     add("--extra", nargs=argparse.REMAINDER, default=[], help="everything after this goes to every run's command line")
-    add("rest", nargs="*", help=argparse.SUPPRESS)
-    return parser
-
-
-def parse_recipe_args(parser: argparse.ArgumentParser, strategies: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args()
-    args.strategies, args.extra = [n for names in args.strategies for n in names], args.extra + args.rest
+    args.strategies = [n for names in args.strategies for n in names]
     if not args.strategies or set(args.strategies) - set(strategies):
         parser.error(f"unknown strategies {sorted(set(args.strategies) - set(strategies))}")
     args.results_dir = args.results_dir.resolve()
@@ -223,8 +214,7 @@ def parse_recipe_args(parser: argparse.ArgumentParser, strategies: Sequence[str]
 
 def run_recipe(recipe: str, name: str, base: str, options: Sequence[str], out_dir: Path,
                timeout: float) -> tuple[ChildRun, dict[str, Any]]:
-    """``python -m recipes.<recipe> fit`` on the base config and strategy config ``name`` plus ``options`` in a child
-    (output in ``out_dir/output.txt``): how it ended, and its command, wall time, load averages and date."""
+    """Run ``recipes.<recipe> fit`` on ``base`` and strategy config ``name``: the child, its command and facts."""
     configs = REPO_ROOT / "recipes" / recipe / "configs"
     command = [sys.executable, "-m", f"recipes.{recipe}", "fit", f"--config={configs / base}",
                f"--config={configs / 'strategies' / name}.yaml", *options]

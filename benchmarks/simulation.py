@@ -1,11 +1,8 @@
 """SimulatedStrategy at 4 to 256 workers: time and memory per epoch, accuracy of the average, consensus curve.
 
-The vision recipe's MLP on Fashion-MNIST (else mnist5k), SGD with momentum 0.9 and the recipe's cosine learning rate,
-``--topology`` gossip every ``--local-steps`` steps, a fixed global batch: each of ``N`` workers trains on batches of
-``global_batch / N`` from its own shard, as ``N`` DDP ranks would. Each contender runs in a child process, so its peak
-memory (``ru_maxrss``) is its own; recorded: training seconds per epoch (validation excluded), peak resident memory,
-test accuracy of the exact average after each epoch, the consensus distance ``mean_i ‖x_i − x̄‖² / ‖x̄‖²`` every 10
-steps, round bytes per worker and rounds. ``--out``: the harness JSON; ``--plot``: accuracy and consensus distance.
+The vision recipe's MLP, ``--topology`` gossip every ``--local-steps`` steps, a fixed global batch split over ``N``
+workers as over ``N`` DDP ranks. Each ``N`` runs in a child process, so its peak memory (``ru_maxrss``) is its own.
+Setup and reading: ``docs/simulation.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +19,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from harness import REPO_ROOT, Column, child_command, new_results, pyplot, read_result, report, run_child, save_figure
+from harness import (QUIET, REPO_ROOT, Column, child_command, new_results, pyplot, read_result, report, run_child,
+                     save_figure)
 from lightning_dopt import SimulatedStrategy
 from recipes.vision.data import ImageClassificationData
 from recipes.vision.module import ImageClassifier
@@ -39,10 +37,7 @@ class EpochRecorder(pl.Callback):
     """Training seconds per epoch, the consensus distance every 10 steps, the average's accuracy per epoch."""
 
     def __init__(self) -> None:
-        self.epoch_seconds: list[float] = []
-        self.consensus: list[tuple[int, float]] = []
-        self.accuracy: list[float] = []
-        self._start = 0.0
+        self.epoch_seconds, self.consensus, self.accuracy, self._start = [], [], [], 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -61,7 +56,7 @@ class EpochRecorder(pl.Callback):
 
 
 def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One contender in this process (the driver's command line plus ``--run N --result FILE``): its record."""
+    """One contender in this process (``--run N --result FILE``): its record."""
     if args.global_batch % workers:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of {workers} workers")
     torch.set_num_threads(args.threads)
@@ -71,9 +66,8 @@ def run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
     strategy = SimulatedStrategy(workers=workers, local_steps=args.local_steps, topology=args.topology,
                                  seed=args.seed, consensus_interval=10)
     recorder = EpochRecorder()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=args.epochs, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[recorder])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=args.epochs,
+                         num_sanity_val_steps=0, callbacks=[recorder], **QUIET)
     trainer.fit(model, datamodule=data)
     stats = strategy.comm_stats
     return {"workers": workers, "batch_per_worker": args.global_batch // workers, "steps": trainer.global_step,

@@ -1,8 +1,5 @@
-"""A benchmarking aid that emulates cluster conditions on one machine (kept out of the installed package).
-
-:class:`SlowRanks` turns chosen ranks into stragglers, so the effect of a slow worker on the others can be measured
-(``benchmarks/straggler.py``) and tested without heterogeneous hardware.
-"""
+"""A benchmarking aid (kept out of the installed package): :class:`SlowRanks` turns chosen ranks into stragglers, so
+the effect of a slow worker on the others can be measured (``straggler.py``) and tested on one machine."""
 
 from __future__ import annotations
 
@@ -14,15 +11,10 @@ import lightning as L
 
 
 class SlowRanks(L.Callback):
-    """BENCHMARKING AID: make rank ``r`` run ``factors[r]`` times slower than it would.
+    """Make rank ``r`` run ``factors[r]`` times slower (``factors``: ``{global_rank: slowdown ≥ 1}``, e.g. ``{3: 2}``).
 
-    After every training batch, rank ``r`` sleeps ``(factors[r] − 1) · c`` seconds, where ``c`` is that batch's
-    compute time: from the batch start to the end of backward (``on_before_optimizer_step``), so time spent waiting
-    for communication in the optimizer step is not inflated. Ranks not listed run at full speed.
-
-    Args:
-        factors: ``{global_rank: slowdown ≥ 1}``, e.g. ``{3: 2.0}`` for one rank twice as slow.
-    """
+    After every training batch, rank ``r`` sleeps ``(factors[r] − 1) · c`` seconds, ``c`` the batch's compute time
+    from its start to the end of backward (waiting for communication in the optimizer step is not inflated)."""
 
     def __init__(self, factors: Mapping[int, float]) -> None:
         parsed: dict[int, float] = {}

@@ -1,11 +1,8 @@
 """Non-blocking gossip: is communication hidden, and what does one slow rank cost the others?
 
-Every contender trains ``comm_per_step.SyntheticMLP`` (:data:`WIDTHS`, 4.2 M parameters) on synthetic data on
-``--ranks`` CPU ranks (gloo, spawn launcher, one thread each), sleeping ``--compute`` seconds per step (emulated
-accelerator compute), alone and with ``slow_ranks.SlowRanks`` making the last rank 2× slower. Per rank: steps per
-second after :data:`WARMUP` steps (``on_train_batch_end`` times), share of steps trained (the others were skipped for
-partial work), ``comm_stats.seconds``. Contenders: no rounds, Lightning ``ddp``, and at each ``H`` random-pairwise
-``gossip_local``, blocking or ``overlap=True``, each also with ``min_work``. Fast ranks: all but the last.
+No rounds, Lightning ``ddp`` and at each ``H`` random-pairwise ``gossip_local`` (blocking or ``overlap=True``, each also
+with ``min_work``) train ``comm_per_step.SyntheticMLP`` sleeping ``--compute`` s per step, alone and with ``SlowRanks``
+making the last rank 2× slower: steps per second after :data:`WARMUP` steps, share of steps trained, time in comm calls.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from comm_per_step import SyntheticMLP, synthetic_loader
-from harness import Column, new_results, report
+from harness import QUIET, Column, new_results, report
 from lightning_dopt import GossipLocalStrategy
 from slow_ranks import SlowRanks
 
@@ -40,8 +37,7 @@ COLUMNS = [Column("label", "contender"), Column("H", "H"), Column("fast", "fast 
 
 
 class StepClock(pl.Callback):
-    """This rank's ``on_train_batch_end`` timestamps, skipped steps and ``comm_stats.seconds``, written to
-    ``<folder>/rank<r>.json`` at the end of fit."""
+    """This rank's step end times, skipped steps and ``comm_stats.seconds``, written to ``<folder>/rank<r>.json``."""
 
     def __init__(self, folder: str) -> None:
         self.folder, self.stamps, self.skipped = folder, [], 0
@@ -64,14 +60,12 @@ def strategy_for(name: str, local_steps: int, min_work: float) -> Any:
 
 
 def run(name: str, local_steps: int, straggler: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one contender: every rank's steps/s, share of steps trained and seconds in communication calls, the
-    fast ranks' mean rate, the last rank's rate and share."""
+    """Train one contender: every rank's steps/s, share of steps trained and time in comm calls."""
     with tempfile.TemporaryDirectory() as folder:
         callbacks: list[pl.Callback] = [StepClock(folder)] + ([SlowRanks({args.ranks - 1: 2.0})] if straggler else [])
         trainer = pl.Trainer(accelerator="cpu", devices=args.ranks, strategy=strategy_for(name, local_steps,
-                             args.min_work), max_steps=args.steps, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                             use_distributed_sampler=False)
+                             args.min_work), max_steps=args.steps, callbacks=callbacks, use_distributed_sampler=False,
+                             **QUIET)
         trainer.fit(SyntheticMLP(WIDTHS, args.compute), synthetic_loader(args.batch_size * args.steps, args.batch_size,
                                                                          WIDTHS))
         records = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(args.ranks)]

@@ -1,19 +1,16 @@
 """Translation recipe: BLEU against bytes sent for each strategy config, at equal optimizer steps.
 
-Each strategy runs ``python -m recipes.translation fit --config configs/<base> --config
-configs/strategies/<strategy>.yaml <extra>`` in its own process group (killed after ``--timeout`` s), with a
-:class:`~recipes.translation.callbacks.RunSummary` callback: validation BLEU/chrF next to the training bytes rank 0
-had sent (Lightning's ``ddp``: the ring all-reduce formula), the test scores of the average and the fit time.
+Each run is ``python -m recipes.translation fit`` on ``--base`` and the strategy config plus ``--extra``, with a
+:class:`~recipes.translation.callbacks.RunSummary` callback: validation BLEU/chrF next to the training bytes rank 0 had
+sent (Lightning's ``ddp``: the ring all-reduce formula), the test scores of the average and the fit time.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from harness import (REPO_ROOT, Column, new_results, parse_recipe_args, plot_against_bytes, recipe_parser, report,
-                     run_recipe)
+from harness import REPO_ROOT, Column, new_results, plot_lines, recipe_args, report, run_recipe
 
 STRATEGIES = ("ddp", "gossip_local", "gossip_local_warmup", "gossip_local_int8", "local_sgd", "adacons",
               "scaled_adam")
@@ -25,7 +22,7 @@ COLUMNS = [Column("strategy", "strategy"), Column("steps", "steps", "d"), Column
 
 
 def run_strategy(name: str, args: Any) -> dict[str, Any] | None:
-    """Fit and test one strategy; its RunSummary record with the command and wall time, or None on failure."""
+    """Fit and test one strategy: its RunSummary record, or None on failure."""
     summary = args.results_dir / name / "summary.json"
     summary.unlink(missing_ok=True)
     child, record = run_recipe("translation", name, args.base, [
@@ -44,10 +41,9 @@ def run_strategy(name: str, args: Any) -> dict[str, Any] | None:
 
 
 def main() -> None:
-    parser = recipe_parser(__doc__.split("\n\n")[0], STRATEGIES, ("ddp", "gossip_local"),
-                           REPO_ROOT / "runs" / "translation" / "benchmark", 1200.0)
-    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "img" / "translation_bleu_vs_bytes.png")
-    args = parse_recipe_args(parser, STRATEGIES)
+    args = recipe_args(__doc__.split("\n\n")[0], STRATEGIES, ("ddp", "gossip_local"),
+                       REPO_ROOT / "runs" / "translation" / "benchmark", 1200.0,
+                       REPO_ROOT / "docs" / "img" / "translation_bleu_vs_bytes.png")
     results = new_results("translation_recipe", vars(args))
     records = {name: record for name in args.strategies if (record := run_strategy(name, args)) is not None}
     if not records:
@@ -61,7 +57,7 @@ def main() -> None:
             "bytes": "counted" if fit["bytes_counted"] else "formula", "fit_seconds": fit["seconds"],
             "bytes_ratio": fit["training_bytes_sent"] / ddp if ddp else None, "record": record})
     report(results, COLUMNS, args.json)
-    plot_against_bytes({name: [(v["training_bytes_sent"] / 1e6, v["bleu"]) for v in record["validations"]]
+    plot_lines({name: [(v["training_bytes_sent"] / 1e6, v["bleu"]) for v in record["validations"]]
                         for name, record in records.items()}, args.plot,
                        "MB sent per rank for training (log scale; ddp: ring all-reduce formula)",
                        "validation BLEU (Ruth + Jonah)", "Translation recipe: BLEU vs bytes sent")

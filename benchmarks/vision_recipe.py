@@ -1,10 +1,8 @@
 """Vision recipe, one run per strategy config: test accuracy, bytes sent, wall time, and accuracy against bytes.
 
-Each run is ``python -m recipes.vision fit --config <base> --config strategies/<name>.yaml`` plus ``--extra`` (a CSV
-logger, no checkpoints) in its own process group, killed after ``--timeout`` s. Read from its outputs: ``test/acc``,
-``val/acc`` per epoch and rank 0's cumulative ``comm/bytes_sent`` (CSV); every rank's training bytes (mean over ranks;
-Lightning's ``ddp``: the ring all-reduce formula ``2(n−1)/n · 4P`` per step) and the fit time (``CommReport``'s
-printout). Each run's summary is kept in ``<results-dir>/<name>/summary.json``.
+Each run is ``python -m recipes.vision fit`` on ``--base`` and the strategy config plus ``--extra`` (a CSV logger, no
+checkpoints). Read from its outputs: ``test/acc``, ``val/acc`` per epoch and rank 0's cumulative ``comm/bytes_sent``
+(CSV); every rank's training bytes (Lightning's ``ddp``: the ring all-reduce formula) and the fit time (``CommReport``).
 """
 
 from __future__ import annotations
@@ -15,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from harness import Column, new_results, parse_recipe_args, plot_against_bytes, recipe_parser, report, run_recipe
+from harness import Column, new_results, plot_lines, recipe_args, report, run_recipe
 
 STRATEGIES = ("ddp", "gossip_local", "gossip_local_int8", "local_sgd", "adacons", "scaled_adam")
 COLUMNS = [Column("name", "strategy"), Column("accuracy", "test accuracy (%)", ".2f"),
@@ -30,7 +28,7 @@ COMM_HEADER = re.compile(r"Communication after (\d+) optimizer steps on (\d+) ra
 
 
 def parse_run(output: str, rows: list[dict[str, str]]) -> dict[str, Any]:
-    """The run's numbers from its printed output (``CommReport``) and CSV metrics (module docstring)."""
+    """The run's numbers from its printed output (``CommReport``) and CSV metrics."""
     curve, sent = [], 0.0
     for row in rows:
         sent = float(row["comm/bytes_sent"]) if row.get("comm/bytes_sent") else sent
@@ -56,7 +54,6 @@ def parse_run(output: str, rows: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def run_strategy(name: str, args: Any) -> dict[str, Any]:
-    """Train one strategy through the recipe's command line; write and return its summary."""
     out_dir = args.results_dir / name
     child, record = run_recipe("vision", name, args.base, [
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out_dir}",
@@ -75,9 +72,7 @@ def run_strategy(name: str, args: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = recipe_parser(__doc__.split("\n\n")[0], STRATEGIES, STRATEGIES, Path("runs/vision_benchmark"), 3600)
-    parser.add_argument("--plot", type=Path, help="PNG of accuracy vs bytes sent")
-    args = parse_recipe_args(parser, STRATEGIES)
+    args = recipe_args(__doc__.split("\n\n")[0], STRATEGIES, STRATEGIES, Path("runs/vision_benchmark"), 3600, None)
     results = new_results("vision_recipe", vars(args))
     summaries = results["rows"] = [run_strategy(name, args) for name in args.strategies]
     reference = next((summary for summary in summaries if summary["name"] == "ddp"), None)
@@ -89,7 +84,7 @@ def main() -> None:
     if args.plot:
         curves = {s["name"]: [(max(p["rank0_bytes_sent"], 1.0) / 1e6, 100 * p["val_acc"]) for p in s["curve"]]
                   for s in summaries}
-        plot_against_bytes(curves, args.plot, "MB sent by rank 0 (cumulative; DDP: ring all-reduce formula)",
+        plot_lines(curves, args.plot, "MB sent by rank 0 (cumulative; DDP: ring all-reduce formula)",
                            "test accuracy after each epoch (%)")
 
 
