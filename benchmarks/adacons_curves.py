@@ -1,9 +1,7 @@
 """Loss curves, test accuracy and bytes per step: mean gradient aggregation versus AdaCons, on 4 and 8 ranks.
 
-Jobs, child runs and rows: ``vision_runs``. Every run: ``topology="complete"``, ``local_steps=1``, the same steps
-within a world size. ``mean-*``: ``warmup_steps`` past the last step, so every step averages the gradients with one
-all-reduce like DDP (bytes under ``warmup``); ``adacons-*``: ``aggregation="adacons"`` with the options of
-:data:`CONTENDERS` (bytes under ``aggregate``). ``mean-adam`` and ``adacons-adam`` also run the other ``--seeds``.
+Jobs, child runs and rows: ``vision_runs``; ``mean-*`` average the gradients every step like DDP (all warm-up steps),
+``adacons-*`` use ``aggregation="adacons"``. Setup and reading: ``docs/benchmarks.md``, "AdaCons vs mean aggregation".
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Test accuracy at equal steps: ``gossip_local`` with fp32 rounds versus quantized rounds (int8, int4, bf16).
 
-Jobs, child runs and rows: ``vision_runs``. Every run: the recipe's ``small_cnn`` and optimizer (SGD, cosine learning
-rate over the epochs), 4 CPU ranks, torch's default threads, random gossip every ``--local-steps`` steps, the epochs of
-:data:`SOURCE_EPOCHS`. Contenders differ only in ``compression`` (fp32 is the reference); fp32 and int8 also run the
-other ``--seeds``. With compression, every ``--anchor-interval``-th round and any the noise check asks for refresh the
-anchor (a compressed exact mean); the formula column (``lightning_dopt.traffic``) counts the scheduled ones only.
+Jobs, child runs and rows: ``vision_runs``; the recipe's ``small_cnn`` and optimizer, random gossip, the epochs of
+:data:`SOURCE_EPOCHS`. The formula column (``lightning_dopt.traffic``) counts the scheduled anchor refreshes only, not
+those the noise check asks for. Setup: ``docs/benchmarks.md``, "Quantized gossip".
 """
 
 from __future__ import annotations

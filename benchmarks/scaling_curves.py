@@ -1,11 +1,8 @@
 """Scaled local steps (SAVIC-style frozen diagonal preconditioners) vs SGD vs per-rank Adam, and DiLoCo's outer
 optimizer vs plain Local SGD, at equal steps on a real task.
 
-Jobs, child runs and rows: ``vision_runs``. Every run: 4 CPU ranks, ``local_steps=8``, topology ``complete`` unless
-the contender says ``random``, no weight decay. ``sgd``: SGD, momentum 0.9 (the reference); ``scaled-*``: that SGD fed
-``D⁻¹ g``, ``D`` the strategy's frozen-between-rounds diagonal (``scaling=...``); ``adam``: per-rank Adam; ``diloco``:
-``outer_optimizer="diloco"``; ``gossip-*``: random pairwise gossip. Each scaled family runs both lrs of :data:`SWEEP`
-and the lower final training loss is ``picked``; ``gossip-scaled-adam`` reuses ``scaled-adam``'s pick.
+Jobs, child runs and rows: ``vision_runs``. Each scaled family runs both lrs of :data:`SWEEP`, the lower final training
+loss is ``picked``; ``gossip-scaled-adam`` reuses ``scaled-adam``'s pick. Setup: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """What ``adacons_curves``, ``scaling_curves`` and ``quantized_accuracy`` share: each is a :class:`Study` that
-:func:`main` runs.
-
-Every job (a contender on ``n`` ranks, a seed, a learning rate) is a child process, the driver's command line plus
-``--run <contender> ... --result <json>``, killed whole after ``--timeout`` seconds. The child (:func:`train`) trains
-the vision recipe's classifier with ``GossipLocalStrategy`` on CPU ranks (gloo, popen launcher) and tests the final
-model (the exact average). Each row adds (:func:`summarize`, :func:`compare`): training bytes (``warmup`` +
-``aggregate`` + ``round``, mean over ranks) per rank, step and round, their formula, the final training loss (mean
-of the last 10 % of the steps, at least 10), and the accuracy difference and byte ratio to the run of the
-contender's reference on the same ranks with the same seed.
+:func:`main` runs. Every job (a contender on ``n`` ranks, a seed, a learning rate) is a child process, the driver's
+command line plus ``--run <contender> ... --result <json>``: it trains the vision recipe's classifier with
+``GossipLocalStrategy`` on CPU ranks and tests the exact average. Rows add bytes per rank, step and round, their
+formula, the final training loss (mean of the last 10 % of the steps) and the differences to the reference's run.
 """
 
 from __future__ import annotations
@@ -27,8 +22,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from harness import (Column, Contender, child_command, comma_list, new_results, pyplot, read_result, report, run_child,
-                     save_figure)
+from harness import (QUIET, Column, Contender, child_command, comma_list, new_results, pyplot, read_result, report,
+                     run_child, save_figure)
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt import gradients as dopt_gradients
 from lightning_dopt.callbacks import CommReport
@@ -45,8 +40,7 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}  # peak learning rate of contenders wit
 
 
 def traffic_formula(result: Mapping[str, Any]) -> float | None:
-    """Training bytes per rank by ``lightning_dopt.traffic.expected_traffic`` (anchor refreshes: the scheduled ones
-    only); ``None`` for the options it has no formula for."""
+    """Training bytes per rank by ``lightning_dopt.traffic`` (scheduled anchor refreshes only), or ``None``."""
     try:
         return expected_traffic(Options(**result["options"]), result["params"], result["param_tensors"],
                                 result["world_size"], result["steps"], buffer_numel=result["buffer_values"]).total
@@ -56,9 +50,8 @@ def traffic_formula(result: Mapping[str, Any]) -> float | None:
 
 @dataclass(frozen=True)
 class Study:
-    """One benchmark. Contender settings: ``label``, ``optimizer`` (see :class:`Classifier`), ``lr`` (else
-    :data:`DEFAULT_LR`), ``reference`` (a contender), plot ``style``. ``sweep``: learning rates tried per contender;
-    ``inherit_lr``: contenders run at the lr picked for another; ``prepare`` completes the parsed arguments."""
+    """One benchmark. Contender settings: ``label``, ``optimizer`` (:class:`Classifier`), ``lr``, ``reference``, plot
+    ``style``. ``sweep``: lrs tried per contender; ``inherit_lr``: contenders run at the lr picked for another."""
 
     name: str
     description: str
@@ -72,7 +65,7 @@ class Study:
 
 
 def default_source() -> str:
-    """``fashion_mnist`` when its IDX files are installed (see ``FASHION_MNIST_DIRS``), else ``mnist5k``."""
+    """``fashion_mnist`` when its IDX files are installed, else ``mnist5k``."""
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     for directory in FASHION_MNIST_DIRS:
         if all((directory / n).is_file() or (directory / f"{n}.gz").is_file() for n in names):
@@ -85,7 +78,6 @@ def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def parse_args(study: Study) -> argparse.Namespace:
-    """The command line of every study; ``study.defaults`` replace the defaults below."""
     parser = argparse.ArgumentParser(description=study.description)
     add, names = parser.add_argument, comma_list()
     add("--run", choices=tuple(study.contenders), help="child mode: train this one contender")
@@ -104,8 +96,6 @@ def parse_args(study: Study) -> argparse.Namespace:
     add("--threads", type=_optional(int), default=1, help="torch threads per rank and OMP_NUM_THREADS (None: torch's)")
     add("--local-steps", type=int, default=1, help="H, optimizer steps between rounds")
     add("--topology", default="complete", help="topology of contenders without their own")
-    add("--block-size", type=int, default=256, help="values per int8/int4 quantization block")
-    add("--anchor-interval", type=int, default=16, help="with compression: an anchor refresh every this many rounds")
     add("--anchor-tolerance", type=_optional(float), default=0.5, help="with compression: see Options")
     add("--world-sizes", type=comma_list(int), help="driver: ranks per run, comma-separated (default: --devices)")
     add("--steps-per-world", type=comma_list(int), help="driver: optimizer steps for each of --world-sizes")
@@ -131,9 +121,8 @@ def parse_args(study: Study) -> argparse.Namespace:
 
 
 class Classifier(ImageClassifier):
-    """The recipe's classifier with a choice of optimizer. ``"recipe"``: the recipe's own (SGD, momentum 0.9, weight
-    decay, cosine learning rate over the epochs). ``"sgd"``, the same SGD, and ``"adam"``, ``torch.optim.Adam`` (state
-    local to the rank, no weight decay), anneal the learning rate to 0 over the run's steps, per step."""
+    """The recipe's classifier; ``"recipe"``: its own optimizer (cosine over the epochs); ``"sgd"``, the same SGD, and
+    ``"adam"`` (per rank, no weight decay) anneal the learning rate to 0 over the run's steps."""
 
     def __init__(self, optimizer: str, model: str, lr: float, weight_decay: float) -> None:
         super().__init__(model=model, lr=lr, weight_decay=weight_decay)
@@ -151,13 +140,10 @@ class Classifier(ImageClassifier):
 
 
 class CurveRecorder(pl.Callback):
-    """This rank's loss at every step and the norm of the gradient its optimizer receives; at the end of training,
-    the loss averaged over ranks (one all-gather) and the training time."""
+    """This rank's loss and gradient norm per step; at the end, the loss averaged over ranks, training time."""
 
     def __init__(self) -> None:
-        self.local: list[float] = []
-        self.grad_norms: list[float] = []
-        self.mean_over_ranks: list[float] = []
+        self.local, self.grad_norms, self.mean_over_ranks = [], [], []
         self.train_seconds, self._start = float("nan"), 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,14 +163,11 @@ class CurveRecorder(pl.Callback):
 
 
 class WeightProbe:
-    """AdaCons' consensus weights per step, read by wrapping ``AdaConsCombiner._gathered_weights`` in this process
-    (every rank computes the same): ``n·min α`` and ``n·max α`` (1 = uniform), and whether some rank got weight 0
-    (the ``shift`` guard acted on a negative coefficient). Stale weights computed at step ``t`` serve step ``t+1``."""
+    """AdaCons' weights per step (wrapping ``AdaConsCombiner._gathered_weights``): ``n·min α``, ``n·max α`` (1 =
+    uniform) and whether some rank got weight 0 (the ``shift`` guard acted on a negative coefficient)."""
 
     def __init__(self) -> None:
-        self.low: list[float] = []
-        self.high: list[float] = []
-        self.zero: list[bool] = []
+        self.low, self.high, self.zero = [], [], []
         original = dopt_gradients.AdaConsCombiner._gathered_weights
 
         def recorded(combiner: Any, norms: Tensor, dots: Tensor) -> Tensor:
@@ -212,22 +195,18 @@ def job_lr(contender: Contender, args: argparse.Namespace) -> float:
 
 
 def train(study: Study, args: argparse.Namespace) -> None:
-    """Train ``--run`` and test the final model. Rank 0 writes to ``--result``: the loss of every step (mean over
-    ranks), the median gradient norm, AdaCons' weights (:class:`WeightProbe`), test accuracy and loss, every rank's
-    bytes sent by purpose and rounds (``CommReport``), its training time and the model's sizes."""
+    """Train ``--run``, test the final model; rank 0 writes losses, bytes, rounds, test metrics and model sizes."""
     contender, lr = study.contenders[args.run], job_lr(study.contenders[args.run], args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
-    options = {"local_steps": args.local_steps, "topology": args.topology, "block_size": args.block_size,
-               "anchor_interval": args.anchor_interval, "anchor_tolerance": args.anchor_tolerance,
+    options = {"local_steps": args.local_steps, "topology": args.topology, "anchor_tolerance": args.anchor_tolerance,
                **contender.options, "seed": args.seed}
     report, recorder, probe = CommReport(), CurveRecorder(), WeightProbe()
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, max_steps=args.steps or -1,
                          max_epochs=args.epochs or -1, limit_train_batches=args.limit_train_batches,
                          strategy=GossipLocalStrategy(**options, start_method="popen", process_group_backend="gloo"),
-                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[report, recorder])
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[report, recorder], **QUIET)
     data = ImageClassificationData(source=args.source, batch_size=args.batch_size, seed=args.seed)
     model = Classifier(contender.settings["optimizer"], args.model, lr, args.weight_decay)
     trainer.fit(model, datamodule=data)
@@ -249,7 +228,6 @@ def train(study: Study, args: argparse.Namespace) -> None:
 
 
 def summarize(study: Study, result: dict[str, Any], wall_seconds: float | None) -> Row:
-    """The child's result plus the derived numbers of the module docstring (accuracy in percent)."""
     sent = statistics.fmean(sum(purposes.get(p, 0) for p in TRAINING_PURPOSES)
                             for purposes in result["bytes_by_purpose_per_rank"])
     steps, rounds, losses = result["steps"], statistics.fmean(result["rounds_per_rank"]), result["losses"]
@@ -269,8 +247,7 @@ def reference_run(rows: list[Row], row: Row) -> Row | None:
 
 
 def compare(study: Study, rows: list[Row]) -> None:
-    """Adds to every row its ``reference`` contender, ``delta_accuracy`` (points) and ``bytes_ratio`` against the
-    reference's run."""
+    """Adds to every row its ``reference``, ``delta_accuracy`` (points) and ``bytes_ratio`` against its run."""
     for row in rows:
         row["reference"] = study.contenders[row["contender"]].settings["reference"]
         reference = reference_run(rows, row)
@@ -286,19 +263,10 @@ def lr_grid(study: Study, name: str, args: argparse.Namespace, picked: dict[str,
     return study.sweep[name] if args.lr is None and name in study.sweep else (job_lr(study.contenders[name], args),)
 
 
-def run_job(study: Study, args: argparse.Namespace, path: Path, job: list[str]) -> Row | None:
-    """One child run, result and log at ``path``: its row, or ``None``."""
-    print(f"running {path.stem} ...", flush=True)
-    path.unlink(missing_ok=True)
-    child = run_child(child_command(*job, f"--result={path}"), path.with_suffix(".log"), args.timeout, args.threads)
-    result = read_result(path, child)
-    return None if result is None else summarize(study, result, child.seconds)
-
-
 def run_jobs(study: Study, args: argparse.Namespace, workdir: Path) -> list[Row]:
-    """Every ``--contenders`` on every world size with the first seed (``--extra-contenders`` too at the first size),
-    then ``--noise-contenders`` with each other seed at the first size, each at every lr of :func:`lr_grid`; of a
-    contender's runs on the same ranks with the same seed, the lowest final training loss is ``picked``."""
+    """Every ``--contenders`` on every world size with the first seed (``--extra-contenders`` at the first size), then
+    ``--noise-contenders`` with the other seeds, each at every lr of :func:`lr_grid`; per contender, ranks and seed the
+    run with the lowest final training loss is ``picked``."""
     extra = [name for name in args.extra_contenders if name not in args.contenders]
     noise = [name for name in args.contenders if name in args.noise_contenders]
     plan = [(world, steps, args.seeds[0], args.contenders + extra * (index == 0))
@@ -310,9 +278,14 @@ def run_jobs(study: Study, args: argparse.Namespace, workdir: Path) -> list[Row]
         for name in names:
             candidates = []
             for lr in lr_grid(study, name, args, picked):
+                path = workdir / f"{name}_n{world}_seed{seed}_lr{lr:g}.json"
+                print(f"running {path.stem} ...", flush=True)
+                path.unlink(missing_ok=True)
                 job = [f"--run={name}", f"--devices={world}", f"--steps={steps}", f"--seed={seed}", f"--lr={lr!r}"]
-                row = run_job(study, args, workdir / f"{name}_n{world}_seed{seed}_lr{lr:g}.json", job)
-                candidates += [row] if row else []
+                child = run_child(child_command(*job, f"--result={path}"), path.with_suffix(".log"), args.timeout,
+                                  args.threads)
+                if (result := read_result(path, child)) is not None:
+                    candidates.append(summarize(study, result, child.seconds))
             best = min(candidates, key=lambda r: math.inf if r["diverged"] else r["final_train_loss"], default=None)
             for row in candidates:
                 row["picked"] = row is best
@@ -322,7 +295,6 @@ def run_jobs(study: Study, args: argparse.Namespace, workdir: Path) -> list[Row]
 
 
 def main(study: Study) -> None:
-    """Child mode (``--run``): :func:`train`. Driver: the jobs, the table, ``--json``, ``--plot``."""
     args = parse_args(study)
     if args.run:
         train(study, args)
@@ -341,13 +313,11 @@ def main(study: Study) -> None:
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
-    """Centred moving average over ``window`` values (truncated at both ends)."""
     return [statistics.fmean(values[max(0, i - window // 2):i + window // 2 + 1]) for i in range(len(values))]
 
 
 def plot_curves(study: Study, rows: list[Row], path: Path) -> None:
-    """One column per world size. Top: training loss (mean over ranks) against the step, centred moving average, log
-    scale. Bottom: each run's loss minus its reference's. Thin lines: seeds after the first."""
+    """Per world size: the training loss (moving average), and minus the reference's. Thin: seeds after the first."""
     from matplotlib.ticker import FormatStrFormatter
 
     plt = pyplot()
