@@ -1,37 +1,16 @@
 """Emulated cluster benchmark: N ranks in network namespaces on rate-limited links, Lightning strategies compared.
 
-Usage (root; each contender is a separate training run of ``train.py`` in every rank's namespace)::
-
-    python benchmarks/cluster/bench.py                                  # every contender, results kept in --results-dir
-    python benchmarks/cluster/bench.py --contenders ddp,gossip_local_int8
-    python benchmarks/cluster/bench.py --report-only --json runs/cluster.json --img-dir docs/img  # table, plots
-    python benchmarks/cluster/bench.py --quick                          # smoke run: small model, few steps
-    python benchmarks/cluster/bench.py --cleanup                        # remove leftovers of a killed run
-    python benchmarks/cluster/bench.py --contenders ddp --seed 1 --probe  # another seed; the 2-rank exchange probe
-
-On a 2-core machine the whole default set takes about an hour (``ddp`` ~8 min, ``adacons`` ~14 min at 100 Mbit/s),
-so run it in parts of under 20 minutes with ``--contenders`` and write the report at the end.
-
-Results of finished contenders are stored per contender (``<results-dir>/<contender>.json``, with the command
-line, date and load) and reused by later invocations with the same configuration, so the benchmark can be run in
-parts (``--contenders``) and reported once (``--report-only``: the markdown table on stdout, the rows as JSON with
-``--json``, plots with ``--img-dir``). ``--rerun`` runs stored contenders again.
-
-Every rank runs in its own network namespace (``netns.py``): a veth to a bridge in another namespace, with a
-``tc tbf`` of ``--rate-mbit`` on both directions of its link. Ranks are launched as one process per node
-(``num_nodes=N``, ``devices=1``, ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``NODE_RANK``/
-``LOCAL_RANK=0``, gloo with ``GLOO_SOCKET_IFNAME`` = the rank's veth). If one rank fails, or ``--timeout``
-passes, every rank is killed; namespaces are removed on every exit path.
+Run as root. Every rank runs ``train.py`` in its own namespace (``netns.py``), one process per node. Each contender's
+result is stored in ``<results-dir>/<contender>.json`` and reused by later runs with the same configuration, so the
+benchmark can run in parts (``--contenders``) and report once (``--report-only``). Columns: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -44,28 +23,22 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(HERE)]
 
 import netns  # noqa: E402
-from harness import Column, markdown_table, new_results, write_results  # noqa: E402
+from harness import Column, comma_list, new_results, plot_lines, report, utc_now  # noqa: E402
+from train import CONTENDERS as ORDER, DOPT_CONTENDERS  # noqa: E402
 
 from lightning_dopt.options import Options  # noqa: E402
 from lightning_dopt.traffic import expected_traffic  # noqa: E402
 
-ORDER = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
-         "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8", "adacons",
-         "no_sync")
 CONFIG_KEYS = ("ranks", "rate_mbit", "steps", "batch_size", "eval_every", "hidden", "lr", "momentum", "local_steps",
                "warmup", "powersgd_rank", "test_limit", "seed", "threads", "compute_sleep")
 
-# ------------------------------------------------------------------------------------------------- formulas
+
 def local_steps_of(name: str, cfg: dict[str, Any]) -> int:
-    """H of a contender: the configured ``local_steps``, or the fixed H its name ends with (``_h8``; ``train.py``
-    builds that contender with the same H)."""
-    fixed = re.fullmatch(r".*_h([1-9][0-9]*)", name)
-    return int(fixed.group(1)) if fixed else cfg["local_steps"]
+    """H of a contender: the configured ``local_steps``, or the fixed H of its ``train.DOPT_CONTENDERS`` options."""
+    return DOPT_CONTENDERS.get(name, {}).get("local_steps", cfg["local_steps"])
 
 
 def ring(payload: float, n: int) -> float:
@@ -90,8 +63,7 @@ def powersgd_payload(shapes: list[tuple[int, ...]], rank: int, min_rate: float =
 
 
 def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, str]:
-    """Bytes per rank and step from the algorithm's definition, and whether that is exact (``=``) or ignores small
-    control messages / anchor-round details (``≈``)."""
+    """Bytes per rank and step by definition, and whether exact (``=``) or leaving out small messages (``≈``)."""
     n, steps, h, w = cfg["ranks"], cfg["steps"], local_steps_of(name, cfg), cfg["warmup"]
     full = ring(4 * params, n)
     if name == "ddp":
@@ -104,8 +76,8 @@ def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, s
     if name == "post_local_sgd":
         averagings = sum(1 for s in range(steps) if s >= w and (s - w) % h == 0)
         return (w * full + averagings * full) / steps, "="
-    options = dopt_options(name, cfg)
-    if options is not None:
+    if name in DOPT_CONTENDERS:
+        options = Options(**{"local_steps": cfg["local_steps"], "warmup_steps": w, **DOPT_CONTENDERS[name]})
         traffic = expected_traffic(options, params, len(mlp_shapes(cfg["hidden"])), n, steps)
         # compressed runs also refresh their anchor when the noise check asks (anchor_tolerance): not counted here
         return traffic.total / steps, "≈" if options.compression else "="
@@ -114,25 +86,6 @@ def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, s
     if name == "no_sync":
         return 0.0, "≈"
     raise ValueError(name)
-
-
-def dopt_options(name: str, cfg: dict[str, Any]) -> Options | None:
-    """The ``GossipLocalStrategy`` options ``train.py`` gives a ``lightning_dopt`` contender (``None`` for others)."""
-    common = {"local_steps": local_steps_of(name, cfg), "warmup_steps": cfg["warmup"]}
-    return {"local_sgd": Options(topology="complete", **common), "gossip_local": Options(**common),
-            "gossip_local_int8": Options(compression="int8", **common),
-            "gossip_local_int8_overlap": Options(compression="int8", overlap=True, **common),
-            "gossip_local_int4": Options(compression="int4", **common),
-            "gossip_local_int8_h8": Options(compression="int8", **common)}.get(name)
-
-
-# --------------------------------------------------------------------------------------------------- running
-def child_args(cfg: dict[str, Any]) -> list[str]:
-    return ["--steps", str(cfg["steps"]), "--batch-size", str(cfg["batch_size"]), "--eval-every",
-            str(cfg["eval_every"]), "--hidden", str(cfg["hidden"]), "--lr", str(cfg["lr"]), "--momentum",
-            str(cfg["momentum"]), "--local-steps", str(cfg["local_steps"]), "--warmup", str(cfg["warmup"]),
-            "--powersgd-rank", str(cfg["powersgd_rank"]), "--test-limit", str(cfg["test_limit"]),
-            "--seed", str(cfg["seed"]), "--compute-sleep", str(cfg["compute_sleep"])]
 
 
 def measure_goodput(cluster: netns.EmulatedCluster, megabytes: int = 8) -> float:
@@ -156,9 +109,10 @@ def measure_goodput(cluster: netns.EmulatedCluster, megabytes: int = 8) -> float
 
 def run_contender(name: str, cfg: dict[str, Any], cluster: netns.EmulatedCluster, port: int, results_dir: Path,
                   timeout: float, command: str, goodput: float) -> dict[str, Any] | None:
-    """Train ``name`` on every rank; return the combined result (also written to ``results_dir/<name>.json``)."""
+    """Train ``name`` on every rank; the combined result, also written to ``results_dir``."""
     work = Path(tempfile.mkdtemp(prefix=f"dopt_cluster_{name}_"))
-    argv = [sys.executable, str(HERE / "train.py"), "--contender", name, "--result-dir", str(work), *child_args(cfg)]
+    argv = [sys.executable, str(HERE / "train.py"), "--contender", name, "--result-dir", str(work), "--config",
+            json.dumps(cfg)]
     base = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     load_start = os.getloadavg()
     print(f"[{time.strftime('%H:%M:%S')}] {name}: starting {cfg['ranks']} ranks (load {load_start[0]:.1f})",
@@ -174,7 +128,7 @@ def run_contender(name: str, cfg: dict[str, Any], cluster: netns.EmulatedCluster
         return None
     ranks = [json.loads((work / f"rank{k}.json").read_text()) for k in range(cfg["ranks"])]
     result = {"contender": name, "status": "ok", "config": cfg, "command": command,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "date": utc_now()[:-len(":SS UTC")] + " UTC",  # to the minute
               "load_start": load_start, "load_end": load_end, "run_seconds": run.seconds,
               "goodput_mbit": goodput, "ranks": ranks}
     result_path(results_dir, name, cfg["seed"]).write_text(json.dumps(result))
@@ -183,8 +137,8 @@ def run_contender(name: str, cfg: dict[str, Any], cluster: netns.EmulatedCluster
     return result
 
 
-# -------------------------------------------------------------------------------------------------- summary
-COLUMNS = [Column("name", "contender"), Column("H", "H"), Column("step_median_rank0", "time/step, rank 0 median (s)", ".3f"),
+COLUMNS = [Column("name", "contender"), Column("seed", "seed"), Column("H", "H"),
+           Column("step_median_rank0", "time/step, rank 0 median (s)", ".3f"),
            Column("step_median_mean", "mean of ranks' medians (s)", ".3f"), Column("speedup", "speed-up vs ddp", ".2f"),
            Column("vs_no_sync", "time/step vs no_sync", ".2f"),
            Column("comm_per_step", "in comm calls/step, rank 0 (s)", ".3f"),
@@ -203,8 +157,7 @@ def window_step_times(clock: list[float], window: int, skip: int) -> list[float]
 
 
 def summarize(result: dict[str, Any], target: float, skip: int) -> dict[str, Any]:
-    """One table row of a contender's run: time per step (median over windows), bytes (counted, formula, wire),
-    time and step to the accuracy target, final accuracy, and the curve (training seconds, MB sent, accuracy)."""
+    """A contender's table row: time per step, bytes, time and step to the target, accuracy, the curve."""
     cfg, ranks, name = result["config"], result["ranks"], result["contender"]
     n, steps, params = cfg["ranks"], ranks[0]["steps"], ranks[0]["params"]
     formula, kind = formula_bytes(name, cfg, params)
@@ -217,9 +170,8 @@ def summarize(result: dict[str, Any], target: float, skip: int) -> dict[str, Any
         return counted
 
     medians = [statistics.median(window_step_times(r["clock"], local_steps_of(name, cfg), skip)) for r in ranks]
-    rank0 = ranks[0]
+    rank0, clock = ranks[0], ranks[0]["clock"]
     reached = next((e for e in rank0["evals"] if e["accuracy"] >= target), None)
-    clock = rank0["clock"]
     h = 1 if name in ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "adacons") else (
         "∞" if name == "no_sync" else local_steps_of(name, cfg))
     return {
@@ -239,7 +191,7 @@ def summarize(result: dict[str, Any], target: float, skip: int) -> dict[str, Any
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
-    """Add each row's speed-up over ``ddp``, time per step over ``no_sync``'s and accuracy Δ to ``ddp`` (when run)."""
+    """Each row's speed-up over ``ddp``, time per step over ``no_sync``'s and accuracy Δ to ``ddp``."""
     by = {row["name"]: row for row in rows}
     ddp, floor = by.get("ddp"), by.get("no_sync")
     for row in rows:
@@ -251,114 +203,72 @@ def compare(rows: list[dict[str, Any]]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], target: float, img_dir: Path, title: str) -> list[Path]:
-    """Accuracy against training time and against bytes sent per rank, one line per contender (log x axes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    img_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for kind, xlabel, filename in (("time", "training wall time (s, evaluation excluded)", "cluster_accuracy_vs_time.png"),
-                                   ("bytes", "bytes sent per rank (MB, training)", "cluster_bytes_vs_accuracy.png")):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for row in rows:
-            if kind == "bytes" and row["bytes_per_step"] < 1e3:
-                continue  # no_sync: nothing to put on a log axis of bytes
-            xs = [t if kind == "time" else b / 1e6 for t, b, _ in row["curve"]]
-            ax.plot(xs, [a for _, _, a in row["curve"]], marker=".", label=row["name"],
-                    linestyle="--" if row["name"].startswith("ddp") else "-")
-        ax.axhline(target, color="gray", linewidth=0.8, linestyle=":")
-        ax.set(xlabel=xlabel, ylabel="test accuracy of the (averaged) model (%)", xscale="log")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(img_dir / filename, dpi=110)
-        plt.close(fig)
-        paths.append(img_dir / filename)
+    accuracy = "test accuracy of the (averaged) model (%)"
+    paths = [img_dir / "cluster_accuracy_vs_time.png", img_dir / "cluster_bytes_vs_accuracy.png"]
+    plot_lines({row["name"]: [(t, a) for t, _, a in row["curve"]] for row in rows}, paths[0],
+               "training wall time (s, evaluation excluded)", accuracy, title, target)
+    plot_lines({row["name"]: [(b / 1e6, a) for _, b, a in row["curve"]] for row in rows
+                if row["bytes_per_step"] >= 1e3},  # no_sync: nothing to put on a log axis of bytes
+               paths[1], "bytes sent per rank (MB, training)", accuracy, title, target)
     return paths
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contenders", default=",".join(ORDER), help=f"comma-separated, from: {', '.join(ORDER)}")
-    parser.add_argument("--ranks", type=int, default=4)
-    parser.add_argument("--rate-mbit", type=float, default=100.0)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=125, help="per rank")
-    parser.add_argument("--eval-every", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--local-steps", type=int, default=4, help="H for the local/gossip contenders")
-    parser.add_argument("--warmup", type=int, default=0)
-    parser.add_argument("--powersgd-rank", type=int, default=4)
-    parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--compute-sleep", type=float, default=0.0,
-                        help="accelerator emulation: each step sleeps this long (CPU idle) and computes the loss of "
-                             "only 8 examples (0: real compute on the whole batch)")
-    parser.add_argument("--target", type=float, default=84.0, help="test accuracy target (%%)")
-    parser.add_argument("--skip", type=int, default=8, help="steps left out of the time per step")
-    parser.add_argument("--timeout", type=float, default=1500.0, help="seconds per contender run (all ranks)")
-    parser.add_argument("--results-dir", default=None,
-                        help="default /tmp/dopt_cluster_results (quick: _quick; with --compute-sleep: _sleep)")
-    parser.add_argument("--rerun", action="store_true", help="run contenders that have stored results again")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; report the stored results")
-    parser.add_argument("--json", type=Path, help="write the table's rows (stored results, every seed) here")
-    parser.add_argument("--img-dir", type=Path, help="draw accuracy against time and bytes into this folder")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: hidden 256, 16 steps, evaluation every 8 steps on 2,000 test images")
-    parser.add_argument("--cleanup", action="store_true", help="remove leftovers of killed runs and exit")
-    parser.add_argument("--probe", action="store_true",
-                        help="also time a 2-rank exchange of the model with gloo three ways (probe_exchange.py)")
+    add = parser.add_argument
+    add("--contenders", type=comma_list(), default=list(ORDER), help=f"comma-separated, from: {', '.join(ORDER)}")
+    for key, kind, default, text in (
+            ("ranks", int, 4, None), ("rate-mbit", float, 100.0, "link rate per rank and direction"),
+            ("steps", int, 120, None), ("batch-size", int, 125, "per rank"), ("eval-every", int, 12, None),
+            ("hidden", int, 2048, None), ("lr", float, 0.1, None), ("momentum", float, 0.9, None),
+            ("local-steps", int, 4, "H for the local/gossip contenders"), ("warmup", int, 0, "synchronous steps first"),
+            ("powersgd-rank", int, 4, None), ("test-limit", int, 0, "evaluate on the first N test images (0: all)"),
+            ("seed", int, 0, None), ("threads", int, 1, "torch threads per rank"),
+            ("compute-sleep", float, 0.0, "accelerator emulation: each step sleeps this long (CPU idle) and computes "
+                                          "the loss of only 8 examples (0: real compute on the whole batch)"),
+            ("target", float, 84.0, "test accuracy target (%%)"),
+            ("skip", int, 8, "steps left out of the time per step"),
+            ("timeout", float, 1500.0, "seconds per contender run (all ranks)")):
+        add(f"--{key}", type=kind, default=default, help=text)
+    add("--results-dir", default=None, help="default /tmp/dopt_cluster_results (quick: _quick; with --compute-sleep: "
+                                            "_sleep)")
+    add("--rerun", action="store_true", help="run contenders that have stored results again")
+    add("--report-only", action="store_true", help="run nothing; report the stored results")
+    add("--json", type=Path, help="write the table's rows (stored results, every seed) here")
+    add("--img-dir", type=Path, help="draw accuracy against time and bytes into this folder")
+    add("--quick", action="store_true", help="smoke run: hidden 256, 16 steps, evaluation every 8 steps on 2,000 "
+                                             "test images")
+    add("--cleanup", action="store_true", help="remove leftovers of killed runs and exit")
+    add("--probe", action="store_true", help="also time a 2-rank exchange of the model with gloo five ways "
+                                             "(probe_exchange.py)")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.steps, args.eval_every, args.test_limit, args.skip = 256, 16, 8, 2000, 4
     default_dir = "/tmp/dopt_cluster_quick" if args.quick else "/tmp/dopt_cluster_results"
     args.results_dir = Path(args.results_dir or (default_dir + ("_sleep" if args.compute_sleep else "")))
-    names = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in names if c not in ORDER]
-    if unknown:
+    if unknown := [c for c in args.contenders if c not in ORDER]:
         parser.error(f"unknown contenders {unknown}; valid: {', '.join(ORDER)}")
-    args.names = [c for c in ORDER if c in names]
+    args.names = [c for c in ORDER if c in args.contenders]
     if args.steps % args.eval_every or args.eval_every % args.local_steps:
         parser.error("--steps must be a multiple of --eval-every, and --eval-every a multiple of --local-steps")
     return args
-
-
-def config_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {"ranks": args.ranks, "rate_mbit": args.rate_mbit, "steps": args.steps, "batch_size": args.batch_size,
-            "eval_every": args.eval_every, "hidden": args.hidden, "lr": args.lr, "momentum": args.momentum,
-            "local_steps": args.local_steps, "warmup": args.warmup, "powersgd_rank": args.powersgd_rank,
-            "test_limit": args.test_limit, "seed": args.seed, "threads": args.threads,
-            "compute_sleep": args.compute_sleep}
 
 
 def result_path(results_dir: Path, name: str, seed: int) -> Path:
     return results_dir / (f"{name}.json" if seed == 0 else f"{name}.seed{seed}.json")
 
 
-def stored(results_dir: Path, name: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
-    path = result_path(results_dir, name, cfg["seed"])
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    return result if all(result["config"].get(k) == cfg[k] for k in CONFIG_KEYS) else None
-
-
-def other_seeds(results_dir: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Stored results with this configuration except for the seed (for the seed-to-seed spread)."""
+def stored(results_dir: Path, cfg: dict[str, Any], name: str | None = None) -> list[dict[str, Any]]:
+    """Stored ok results with configuration ``cfg``: contender ``name``'s, or (``None``) those with another seed."""
     found = []
-    for path in sorted(results_dir.glob("*.json")):
+    for path in [result_path(results_dir, name, cfg["seed"])] if name else sorted(results_dir.glob("*.json")):
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         config = result.get("config") if isinstance(result, dict) else None
-        if (result.get("status") == "ok" and config and config.get("seed") != cfg["seed"]
-                and all(config.get(k) == cfg[k] for k in CONFIG_KEYS if k != "seed")):
+        if (config and result.get("status") == "ok" and (name is not None or config.get("seed") != cfg["seed"])
+                and all(config.get(k) == cfg[k] for k in CONFIG_KEYS if name or k != "seed")):
             found.append(result)
     return found
 
@@ -366,47 +276,42 @@ def other_seeds(results_dir: Path, cfg: dict[str, Any]) -> list[dict[str, Any]]:
 def main() -> None:
     args = parse_args()
     if args.cleanup:
-        removed = netns.cleanup_leftovers()
-        print("\n".join(f"removed {r}" for r in removed) if removed else "nothing to remove")
+        print("\n".join(f"removed {r}" for r in netns.cleanup_leftovers()) or "nothing to remove")
         return
-    cfg = config_of(args)
+    cfg = {key: getattr(args, key) for key in CONFIG_KEYS}
     command = shlex.join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]])
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    to_run = [] if args.report_only else [n for n in args.names if args.rerun or (r := stored(args.results_dir, n, cfg))
-                                          is None or r["status"] != "ok"]
+    to_run = [] if args.report_only else [n for n in args.names if args.rerun or not stored(args.results_dir, cfg, n)]
     failed: list[str] = []
     probe_path = args.results_dir / "probe_exchange.json"
+    if (args.probe and not args.report_only or to_run) and (why := netns.missing_requirements()) is not None:
+        raise SystemExit(f"the emulated cluster {why}")
     if args.probe and not args.report_only:
-        if (why := netns.missing_requirements()) is not None:
-            raise SystemExit(f"the emulated cluster {why}")
         import probe_exchange
-        params = sum(math.prod(shape) for shape in mlp_shapes(args.hidden))
-        probed = probe_exchange.probe(args.rate_mbit, params)
+        probed = probe_exchange.probe(args.rate_mbit, sum(math.prod(shape) for shape in mlp_shapes(args.hidden)))
         probe_path.write_text(json.dumps({**probed, "command": command}))
         print(f"exchange probe: {json.dumps(probed['median_seconds'])} (bound {probed['bound_seconds']:.2f} s)")
     if to_run:
-        if (why := netns.missing_requirements()) is not None:
-            raise SystemExit(f"the emulated cluster {why}")
         started = time.perf_counter()
         with netns.signals_raise(), netns.EmulatedCluster(args.ranks, rate_mbit=args.rate_mbit) as cluster:
             goodput = measure_goodput(cluster) if args.ranks > 1 else float("nan")
             print(f"cluster {cluster.cluster_id}: {args.ranks} ranks at {args.rate_mbit:g} Mbit/s per direction; "
                   f"measured TCP goodput rank 0 → 1: {goodput:.1f} Mbit/s", flush=True)
             for index, name in enumerate(to_run):
-                result = run_contender(name, cfg, cluster, 29500 + index, args.results_dir, args.timeout, command,
-                                       goodput)
-                if result is None:
+                if run_contender(name, cfg, cluster, 29500 + index, args.results_dir, args.timeout, command,
+                                 goodput) is None:
                     failed.append(name)
         print(f"ran {len(to_run)} contender(s) in {time.perf_counter() - started:.0f} s", flush=True)
-    results = [r for n in ORDER if (r := stored(args.results_dir, n, cfg)) is not None and r["status"] == "ok"]
+    results = [r for n in ORDER for r in stored(args.results_dir, cfg, n)]
     if not results:
         raise SystemExit("no stored results for this configuration")
     rows = [summarize(r, args.target, args.skip) for r in results]
     compare(rows)
-    others = [summarize(r, args.target, args.skip) for r in other_seeds(args.results_dir, cfg)]
+    others = [summarize(r, args.target, args.skip) for r in stored(args.results_dir, cfg)]
     print(f"\ntarget: {args.target:g} % test accuracy; failed: {', '.join(failed) or 'none'}")
-    print(markdown_table(rows + others, [*COLUMNS[:1], Column("seed", "seed"), *COLUMNS[1:]]))
     probe = json.loads(probe_path.read_text()) if probe_path.exists() else None
+    report({**new_results("cluster", cfg), "rows": rows + others, "probe": probe,
+            "runs": [r["command"] for r in results]}, COLUMNS, args.json)
     if probe is not None:
         print("\nexchange probe (median s of 3 trials × 2 ranks): " + json.dumps(probe["median_seconds"])
               + f"; one direction at link rate: {probe['bound_seconds']:.2f} s")
@@ -414,11 +319,6 @@ def main() -> None:
         title = (f"{cfg['ranks']} ranks, {cfg['rate_mbit']:g} Mbit/s links, MLP {results[0]['ranks'][0]['params']:,} "
                  f"params, {cfg['steps']} steps × batch {cfg['batch_size']}/rank")
         print("plots: " + ", ".join(map(str, plot(rows, args.target, args.img_dir, title))))
-    if args.json:
-        document = new_results("cluster", cfg)
-        document["rows"] = [{k: v for k, v in row.items()} for row in rows + others]
-        document["probe"], document["runs"] = probe, [r["command"] for r in results]
-        write_results(args.json, document)
 
 
 if __name__ == "__main__":

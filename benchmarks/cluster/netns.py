@@ -1,26 +1,15 @@
 """An emulated cluster on one Linux machine: one network namespace per rank, joined by rate-limited veth links.
 
-Layout for ``n`` ranks, cluster id ``dopt<pid>-<seq>`` (``<pid>`` = the creating process)::
-
-    namespace dopt<pid>-<seq>-r0        namespace dopt<pid>-<seq>-br        namespace dopt<pid>-<seq>-r1
-      dn0 10.201.0.1/24  <-- veth -->   p0 ─┐                            ┌─ p1  <-- veth -->  dn1 10.201.0.2/24
-      egress tbf (rate)                 egress tbf (rate)  bridge br0  egress tbf (rate)    egress tbf (rate)
-
-Each rank's link is symmetric: a token-bucket filter (``tc qdisc ... tbf``) on the rank-side veth limits what the
-rank sends, one on the bridge-side veth limits what it receives, like a switch port of ``rate_mbit``. The bridge
-lives in its own namespace, so nothing is created in the root namespace and no real interface gets an address;
-deleting the namespaces deletes every link. Addresses exist only inside the namespaces.
-
-Needs root (``ip netns``, ``ip link``, ``tc``). Every exit path removes what was created: :class:`EmulatedCluster`
-is a context manager, :func:`run_ranks` kills every rank when one fails or the time runs out, and
-:func:`signals_raise` turns SIGTERM/SIGHUP into ``KeyboardInterrupt`` so ``finally`` blocks run. Leftovers of a
-process that was SIGKILLed are removed by :func:`cleanup_leftovers` (``python benchmarks/cluster/netns.py
---cleanup``), which only touches names with the ``dopt<pid>-`` prefix whose ``<pid>`` is no longer running.
+Rank ``k`` of cluster ``dopt<pid>-<seq>`` lives in namespace ``dopt<pid>-<seq>-r<k>`` (veth ``dn<k>``, address
+``10.201.0.<k+1>``); the other ends ``p<k>`` join bridge ``br0`` in namespace ``dopt<pid>-<seq>-br``. A ``tc tbf`` on
+both ends limits what the rank sends and receives, like a switch port of ``rate_mbit``; nothing is created in the
+root namespace. Needs root. Every exit path removes what was created (:class:`EmulatedCluster` is a context manager,
+:func:`run_ranks` kills every rank when one fails or times out, :func:`signals_raise` turns SIGTERM/SIGHUP into
+``KeyboardInterrupt``); :func:`cleanup_leftovers` removes those of SIGKILLed processes (``bench.py --cleanup``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import os
@@ -33,8 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREFIX = "dopt"
-"""Every namespace this module creates is named ``dopt<pid>-<seq>-...``."""
+PREFIX = "dopt"  # every namespace this module creates is named ``dopt<pid>-<seq>-...``
 _NAME = re.compile(rf"^{PREFIX}(\d+)-\d+-")
 _SEQUENCE = itertools.count()
 
@@ -43,19 +31,17 @@ def missing_requirements() -> str | None:
     """Why an emulated cluster cannot be built here (not root, no ``ip``/``tc``), or ``None``."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, veth links and tc qdiscs)"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
+    if missing := [tool for tool in ("ip", "tc") if shutil.which(tool) is None]:
         return f"needs {' and '.join(missing)} (iproute2)"
     probe = f"doptprobe{os.getpid()}"
     try:
         for argv in (("ip", "netns", "add", probe), ("ip", "netns", "exec", probe, "ip", "link", "set", "lo", "up"),
                      ("ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
                       "100mbit", "burst", "32kbit", "latency", "400ms")):
-            result = subprocess.run(argv, capture_output=True, text=True)
-            if result.returncode != 0:
+            if (result := _run(*argv, check=False)).returncode != 0:
                 return f"cannot create a network namespace with a tbf qdisc here: {result.stderr.strip()}"
     finally:
-        subprocess.run(("ip", "netns", "delete", probe), capture_output=True)
+        _run("ip", "netns", "delete", probe, check=False)
     return None
 
 
@@ -67,38 +53,22 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def list_namespaces() -> list[str]:
-    """Names of all network namespaces (``ip netns list``)."""
-    out = _run("ip", "netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _kill_namespace_processes(namespace: str) -> None:
-    """SIGKILL every process still running inside ``namespace`` (only ones started there by this module)."""
-    out = _run("ip", "netns", "pids", namespace, check=False).stdout
-    for pid in (int(p) for p in out.split() if p.isdigit()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    return [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line.strip()]
 
 
 def _delete_namespace(namespace: str) -> None:
-    _kill_namespace_processes(namespace)
+    """SIGKILL what still runs inside ``namespace`` (only ones started there by this module), then delete it."""
+    for pid in (int(p) for p in _run("ip", "netns", "pids", namespace, check=False).stdout.split() if p.isdigit()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     _run("ip", "netns", "delete", namespace, check=False)
 
 
 @dataclass
 class EmulatedCluster:
-    """``world_size`` namespaces on a bridge, each rank's link limited to ``rate_mbit`` Mbit/s each way.
-
-    Use as a context manager (``with EmulatedCluster(4) as cluster: ...``): the namespaces exist inside the block
-    and are deleted on every way out of it. ``rate_mbit=None`` leaves the links unlimited.
-
-    Args:
-        world_size: number of ranks (one namespace each).
-        rate_mbit: tbf rate per direction and rank, in Mbit/s (10^6 bit/s).
-        limit_ingress: also limit what each rank receives (tbf on the bridge-side veth), for a symmetric link.
-        burst_bytes, latency_ms: tbf bucket size and queueing bound.
-        subnet: first three octets of the ranks' addresses (``<subnet>.<rank + 1>/24``; namespace-local).
-    """
+    """``world_size`` namespaces on a bridge, each rank's link limited to ``rate_mbit`` Mbit/s each way (``None``:
+    unlimited; ``limit_ingress=False``: sending only), addresses ``<subnet>.<rank + 1>/24``. A context manager: the
+    namespaces exist inside the ``with`` block and are deleted on every way out of it."""
 
     world_size: int
     rate_mbit: float | None = 100.0
@@ -110,12 +80,9 @@ class EmulatedCluster:
     created: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
         if not 1 <= self.world_size <= 250:
-            raise ValueError("world_size must be at most 250 (one /24 subnet)")
+            raise ValueError(f"world_size must be 1 to 250 (one /24 subnet), got {self.world_size}")
 
-    # ----------------------------------------------------------------------------------------- names
     @property
     def bridge_namespace(self) -> str:
         return f"{self.cluster_id}-br"
@@ -135,9 +102,8 @@ class EmulatedCluster:
     def namespaces(self) -> list[str]:
         return [self.bridge_namespace] + [self.namespace(k) for k in range(self.world_size)]
 
-    # ------------------------------------------------------------------------------------- lifecycle
     def create(self) -> EmulatedCluster:
-        """Build the namespaces, bridge, links and qdiscs; on any failure remove what was built and re-raise."""
+        """Build the namespaces, bridge, links and qdiscs; on a failure remove what was built."""
         if (why := missing_requirements()) is not None:
             raise RuntimeError(f"EmulatedCluster {why}")
         try:
@@ -174,8 +140,7 @@ class EmulatedCluster:
              "burst", str(self.burst_bytes), "latency", f"{self.latency_ms}ms")
 
     def destroy(self) -> None:
-        """Kill whatever still runs in the namespaces and delete them (and with them every link). Idempotent;
-        signals that arrive meanwhile are handled once it is done."""
+        """Kill what still runs in the namespaces and delete them (and every link); idempotent, signals deferred."""
         with _signals_deferred():
             for namespace in reversed(self.created):
                 _delete_namespace(namespace)
@@ -187,39 +152,33 @@ class EmulatedCluster:
     def __exit__(self, *exc: object) -> None:
         self.destroy()
 
-    # ---------------------------------------------------------------------------------------- running
     def command(self, rank: int, argv: Sequence[str]) -> list[str]:
-        """``argv`` run inside rank ``rank``'s namespace."""
         return ["ip", "netns", "exec", self.namespace(rank), *argv]
 
     def rank_env(self, rank: int, master_port: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment of a one-process-per-node launch: ``MASTER_ADDR`` (rank 0's address), ``MASTER_PORT``,
-        ``RANK``, ``WORLD_SIZE``, ``NODE_RANK`` = rank, ``LOCAL_RANK`` = 0, and ``GLOO_SOCKET_IFNAME`` = the rank's
-        veth. Variables of other launchers (torchrun, SLURM) that would override Lightning's detection are dropped."""
+        """The environment of a one-process-per-node launch, less other launchers' variables."""
         env = {k: v for k, v in (os.environ if base is None else base).items()
-               if not k.startswith(("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")) and k not in ("GROUP_RANK",)}
+               if not k.startswith(("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")) and k != "GROUP_RANK"}
         env.update(MASTER_ADDR=self.address(0), MASTER_PORT=str(master_port), RANK=str(rank),
                    WORLD_SIZE=str(self.world_size), NODE_RANK=str(rank), LOCAL_RANK="0",
                    GLOO_SOCKET_IFNAME=self.interface(rank))
         return env
 
     def tx_bytes(self, rank: int) -> int:
-        """Bytes the rank's interface has sent so far (from the kernel's counters, headers included)."""
-        out = _run("ip", "netns", "exec", self.namespace(rank), "cat",
-                   f"/sys/class/net/{self.interface(rank)}/statistics/tx_bytes").stdout
-        return int(out.strip())
+        """Bytes the rank's interface has sent so far (kernel counter, headers included)."""
+        return int(_run(*self.command(rank, ["cat", f"/sys/class/net/{self.interface(rank)}/statistics/tx_bytes"]))
+                   .stdout.strip())
 
     def qdiscs(self) -> str:
-        """``tc qdisc show`` of every namespace (for the record)."""
+        """``tc qdisc show`` of every namespace."""
         return "\n".join(f"{ns}: {_run('tc', '-n', ns, 'qdisc', 'show', check=False).stdout.strip()}"
                          for ns in self.created)
 
 
-# ------------------------------------------------------------------------------------------------- ranks
 @dataclass
 class RankRun:
     """Outcome of :func:`run_ranks`: exit codes (negative: killed by that signal), the first rank that failed on
-    its own (``None`` if none did), whether the time ran out, the wall time and each rank's log."""
+    its own, whether the time ran out, the wall time and each rank's log."""
 
     returncodes: list[int | None]
     failed_rank: int | None
@@ -252,13 +211,10 @@ def _kill_all(processes: Sequence[subprocess.Popen[bytes]], grace: float = 3.0) 
 
 def run_ranks(cluster: EmulatedCluster, argv: Callable[[int], Sequence[str]], env: Callable[[int], Mapping[str, str]],
               timeout: float, log_dir: Path, poll: float = 0.2) -> RankRun:
-    """Start ``argv(rank)`` with ``env(rank)`` inside every rank's namespace and wait for all of them.
-
-    As soon as one rank exits with a non-zero code, or ``timeout`` seconds pass, every other rank is killed
-    (SIGTERM to its process group, then SIGKILL), so a crashed rank never leaves the others hanging in a
-    collective. An exception (e.g. ``KeyboardInterrupt``) while waiting also kills every rank before propagating.
-    Each rank's stdout and stderr go to ``log_dir/rank<k>.log``.
-    """
+    """Start ``argv(rank)`` with ``env(rank)`` inside every rank's namespace and wait for all of them, output in
+    ``log_dir/rank<k>.log``. When one rank exits with a non-zero code, ``timeout`` seconds pass or an exception
+    (e.g. ``KeyboardInterrupt``) arrives, every rank is killed (SIGTERM to its process group, then SIGKILL), so a
+    crashed rank never leaves the others hanging in a collective."""
     log_dir.mkdir(parents=True, exist_ok=True)
     logs = [log_dir / f"rank{rank}.log" for rank in range(cluster.world_size)]
     processes: list[subprocess.Popen[bytes]] = []
@@ -270,8 +226,7 @@ def run_ranks(cluster: EmulatedCluster, argv: Callable[[int], Sequence[str]], en
                 processes.append(subprocess.Popen(cluster.command(rank, argv(rank)), env=dict(env(rank)), stdout=log,
                                                   stderr=subprocess.STDOUT, start_new_session=True))
         while any(p.poll() is None for p in processes):
-            failed = [rank for rank, p in enumerate(processes) if p.poll() not in (None, 0)]
-            if failed:
+            if failed := [rank for rank, p in enumerate(processes) if p.poll() not in (None, 0)]:
                 failed_rank = failed[0]
                 break
             if time.monotonic() - started > timeout:
@@ -286,7 +241,6 @@ def run_ranks(cluster: EmulatedCluster, argv: Callable[[int], Sequence[str]], en
     return RankRun([p.returncode for p in processes], failed_rank, timed_out, time.monotonic() - started, logs)
 
 
-# ------------------------------------------------------------------------------------------------ signals
 class _Deferred:
     pending: list[int] = []
     depth = 0
@@ -294,8 +248,8 @@ class _Deferred:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM/SIGHUP/SIGINT raised through :func:`signals_raise` until the block is done (used around the
-    creation and deletion of namespaces, so an interrupt never leaves a half-made or half-removed cluster)."""
+    """Hold the signals :func:`signals_raise` turns into ``KeyboardInterrupt`` until the block is done (around the
+    creation and deletion of namespaces)."""
     _Deferred.depth += 1
     try:
         yield
@@ -316,11 +270,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """Inside the block SIGTERM, SIGHUP and SIGINT raise ``KeyboardInterrupt`` (deferred while namespaces are being
-    created or deleted), so ``try``/``finally`` and context managers clean up; the previous handlers come back
-    afterwards. Main thread only."""
-    signums = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-    previous = {s: signal.signal(s, _raise_interrupt) for s in signums}
+    """Inside the block SIGTERM, SIGHUP and SIGINT raise ``KeyboardInterrupt`` (deferred while namespaces are made or
+    deleted), so ``finally`` blocks and context managers clean up. Main thread only."""
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
@@ -328,20 +280,18 @@ def signals_raise() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-# ------------------------------------------------------------------------------------------------ cleanup
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def cleanup_leftovers(force: bool = False) -> list[str]:
-    """Delete namespaces (killing what runs in them) and root-namespace links named ``dopt<pid>-...``/``dopt...``
-    whose creating ``<pid>`` is no longer running (every one with ``force``). Returns what was removed."""
+    """Delete the namespaces and links named ``dopt<pid>...`` whose ``<pid>`` is gone (all: ``force``)."""
     removed = []
     for namespace in list_namespaces():
         match = _NAME.match(namespace)
@@ -356,20 +306,3 @@ def cleanup_leftovers(force: bool = False) -> list[str]:
             _run("ip", "link", "delete", name, check=False)
             removed.append(f"link {name}")
     return removed
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Emulated-cluster helpers.")
-    parser.add_argument("--cleanup", action="store_true", help="remove leftover dopt<pid>-* namespaces and links")
-    parser.add_argument("--force", action="store_true", help="with --cleanup: also those of running processes")
-    args = parser.parse_args()
-    if not args.cleanup:
-        parser.error("nothing to do: pass --cleanup")
-    if (why := missing_requirements()) is not None:
-        raise SystemExit(f"--cleanup {why}")
-    removed = cleanup_leftovers(force=args.force)
-    print("\n".join(f"removed {r}" for r in removed) if removed else "nothing to remove")
-
-
-if __name__ == "__main__":
-    main()

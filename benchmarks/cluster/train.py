@@ -1,21 +1,6 @@
-"""One rank of the emulated-cluster benchmark: trains an MLP on Fashion-MNIST with one contender strategy.
-
-Started by ``bench.py`` inside the rank's network namespace, one process per "node" (``num_nodes=N``,
-``devices=1``) with ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``NODE_RANK``/``LOCAL_RANK=0`` and
-``GLOO_SOCKET_IFNAME`` set, so Lightning's ``LightningEnvironment`` takes the ranks from the environment and its
-launcher starts no children. Every rank writes ``<result-dir>/rank<k>.json``:
-
-* ``clock``: training wall time (seconds since ``on_train_start``, evaluation excluded) at every step end;
-* ``evals``: at every evaluation, the step, the training clock, test accuracy of the evaluated model and the
-  counters below; evaluation time and traffic (including the average for ``post_local_sgd`` and the strategy's
-  averaging for ours) are kept out of the clock and the training bytes;
-* ``counted_bytes``: payload bytes handed to all-reduce by the torch contenders' hooks/averager
-  (``torch.distributed.all_reduce`` wrapped during training batches), or this rank's ``comm_stats`` bytes sent
-  for the training purposes of ``lightning_dopt`` (``round``, ``warmup``, ``aggregate``, ``control``);
-* ``wire_tx_bytes``: bytes the rank's veth sent during training (kernel counter: headers, Lightning's
-  per-batch broadcast and the store traffic included), evaluation excluded;
-* ``comm_seconds`` (``lightning_dopt`` only): ``comm_stats.seconds`` during training, i.e. wall time inside its
-  communication calls (the start broadcast and evaluations excluded).
+"""One rank of the emulated-cluster benchmark (started by ``bench.py`` in its namespace, one process per node):
+trains an MLP on Fashion-MNIST with one contender strategy; :class:`Recorder` writes what it measured during training
+(evaluations excluded) to ``<result-dir>/rank<k>.json``.
 """
 
 # No ``from __future__ import annotations``: DDP checks comm hooks' annotations at runtime.
@@ -47,16 +32,19 @@ DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
               "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8", "adacons",
               "no_sync")
+# GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h8: H = 8 whatever they say)
+DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
+                   "gossip_local_int8": {"compression": "int8"},
+                   "gossip_local_int8_overlap": {"compression": "int8", "overlap": True},
+                   "gossip_local_int4": {"compression": "int4"},
+                   "gossip_local_int8_h8": {"compression": "int8", "local_steps": 8}}
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
 
-# ---------------------------------------------------------------------------------------------- model and data
 class MLPClassifier(pl.LightningModule):
-    """784 → hidden → hidden → 10 MLP (ReLU), cross-entropy, SGD with momentum and a per-step cosine schedule.
-
-    Validation computes the accuracy of the model as it is when validation runs (Lightning's DistributedSampler
-    splits the test set evenly over ranks; the correct counts are summed over ranks)."""
+    """784 → hidden → hidden → 10 MLP (ReLU), cross-entropy, SGD with momentum and a per-step cosine schedule;
+    validation: the accuracy of the model as it is then (the correct counts of the ranks' test shards summed)."""
 
     def __init__(self, hidden: int, lr: float, momentum: float, total_steps: int, compute_sleep: float = 0.0,
                  sleep_samples: int = 8) -> None:
@@ -66,12 +54,10 @@ class MLPClassifier(pl.LightningModule):
         self.lr, self.momentum, self.total_steps = lr, momentum, total_steps
         self.compute_sleep, self.sleep_samples = compute_sleep, sleep_samples
         self.last_accuracy: float | None = None
-        self._correct = torch.zeros(2, dtype=torch.float64)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """The loss of the batch; with ``compute_sleep`` > 0 (accelerator emulation), the loss of its first
-        ``sleep_samples`` examples, then a sleep of ``compute_sleep`` seconds during which the CPU is idle, as a GPU
-        host's CPU is while the device computes (the optimizer step over the full model still runs on the CPU)."""
+        """The batch's loss; with ``compute_sleep`` > 0 (accelerator emulation), that of its first ``sleep_samples``
+        examples after ``compute_sleep`` seconds of idle CPU, as a GPU host's while the device computes."""
         inputs, labels = batch
         if self.compute_sleep > 0:
             inputs, labels = inputs[:self.sleep_samples], labels[:self.sleep_samples]
@@ -98,7 +84,7 @@ class MLPClassifier(pl.LightningModule):
 
 
 def fashion_mnist(test_limit: Optional[int]) -> tuple[TensorDataset, TensorDataset]:
-    """60,000 training and 10,000 (or the first ``test_limit``) test images, normalized with the training mean/std."""
+    """The training and (the first ``test_limit``) test images, normalized with the training mean/std."""
     x_train, y_train = load_idx_dataset(None, train=True)
     x_test, y_test = load_idx_dataset(None, train=False)
     if test_limit:
@@ -108,13 +94,6 @@ def fashion_mnist(test_limit: Optional[int]) -> tuple[TensorDataset, TensorDatas
     train.sub_(mean).div_(std)
     test = x_test.float().div_(255.0).sub_(mean).div_(std)
     return TensorDataset(train, y_train), TensorDataset(test, y_test)
-
-
-# ------------------------------------------------------------------------------------------------- contenders
-def powersgd_state(rank: int) -> powerSGD_hook.PowerSGDState:
-    # start_powerSGD_iter=2: the smallest value torch accepts with error feedback / warm start.
-    return powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
-                                       min_compression_rate=2, use_error_feedback=True, warm_start=True)
 
 
 def build_strategy(name: str, args: argparse.Namespace) -> Strategy | str:
@@ -128,8 +107,12 @@ def build_strategy(name: str, args: argparse.Namespace) -> Strategy | str:
         # One DDP bucket (bucket_cap_mb above the model's size): with several buckets on gloo, powerSGD_hook issues
         # its second and third all-reduces from future callbacks whose order differs between ranks, and gloo aborts
         # on the mismatched collectives ("Received data size doesn't match expected size").
-        return DDPStrategy(ddp_comm_state=powersgd_state(args.powersgd_rank),
-                           ddp_comm_hook=powerSGD_hook.powerSGD_hook, bucket_cap_mb=POWERSGD_BUCKET_MB, **gloo)
+        # start_powerSGD_iter=2: the smallest value torch accepts with error feedback / warm start.
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
+                                            start_powerSGD_iter=2, min_compression_rate=2, use_error_feedback=True,
+                                            warm_start=True)
+        return DDPStrategy(ddp_comm_state=state, ddp_comm_hook=powerSGD_hook.powerSGD_hook,
+                           bucket_cap_mb=POWERSGD_BUCKET_MB, **gloo)
     if name == "ddp_fp16":
         return DDPStrategy(ddp_comm_hook=default_hooks.fp16_compress_hook, **gloo)
     if name == "ddp_bf16":
@@ -146,22 +129,10 @@ def build_strategy(name: str, args: argparse.Namespace) -> Strategy | str:
                            model_averaging_period=args.local_steps, **gloo)
     if name == "adacons":
         return "adacons"  # the registered name: AdaCons gradient combination every step (local_steps=1)
-    common = {"local_steps": args.local_steps, "warmup_steps": args.warmup, **gloo}
-    if name == "local_sgd":
-        return GossipLocalStrategy(topology="complete", **common)
-    if name == "gossip_local":
-        return GossipLocalStrategy(**common)
-    if name == "gossip_local_int8":
-        return GossipLocalStrategy(compression="int8", **common)
     if name == "no_sync":  # reference: local training only (a round never comes), the compute floor of a step
         return GossipLocalStrategy(local_steps=10**9, **gloo)
-    if name == "gossip_local_int8_overlap":
-        return GossipLocalStrategy(compression="int8", overlap=True, **common)
-    if name == "gossip_local_int4":
-        return GossipLocalStrategy(compression="int4", **common)
-    if name == "gossip_local_int8_h8":  # a fixed H = 8, whatever --local-steps says (the name says so)
-        return GossipLocalStrategy(compression="int8", **{**common, "local_steps": 8})
-    raise ValueError(f"unknown contender {name!r}; valid: {', '.join(CONTENDERS)}")
+    return GossipLocalStrategy(**{"local_steps": args.local_steps, "warmup_steps": args.warmup, **gloo,
+                                  **DOPT_CONTENDERS[name]})
 
 
 def bf16_compress_hook_on_cpu(process_group: dist.ProcessGroup,
@@ -185,8 +156,7 @@ class RegisterCommHook(pl.Callback):
 
 
 class AllReduceCounter:
-    """Wraps ``torch.distributed.all_reduce`` (what torch's comm hooks and model averager call) to add up the
-    payload bytes handed to it while ``active``."""
+    """Adds up the payload handed to ``torch.distributed.all_reduce`` (by torch's hooks) while ``active``."""
 
     def __init__(self) -> None:
         self.active = False
@@ -202,8 +172,7 @@ class AllReduceCounter:
 
 
 class AverageForEvaluation(pl.Callback):
-    """For torch's post-local SGD, whose replicas differ between averaging steps: evaluate the exact average
-    (one all-reduce of the parameters, counted as evaluation) and restore each rank's replica afterwards."""
+    """Post-local SGD: evaluate the exact average (an all-reduce), then restore each rank's replica."""
 
     def __init__(self) -> None:
         self._saved: list[Tensor] = []
@@ -214,11 +183,8 @@ class AverageForEvaluation(pl.Callback):
         self._saved = [p.detach().clone() for p in params]
         flat = torch.cat([p.detach().reshape(-1) for p in params])
         dist.all_reduce(flat)
-        flat /= trainer.world_size
-        offset = 0
-        for p in params:
-            p.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, mean in zip(params, (flat / trainer.world_size).split([p.numel() for p in params])):
+            p.copy_(mean.view_as(p))
 
     @torch.no_grad()
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -228,20 +194,16 @@ class AverageForEvaluation(pl.Callback):
 
 
 class Recorder(pl.Callback):
-    """Training clock (evaluation excluded), evaluations, bytes; writes this rank's JSON at the end of training."""
+    """Training clock, evaluations, bytes (counted and on the wire) and time in communication calls."""
 
     def __init__(self, name: str, result_path: Path, counter: AllReduceCounter | None, interface: str) -> None:
         self.name, self.result_path, self.counter = name, result_path, counter
         self.tx_path = Path(f"/sys/class/net/{interface}/statistics/tx_bytes")
         self.clock: list[float] = []
         self.evals: list[dict[str, Any]] = []
-        self.excluded = 0.0
-        self.eval_tx = 0
-        self._start = 0.0
-        self._tx_start = 0
+        self.excluded, self.eval_tx, self._start, self._tx_start = 0.0, 0, 0.0, 0
         self._eval_started: tuple[float, int] | None = None
-        self.excluded_comm_seconds = 0.0  # the start broadcast and evaluations
-        self._comm_at_eval_start = 0.0
+        self.excluded_comm_seconds = self._comm_at_eval_start = 0.0  # excluded: the start broadcast and evaluations
 
     def _tx(self) -> int:
         return int(self.tx_path.read_text()) if self.tx_path.exists() else 0
@@ -252,8 +214,7 @@ class Recorder(pl.Callback):
         deadline, last = time.perf_counter() + limit, self._tx()
         while time.perf_counter() < deadline:
             time.sleep(0.03)
-            now = self._tx()
-            if now == last:
+            if (now := self._tx()) == last:
                 return now
             last = now
         return last
@@ -262,9 +223,6 @@ class Recorder(pl.Callback):
     def _comm_seconds(trainer: pl.Trainer) -> float:
         stats = getattr(trainer.strategy, "comm_stats", None)
         return float(stats.seconds) if stats is not None else 0.0
-
-    def _now(self) -> float:
-        return time.perf_counter() - self._start - self.excluded
 
     def _counted(self, trainer: pl.Trainer) -> float:
         if self.counter is not None:
@@ -283,27 +241,23 @@ class Recorder(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if self.counter is not None:
             self.counter.active = False
-        self.clock.append(self._now())
+        self.clock.append(time.perf_counter() - self._start - self.excluded)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         # overlap=True: the strategy first waits for the round in flight; that wait is training time (it would
         # otherwise happen at the next round), so do it here, before the evaluation clock starts.
-        finish_rounds = getattr(trainer.strategy, "finish_rounds", None)
-        if callable(finish_rounds):
+        if callable(finish_rounds := getattr(trainer.strategy, "finish_rounds", None)):
             finish_rounds()
-        started = time.perf_counter()
-        self._comm_at_eval_start = self._comm_seconds(trainer)
+        started, self._comm_at_eval_start = time.perf_counter(), self._comm_seconds(trainer)
         self._eval_started = (started, self._settled_tx())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._eval_started is None:
             return
-        started, tx = self._eval_started
-        self._eval_started = None
-        seconds = time.perf_counter() - started
-        self.excluded += seconds
+        (started, tx), self._eval_started = self._eval_started, None
+        self.excluded += (seconds := time.perf_counter() - started)
         self.eval_tx += self._tx() - tx
         self.excluded_comm_seconds += self._comm_seconds(trainer) - self._comm_at_eval_start
         self.evals.append({"step": trainer.global_step, "clock": self.clock[-1] if self.clock else 0.0,
@@ -337,38 +291,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contender", choices=CONTENDERS, required=True)
     parser.add_argument("--result-dir", required=True)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=125, help="per rank")
-    parser.add_argument("--eval-every", type=int, default=12, help="optimizer steps between evaluations")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--local-steps", type=int, default=4, help="H")
-    parser.add_argument("--warmup", type=int, default=0, help="synchronous steps before local steps begin")
-    parser.add_argument("--powersgd-rank", type=int, default=4)
-    parser.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compute-sleep", type=float, default=0.0,
-                        help="accelerator emulation: seconds of idle CPU per step, on a loss of a few examples")
-    args = parser.parse_args()
+    parser.add_argument("--config", type=json.loads, required=True, help="bench.py's configuration, as JSON")
+    cli = parser.parse_args()
+    args = argparse.Namespace(**cli.config)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     pl.seed_everything(args.seed, verbose=False)
     train, test = fashion_mnist(args.test_limit or None)
-    counter = AllReduceCounter() if args.contender in TORCH_HOOKS else None
-    callbacks: list[pl.Callback] = [
-        Recorder(args.contender, Path(args.result_dir) / f"rank{rank}.json", counter,
-                 os.environ.get("GLOO_SOCKET_IFNAME", "lo"))]
-    if args.contender == "post_local_sgd":
-        callbacks.append(AverageForEvaluation())
-    callbacks.append(RegisterCommHook())
+    counter = AllReduceCounter() if cli.contender in TORCH_HOOKS else None
+    callbacks = [Recorder(cli.contender, Path(cli.result_dir) / f"rank{rank}.json", counter,
+                          os.environ.get("GLOO_SOCKET_IFNAME", "lo")),
+                 *([AverageForEvaluation()] if cli.contender == "post_local_sgd" else []), RegisterCommHook()]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, num_nodes=world_size, strategy=build_strategy(args.contender, args),
+        accelerator="cpu", devices=1, num_nodes=world_size, strategy=build_strategy(cli.contender, args),
         max_steps=args.steps, max_epochs=-1, val_check_interval=args.eval_every, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, deterministic=False,
-    )
+        enable_model_summary=False, callbacks=callbacks, deterministic=False)
     assert trainer.global_rank == rank and trainer.world_size == world_size, (
         f"Lightning read rank {trainer.global_rank}/{trainer.world_size} from the environment, expected "
         f"{rank}/{world_size}")
