@@ -217,13 +217,11 @@ class CastCodec(Codec):
 class BlockQuantCodec(Codec):
     """Blockwise asymmetric ``bits``-bit quantization with stochastic rounding (unbiased); see the module docstring.
 
-    Encode and decode walk the blocks in chunks of :attr:`chunk_values` values (a few hundred KB on the CPU, so every
-    pass after the first reads from cache; the whole tensor at once on other devices, where each pass is one kernel).
+    Encode and decode walk the blocks in chunks of ``_CPU_CHUNK_VALUES`` values on the CPU (2 MB of fp32, so every
+    pass after the first reads from cache) and of ``_DEVICE_CHUNK_VALUES`` elsewhere (each pass one kernel).
     """
 
     unbiased = True
-    noise_bits = 16
-    """Bits of random noise per value in stochastic rounding: ``|E[decode(x)] − x| ≤ step · 2^-17`` (exact arithmetic)."""
 
     def __init__(self, bits: int = 8, block_size: int = 256) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
@@ -279,14 +277,10 @@ class BlockQuantCodec(Codec):
         stats = torch.empty(2, num_blocks, dtype=torch.float32, device=x.device)  # lo, step
         chunk = min(self._blocks_per_chunk(x.device), num_blocks)
         finite = torch.ones((), dtype=torch.bool, device=x.device)
-        start = 0
         with _WORKSPACES.borrow(chunk, self.block_size, x.device) as work:
-            for rows in self._block_rows(x):
-                for first in range(0, rows.shape[0], chunk):
-                    part = rows[first:first + chunk]
-                    stop = start + part.shape[0]
-                    finite &= self._encode_blocks(part, codes[start:stop], stats[:, start:stop], work, generator)
-                    start = stop
+            for start, part in _in_chunks(self._block_rows(x), chunk):
+                stop = start + part.shape[0]
+                finite &= self._encode_blocks(part, codes[start:stop], stats[:, start:stop], work, generator)
         payload[code_bytes:].copy_(stats.view(-1).view(torch.uint8))
         if not bool(finite):  # the one host sync of encode
             check_finite(x, f"{self.name} encode input")
@@ -339,23 +333,29 @@ class BlockQuantCodec(Codec):
         targets = [out[:full * self.block_size].view(full, self.block_size)] if full else []
         if full < num_blocks:
             targets.append(torch.empty(1, self.block_size, dtype=torch.float32, device=payload.device))
-        chunk = self._blocks_per_chunk(payload.device)
-        start = 0
-        for rows in targets:
-            for first in range(0, rows.shape[0], chunk):
-                values = rows[first:first + chunk]
-                stop = start + values.shape[0]
-                if self.bits == 8:
-                    values.copy_(codes[start:stop])
-                else:
-                    pairs = values.view(values.shape[0], -1, 2)
-                    pairs[:, :, 0].copy_(codes[start:stop] & 0x0F)
-                    pairs[:, :, 1].copy_(codes[start:stop] >> 4)
-                values.mul_(step[start:stop]).add_(lo[start:stop])
-                start = stop
+        for start, values in _in_chunks(targets, self._blocks_per_chunk(payload.device)):
+            stop = start + values.shape[0]
+            if self.bits == 8:
+                values.copy_(codes[start:stop])
+            else:
+                pairs = values.view(values.shape[0], -1, 2)
+                pairs[:, :, 0].copy_(codes[start:stop] & 0x0F)
+                pairs[:, :, 1].copy_(codes[start:stop] >> 4)
+            values.mul_(step[start:stop]).add_(lo[start:stop])
         if full < num_blocks:
             out[full * self.block_size:].copy_(targets[-1].view(-1)[:numel - full * self.block_size])
         return out
+
+
+def _in_chunks(row_sets: list[Tensor], chunk: int) -> Iterator[tuple[int, Tensor]]:
+    """``(first block index, rows)`` for consecutive pieces of at most ``chunk`` rows of each ``(blocks, ·)`` tensor in
+    ``row_sets``, block indices counted across the sets."""
+    start = 0
+    for rows in row_sets:
+        for first in range(0, rows.shape[0], chunk):
+            part = rows[first:first + chunk]
+            yield start, part
+            start += part.shape[0]
 
 
 _CPU_CHUNK_VALUES = 1 << 19

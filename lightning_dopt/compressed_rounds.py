@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_dopt.comm import FlatState
 from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode
-from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, Round
+from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, Round, kept_buffers
 from lightning_dopt.topology import mixing_row
 
 if TYPE_CHECKING:
@@ -138,18 +138,6 @@ class AnchoredCompression:
     def _empty_payload(self, numel: int, device: torch.device) -> Tensor:
         return torch.empty(self.codec.payload_bytes(numel) if numel else 0, dtype=torch.uint8, device=device)
 
-    def _scratch(self, count: int, work: list[Tensor]) -> list[list[Tensor]]:
-        """``count`` fp32 buffer sets shaped like ``work``, kept between rounds (allocated on first use)."""
-        while len(self._buffers) < count:
-            self._buffers.append([torch.empty(mine.numel(), dtype=torch.float32, device=mine.device) for mine in work])
-        return self._buffers[:count]
-
-    def _payloads(self, peers: int, work: list[Tensor]) -> list[list[Tensor]]:
-        """Receive buffers for the payloads of ``peers`` neighbours, kept between graph rounds."""
-        while len(self._received) < peers:
-            self._received.append([self._empty_payload(mine.numel(), mine.device) for mine in work])
-        return self._received[:peers]
-
     @torch.no_grad()
     def graph_round(self, work: list[Tensor], row: Any, comm: Any = None) -> None:
         """Mix ``work`` (packed replica state, updated in place) with the round's neighbours (over ``comm``,
@@ -158,7 +146,8 @@ class AnchoredCompression:
         Per group, in three fp32 buffers kept between rounds (no other full-size allocation): ``d = x − a``;
         ``q = decode(encode(d))``; ``s = Σ_j W_ij q_j`` decoded neighbour by neighbour; ``x ← a + (W_ii q + s)``.
         """
-        differences, owns, spare = self._scratch(3, work)
+        differences, owns, spare = kept_buffers(self._buffers, 3, lambda: [
+            torch.empty(mine.numel(), dtype=torch.float32, device=mine.device) for mine in work])
         sent = []
         noise = torch.zeros_like(self.spread)
         drift = torch.zeros_like(self.spread)
@@ -170,7 +159,8 @@ class AnchoredCompression:
                 noise += _squared_norm(torch.sub(own, difference, out=spare[index]))
                 drift += _squared_norm(difference)
             sent.append(payload)
-        received = self._payloads(len(row.recv_from), work)
+        received = kept_buffers(self._received, len(row.recv_from), lambda: [
+            self._empty_payload(mine.numel(), mine.device) for mine in work])
         (comm or self.comm).exchange(sent, row.send_to, received, row.recv_from, purpose="round")
         spread = torch.zeros_like(noise)
         total_weight = sum(row.recv_weights)
@@ -188,11 +178,12 @@ class AnchoredCompression:
             own.mul_(row.self_weight)
             if received:
                 own.add_(neighbours)
-            if self.anchored:
-                torch.add(anchor.float(), own, out=mine) if mine.dtype == torch.float32 else \
-                    mine.copy_(anchor.float() + own)
-            else:
+            if not self.anchored:
                 mine.copy_(own)
+            elif mine.dtype == torch.float32:
+                torch.add(anchor, own, out=mine)
+            else:
+                mine.copy_(anchor.float() + own)
         if self.measure_noise:
             self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
             if received:

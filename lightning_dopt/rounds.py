@@ -97,16 +97,11 @@ class GossipRound(Round):
         self.seed = seed
         self._received: list[list[Tensor]] = []
 
-    def _receive_buffers(self, count: int) -> list[list[Tensor]]:
-        while len(self._received) < count:
-            self._received.append(self.state.new_buffers())
-        return self._received[:count]
-
     @torch.no_grad()
     def mix_(self, work: list[Tensor], round_index: int, comm: Any, refresh: bool = False) -> None:
         row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
         if row.send_to or row.recv_from:
-            received = self._receive_buffers(len(row.recv_from))
+            received = kept_buffers(self._received, len(row.recv_from), self.state.new_buffers)
             comm.exchange(work, row.send_to, received, row.recv_from, purpose="round")
             for group, target in enumerate(work):
                 _mix_(target, row.self_weight, [r[group] for r in received], row.recv_weights)
@@ -222,17 +217,12 @@ class GossipOuterRound(Round):
         """Anchor ← the current parameters (at the common start)."""
         self.anchor.copy_(_flat(self.params))
 
-    def _receive_buffers(self, count: int, like: list[Tensor]) -> list[list[Tensor]]:
-        while len(self._received) < count:
-            self._received.append([torch.empty_like(tensor) for tensor in like])
-        return self._received[:count]
-
     @torch.no_grad()
     def step_(self, round_index: int, comm: Any) -> None:
         row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
         parts = [_flat(self.params), self.anchor] + ([_flat(self.buffers)] if self.buffers else [])
         if row.send_to or row.recv_from:
-            received = self._receive_buffers(len(row.recv_from), parts)
+            received = kept_buffers(self._received, len(row.recv_from), lambda: [torch.empty_like(p) for p in parts])
             comm.exchange(parts, row.send_to, received, row.recv_from, purpose="round")
             for index, part in enumerate(parts):  # parts[1] is the anchor itself: θ_i ← θ̄_i
                 _mix_(part, row.self_weight, [r[index] for r in received], row.recv_weights)
@@ -254,6 +244,14 @@ class GossipOuterRound(Round):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchor.copy_(state["anchor"])
         self.outer.load_state_dict(state["outer"])
+
+
+def kept_buffers(kept: list[list[Tensor]], count: int, new: Callable[[], list[Tensor]]) -> list[list[Tensor]]:
+    """The first ``count`` buffer sets of ``kept``, appending sets made by ``new()`` until there are enough: receive
+    and scratch buffers allocated at the first round that needs them and reused by every later one."""
+    while len(kept) < count:
+        kept.append(new())
+    return kept[:count]
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:

@@ -31,7 +31,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from lightning_dopt.comm import ring_allreduce_bytes
-from lightning_dopt.compress import Codec, make_codec
+from lightning_dopt.compress import Codec
 from lightning_dopt.compressed_rounds import aligned_chunks
 from lightning_dopt.options import Options
 from lightning_dopt.topology import mixing_row
@@ -58,9 +58,9 @@ def round_bytes(numel: int, rank: int, world_size: int, round_index: int, topolo
     ``outer_numel`` > 0: an outer optimizer over these many parameter values (the rest of ``numel`` are buffers)."""
     if world_size < 2:
         return 0
-    if outer_numel and topology == "complete":
+    if outer_numel and topology == "complete":  # the pseudo-gradient, then the buffers
         return ring_allreduce_bytes(FP32 * outer_numel, world_size) + \
-            (ring_allreduce_bytes(FP32 * (numel - outer_numel), world_size) if numel > outer_numel else 0)
+            ring_allreduce_bytes(FP32 * (numel - outer_numel), world_size)
     if outer_numel:
         peers = len(mixing_row(topology, rank, world_size, round_index, seed).send_to)
         return peers * FP32 * (numel + outer_numel)
@@ -102,7 +102,7 @@ def expected_traffic(options: Options, param_numel: int, param_tensors: int, wor
     if options.average_buffers and buffer_numel:
         warmup += warmup_steps * ring_allreduce_bytes(FP32 * buffer_numel, world_size)
     rounds = (steps - warmup_steps) // options.local_steps
-    codec = make_codec(options.compression, block_size=options.block_size)
+    codec = options.codec
     refreshed = set(refreshed_rounds)
     outer_numel = param_numel if options.outer_optimizer is not None else 0
     total = sum(round_bytes(state_numel, rank, world_size, index, options.topology, options.seed, codec,
