@@ -4,9 +4,18 @@
 #   - otherwise ./.venv is created, with --system-site-packages so that a torch already installed on the
 #     machine (e.g. a CUDA build) is kept;
 #   - torch==2.13.0 is installed only when no torch is importable (a CPU wheel here; any other request would
-#     pull a multi-GB CUDA build).
+#     pull a multi-GB CUDA build);
+#   - DOPT_SKIP_INSTALL=1 installs nothing and runs the checkout from source with the python on the PATH (for
+#     machines without a package registry whose environment already holds the dependencies, e.g. a GPU node).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ "${DOPT_SKIP_INSTALL:-0}" == 1 ]]; then
+  PY=$(command -v python3)
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  echo "[setup] DOPT_SKIP_INSTALL=1: nothing installed; $PY runs $ROOT from source"
+  cd "$ROOT"
+  return 0
+fi
 if [[ -n "${VIRTUAL_ENV:-}" ]]; then
   PY="$VIRTUAL_ENV/bin/python"
 else

@@ -6,11 +6,13 @@
 #   4. codec throughput on the GPU next to an fp32 clone (benchmarks/codec_throughput.py; JSON kept);
 #   5. with >= 2 GPUs: a 2-rank NCCL run of gossip_local (one epoch).
 # Logs and JSON go to $OUT (default runs/gpu_check); the summary lists each check's status and time, then the codec
-# table. Every check has a time limit; the exit status is 1 if any check failed, 2 if no GPU is visible.
+# table. Every check has a time limit (GPU_CHECK_LIMIT seconds, default 900); the exit status is 1 if any check
+# failed, 2 if no GPU is visible. On a machine without a package registry: DOPT_SKIP_INSTALL=1 (scripts/_env.sh).
 DOPT_EXTRAS="dev"
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 set +e
 OUT=${OUT:-runs/gpu_check}
+LIMIT=${GPU_CHECK_LIMIT:-900}
 mkdir -p "$OUT"
 SUMMARY=()
 FAILED=0
@@ -36,13 +38,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 
 VISION=("$PY" -m recipes.vision fit --config recipes/vision/configs/quick.yaml --trainer.accelerator=gpu
         --trainer.precision=bf16-mixed --trainer.max_epochs=1 --trainer.logger=false)
-check cuda_tests 900 "$PY" -m pytest -q -rs -k cuda tests/unit
-check vision_bf16 900 "${VISION[@]}" --trainer.devices=1
-check simulated_bf16 900 "${VISION[@]}" --config recipes/vision/configs/strategies/simulated.yaml
-check codecs 900 "$PY" benchmarks/codec_throughput.py --sizes 16000000 268435456 --min-run-time 0.5 \
+check cuda_tests "$LIMIT" "$PY" -m pytest -q -rs -k cuda tests/unit
+check vision_bf16 "$LIMIT" "${VISION[@]}" --trainer.devices=1
+check simulated_bf16 "$LIMIT" "${VISION[@]}" --config recipes/vision/configs/strategies/simulated.yaml
+check codecs "$LIMIT" "$PY" benchmarks/codec_throughput.py --sizes 16000000 268435456 --min-run-time 0.5 \
   --json "$OUT/codecs.json"
 if [[ "$GPUS" -ge 2 ]]; then
-  check nccl_gossip 900 "${VISION[@]}" --trainer.devices=2
+  check nccl_gossip "$LIMIT" "${VISION[@]}" --trainer.devices=2
 fi
 
 echo
