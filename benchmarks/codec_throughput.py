@@ -3,7 +3,8 @@
 For every codec and size ``n``, ``torch.utils.benchmark.Timer`` (median of ``blocked_autorange``) times on a random
 fp32 tensor ``x.clone()``, ``encode``, ``decode`` into a reused buffer (as rounds do) and into new memory. GB/s = ``4n``
 bytes / median time; ``vs clone`` = clone time / (encode + decode) time. ``--baseline REV`` adds the codecs of
-``lightning_dopt/compress.py`` at git revision ``REV``; CUDA rows are added when CUDA is available.
+``lightning_dopt/compress.py`` at git revision ``REV``. CUDA rows are added when CUDA is available, with the int8/int4
+codecs also timed on torch ops alone (``int8 ops``: ``fused=False``) next to their fused Triton kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch.utils import benchmark
 
 from harness import REPO_ROOT, Column, new_results, report
-from lightning_dopt.compress import CODECS, Codec, make_codec
+from lightning_dopt.compress import CODECS, BlockQuantCodec, Codec, make_codec
 
 BLOCK_SIZE = 256
 COLUMNS = [Column("device", "device"), Column("codec", "codec"), Column("numel", "elements", ",.0f"),
@@ -77,18 +78,22 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement (at least)")
     parser.add_argument("--json", type=Path, help="write the rows here (harness JSON)")
     parser.add_argument("--baseline", metavar="REV", help="also time compress.py as it was at this git revision")
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"],
+                        help="devices to time (cuda only where available; default: both)")
     args = parser.parse_args()
     if min(args.sizes) < 1 or args.threads < 1 or args.min_run_time <= 0:
         parser.error("--sizes, --threads and --min-run-time must be positive")
     torch.set_num_threads(args.threads)
     results = new_results("codec_throughput", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices if d == "cpu" or torch.cuda.is_available()]
     codecs = {name: make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
     if args.baseline:
         baseline = compress_module_at(args.baseline)
         codecs |= {f"{name}@{args.baseline}": baseline.make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
+    torch_ops = {f"int{bits} ops": BlockQuantCodec(bits, BLOCK_SIZE, fused=False) for bits in (8, 4)}
     results["rows"] = [row for device in devices for numel in args.sizes
-                       for row in measure(device, numel, args.threads, args.min_run_time, codecs)]
+                       for row in measure(device, numel, args.threads, args.min_run_time,
+                                          codecs | torch_ops if device.type == "cuda" else codecs)]
     report(results, COLUMNS, args.json)
 
 

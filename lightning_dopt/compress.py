@@ -1,8 +1,10 @@
 """Codecs for what crosses the wire at a synchronization round, and error feedback. Pure tensor functions.
 
 A codec turns a flat fp32 tensor of ``n`` values into ONE flat ``torch.uint8`` payload and back; the receiver knows
-``n``. Everything runs on the input's device with torch ops only (no ``.item()``, no host copies, no Python loop over
-elements or blocks, only over chunks of many blocks), so a CUDA encode/decode launches kernels and synchronizes at most once: the finiteness check.
+``n``. Everything runs on the input's device (no ``.item()``, no host copies, no Python loop over elements or blocks,
+only over chunks of many blocks), so a CUDA encode/decode launches kernels and synchronizes at most once: the
+finiteness check. On CUDA with Triton, int8/int4 use fused kernels (:mod:`lightning_dopt.quant_kernels`, same payload
+format); elsewhere torch ops.
 
 What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
 
@@ -36,9 +38,10 @@ What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
   ``|E[decode(x)] − x| ≤ step · 2^-17`` (exact arithmetic; for int8 that is ``2^-25`` of the block's range, below fp32's
   own rounding of ``x``), with per-element variance ``≤ step² / 4``.
 
-  Cost: encode reads ``x`` once from memory and makes about ten passes over a cache-sized chunk (min, max, shift,
-  scale, noise, add, clamp, two conversions); the random bits (one 64-bit draw per four values) are about a third
-  of its time on a CPU. Decode is three passes (convert, multiply, add) and can write into a caller's buffer (``out``).
+  Cost (torch ops): encode reads ``x`` once from memory and makes about ten passes over a cache-sized chunk (min, max,
+  shift, scale, noise, add, clamp, two conversions); the random bits (one 64-bit draw per four values) are about a
+  third of its time on a CPU. Decode is three passes (convert, multiply, add) and can write into a caller's buffer
+  (``out``). The fused CUDA kernels read ``x`` once and write the payload once (their noise has 24-bit resolution).
 
 Why the caller encodes differences from an anchor: the strategy sends ``Q(x_i − a)`` where ``a`` is an anchor every
 rank holds identically, and receivers add ``a`` back. The quantization error is proportional to each block's *range*
@@ -53,11 +56,14 @@ errors cancel over rounds: what was not sent this round is added to the next rou
 
 from __future__ import annotations
 
+import functools
+import importlib
 import operator
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -217,22 +223,44 @@ class CastCodec(Codec):
 class BlockQuantCodec(Codec):
     """Blockwise asymmetric ``bits``-bit quantization with stochastic rounding (unbiased); see the module docstring.
 
-    Encode and decode walk the blocks in chunks of ``_CPU_CHUNK_VALUES`` values on the CPU (2 MB of fp32, so every
-    pass after the first reads from cache) and of ``_DEVICE_CHUNK_VALUES`` elsewhere (each pass one kernel).
+    On CUDA with Triton installed, encode and decode are one fused kernel each (:mod:`lightning_dopt.quant_kernels`:
+    one read of the input, one write of the output). Otherwise they are torch ops over chunks of blocks:
+    ``_CPU_CHUNK_VALUES`` values on the CPU (2 MB of fp32, so every pass after the first reads from cache) and
+    ``_DEVICE_CHUNK_VALUES`` elsewhere (each pass one kernel). Both paths write the same payload format, so either
+    decodes the other's payloads. ``fused``: None (default) uses the kernels where they apply; False never; True
+    requires them (an error when Triton is missing, or for a tensor not on CUDA).
     """
 
     unbiased = True
 
-    def __init__(self, bits: int = 8, block_size: int = 256) -> None:
+    def __init__(self, bits: int = 8, block_size: int = 256, fused: bool | None = None) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
             raise ValueError(f"BlockQuantCodec supports bits=4 or bits=8, got {bits!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f"BlockQuantCodec fused must be None, True or False, got {fused!r}")
+        if fused and _fused_kernels() is None:
+            raise ValueError("BlockQuantCodec(fused=True) needs Triton (pip install triton; it ships with CUDA builds "
+                             "of torch); use fused=None to fall back to torch ops where it is missing")
         self.bits = bits
         self.block_size = _check_block_size(block_size)
         self.levels = 2**bits - 1
         self.name = f"int{bits}"
+        self.fused = fused
 
     def __repr__(self) -> str:
-        return f"BlockQuantCodec(bits={self.bits}, block_size={self.block_size})"
+        fused = "" if self.fused is None else f", fused={self.fused}"
+        return f"BlockQuantCodec(bits={self.bits}, block_size={self.block_size}{fused})"
+
+    def _kernels(self, device: torch.device) -> ModuleType | None:
+        """The fused kernels' module if this call uses them, else None."""
+        if self.fused is False:
+            return None
+        if device.type != "cuda":
+            if self.fused:
+                raise ValueError(f"{self.name} with fused=True runs on CUDA tensors only, got one on {device}; use "
+                                 f"fused=None to use torch ops elsewhere")
+            return None
+        return _fused_kernels()
 
     def _num_blocks(self, numel: int) -> int:
         return -(-numel // self.block_size)
@@ -275,12 +303,16 @@ class BlockQuantCodec(Codec):
         payload = torch.empty(code_bytes + 8 * num_blocks, dtype=torch.uint8, device=x.device)
         codes = payload[:code_bytes].view(num_blocks, self.block_size * self.bits // 8)
         stats = torch.empty(2, num_blocks, dtype=torch.float32, device=x.device)  # lo, step
-        chunk = min(self._blocks_per_chunk(x.device), num_blocks)
-        finite = torch.ones((), dtype=torch.bool, device=x.device)
-        with _WORKSPACES.borrow(chunk, self.block_size, x.device) as work:
-            for start, part in _in_chunks(self._block_rows(x), chunk):
-                stop = start + part.shape[0]
-                finite &= self._encode_blocks(part, codes[start:stop], stats[:, start:stop], work, generator)
+        kernels = self._kernels(x.device)
+        if kernels is not None:
+            finite = kernels.encode(x.contiguous(), codes, stats, self.bits, self.block_size, _DECODE_LIMIT, generator)
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=x.device)
+            chunk = min(self._blocks_per_chunk(x.device), num_blocks)
+            with _WORKSPACES.borrow(chunk, self.block_size, x.device) as work:
+                for start, part in _in_chunks(self._block_rows(x), chunk):
+                    stop = start + part.shape[0]
+                    finite &= self._encode_blocks(part, codes[start:stop], stats[:, start:stop], work, generator)
         payload[code_bytes:].copy_(stats.view(-1).view(torch.uint8))
         if not bool(finite):  # the one host sync of encode
             check_finite(x, f"{self.name} encode input")
@@ -327,8 +359,13 @@ class BlockQuantCodec(Codec):
         out = _check_out(out, numel, payload.device, self.name)
         num_blocks = self._num_blocks(numel)
         code_bytes = self._code_bytes(num_blocks)
+        stats = _bytes_as(payload[code_bytes:], torch.float32)
+        kernels = self._kernels(payload.device)
+        if kernels is not None:
+            kernels.decode(payload[:code_bytes], stats, out, self.bits, self.block_size)
+            return out
         codes = payload[:code_bytes].view(num_blocks, -1)
-        lo, step = _bytes_as(payload[code_bytes:], torch.float32).view(2, num_blocks, 1)
+        lo, step = stats.view(2, num_blocks, 1)
         full = numel // self.block_size
         targets = [out[:full * self.block_size].view(full, self.block_size)] if full else []
         if full < num_blocks:
@@ -413,6 +450,15 @@ class _WorkspacePool:
 
 
 _WORKSPACES = _WorkspacePool()
+
+
+@functools.cache
+def _fused_kernels() -> ModuleType | None:
+    """:mod:`lightning_dopt.quant_kernels`, or None where Triton does not import (CPU-only installs)."""
+    try:
+        return importlib.import_module("lightning_dopt.quant_kernels")
+    except ImportError:
+        return None
 
 
 def _check_out(out: Tensor | None, numel: int, device: torch.device, codec: str) -> Tensor:

@@ -466,3 +466,74 @@ def test_cuda_stays_on_device_with_one_sync_per_encode(name: str) -> None:
     if name in ("int8", "int4"):
         with pytest.raises(ValueError, match="generator is on cpu"):
             codec.encode(x, gen(0))
+
+
+# ------------------------------------------------------------------------- fused kernels (Triton, CUDA only)
+def test_fused_argument_is_validated() -> None:
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
+        BlockQuantCodec(8, 64, fused="yes")
+    if compress._fused_kernels() is None:
+        with pytest.raises(ValueError, match="needs Triton"):
+            BlockQuantCodec(8, 64, fused=True)
+    else:
+        with pytest.raises(ValueError, match="runs on CUDA tensors only"):
+            BlockQuantCodec(8, 64, fused=True).encode(torch.randn(10), gen(0))
+    assert repr(BlockQuantCodec(4, 64, fused=False)) == "BlockQuantCodec(bits=4, block_size=64, fused=False)"
+
+
+needs_fused_cuda = pytest.mark.skipif(not torch.cuda.is_available() or compress._fused_kernels() is None,
+                                      reason="needs CUDA and Triton")
+
+
+@needs_fused_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("block_size", "n"), [(256, 100_000), (64, 1000), (6, 37), (10, 1), (300, 1201)])
+def test_cuda_fused_kernels_agree_with_torch_ops(bits: int, block_size: int, n: int) -> None:
+    """Same payload size and per-block (lo, step) bytes as the torch-ops path, errors within the block bound, and each
+    path decodes the other's payloads (equal up to one rounding: the kernel may fuse the multiply-add)."""
+    fused, ops = BlockQuantCodec(bits, block_size, fused=True), BlockQuantCodec(bits, block_size, fused=False)
+    x = (torch.randn(n, generator=gen(n)) * 3 + 1).cuda()
+    g = torch.Generator(device="cuda")
+    fused_payload, ops_payload = fused.encode(x, g.manual_seed(1)), ops.encode(x, g.manual_seed(1))
+    assert fused_payload.shape == ops_payload.shape and fused_payload.device == x.device
+    code_bytes = ops._code_bytes(ops._num_blocks(n))
+    assert torch.equal(fused_payload[code_bytes:], ops_payload[code_bytes:])
+    assert_within_block_bound(fused, x.cpu(), fused.decode(fused_payload, n).cpu())
+    for payload in (fused_payload, ops_payload):
+        torch.testing.assert_close(fused.decode(payload, n), ops.decode(payload, n), rtol=2**-22,
+                                   atol=2**-22 * float(x.abs().max()))
+    assert torch.equal(fused.encode(x, g.manual_seed(1)), fused_payload)  # a seeded generator reproduces the payload
+    assert not torch.equal(fused.encode(x, g.manual_seed(2)), fused_payload)
+    out = torch.full((n,), float("nan"), device="cuda")
+    assert fused.decode(fused_payload, n, out=out) is out and bool(torch.isfinite(out).all())
+
+
+@needs_fused_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_fused_kernels_are_unbiased(bits: int) -> None:
+    """The mean of 2,000 decodes of one vector is within 5 standard errors (σ ≤ step/2 per encode) of it."""
+    codec = BlockQuantCodec(bits, 64, fused=True)
+    x = torch.randn(4096, generator=gen(3)).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    draws = 2000
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        total += codec.decode(codec.encode(x, g), x.numel())
+    step, _ = block_bounds(x.cpu(), 64, bits)
+    bias = (total / draws - x).abs().cpu()
+    assert bool((bias <= 5 * 0.5 * step / math.sqrt(draws) + 1e-6).all()), float((bias / step).max())
+
+
+@needs_fused_cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_fused_kernels_refuse_what_torch_ops_refuse(bits: int) -> None:
+    codec = BlockQuantCodec(bits, 64, fused=True)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1000, device="cuda")
+        x[777] = bad
+        with pytest.raises(ValueError, match="NaN|Inf|non-finite"):
+            codec.encode(x)
+    with pytest.raises(ValueError, match="overflows fp32"):
+        codec.encode(torch.tensor([-3e38, 3e38] * 40, device="cuda"))
+    constant = torch.full((130,), 2.5, device="cuda")
+    assert torch.equal(codec.decode(codec.encode(constant), 130), constant)
