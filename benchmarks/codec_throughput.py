@@ -4,7 +4,7 @@ For every codec and size ``n``, ``torch.utils.benchmark.Timer`` (median of ``blo
 fp32 tensor ``x.clone()``, ``encode``, ``decode`` into a reused buffer (as rounds do) and into new memory. GB/s = ``4n``
 bytes / median time; ``vs clone`` = clone time / (encode + decode) time. ``--baseline REV`` adds the codecs of
 ``lightning_dopt/compress.py`` at git revision ``REV``. CUDA rows are added when CUDA is available, with the int8/int4
-codecs also timed on torch ops alone (``int8 ops``: ``fused=False``) next to their fused Triton kernels.
+codecs also timed as fused Triton kernels (``int8 fused``: ``BlockQuantCodec(fused=True)``) where Triton imports.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch.utils import benchmark
 
 from harness import REPO_ROOT, Column, new_results, report
-from lightning_dopt.compress import CODECS, BlockQuantCodec, Codec, make_codec
+from lightning_dopt.compress import CODECS, BlockQuantCodec, Codec, fused_kernels_available, make_codec
 
 BLOCK_SIZE = 256
 COLUMNS = [Column("device", "device"), Column("codec", "codec"), Column("numel", "elements", ",.0f"),
@@ -90,10 +90,11 @@ def main() -> None:
     if args.baseline:
         baseline = compress_module_at(args.baseline)
         codecs |= {f"{name}@{args.baseline}": baseline.make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
-    torch_ops = {f"int{bits} ops": BlockQuantCodec(bits, BLOCK_SIZE, fused=False) for bits in (8, 4)}
+    fused = {f"int{bits} fused": BlockQuantCodec(bits, BLOCK_SIZE, fused=True) for bits in (8, 4)} \
+        if fused_kernels_available() else {}
     results["rows"] = [row for device in devices for numel in args.sizes
                        for row in measure(device, numel, args.threads, args.min_run_time,
-                                          codecs | torch_ops if device.type == "cuda" else codecs)]
+                                          codecs | fused if device.type == "cuda" else codecs)]
     report(results, COLUMNS, args.json)
 
 

@@ -3,8 +3,8 @@
 A codec turns a flat fp32 tensor of ``n`` values into ONE flat ``torch.uint8`` payload and back; the receiver knows
 ``n``. Everything runs on the input's device (no ``.item()``, no host copies, no Python loop over elements or blocks,
 only over chunks of many blocks), so a CUDA encode/decode launches kernels and synchronizes at most once: the
-finiteness check. On CUDA with Triton, int8/int4 use fused kernels (:mod:`lightning_dopt.quant_kernels`, same payload
-format); elsewhere torch ops.
+finiteness check. ``BlockQuantCodec(fused=True)`` runs int8/int4 as fused Triton kernels on CUDA instead of torch ops
+(:mod:`lightning_dopt.quant_kernels`, same payload format; experimental).
 
 What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
 
@@ -41,7 +41,8 @@ What each codec sends, for ``n`` fp32 values (``4n`` bytes uncompressed):
   Cost (torch ops): encode reads ``x`` once from memory and makes about ten passes over a cache-sized chunk (min, max,
   shift, scale, noise, add, clamp, two conversions); the random bits (one 64-bit draw per four values) are about a
   third of its time on a CPU. Decode is three passes (convert, multiply, add) and can write into a caller's buffer
-  (``out``). The fused CUDA kernels read ``x`` once and write the payload once (their noise has 24-bit resolution).
+  (``out``). The fused CUDA kernels (``fused=True``) read ``x`` once and write the payload once (their noise has
+  24-bit resolution).
 
 Why the caller encodes differences from an anchor: the strategy sends ``Q(x_i − a)`` where ``a`` is an anchor every
 rank holds identically, and receivers add ``a`` back. The quantization error is proportional to each block's *range*
@@ -223,24 +224,24 @@ class CastCodec(Codec):
 class BlockQuantCodec(Codec):
     """Blockwise asymmetric ``bits``-bit quantization with stochastic rounding (unbiased); see the module docstring.
 
-    On CUDA with Triton installed, encode and decode are one fused kernel each (:mod:`lightning_dopt.quant_kernels`:
-    one read of the input, one write of the output). Otherwise they are torch ops over chunks of blocks:
-    ``_CPU_CHUNK_VALUES`` values on the CPU (2 MB of fp32, so every pass after the first reads from cache) and
-    ``_DEVICE_CHUNK_VALUES`` elsewhere (each pass one kernel). Both paths write the same payload format, so either
-    decodes the other's payloads. ``fused``: None (default) uses the kernels where they apply; False never; True
-    requires them (an error when Triton is missing, or for a tensor not on CUDA).
+    Encode and decode are torch ops over chunks of blocks: ``_CPU_CHUNK_VALUES`` values on the CPU (2 MB of fp32, so
+    every pass after the first reads from cache) and ``_DEVICE_CHUNK_VALUES`` elsewhere (each pass one kernel).
+    ``fused=True`` (experimental) runs them as one fused Triton kernel each on CUDA instead
+    (:mod:`lightning_dopt.quant_kernels`: one read of the input, one write of the output); it needs Triton and CUDA
+    tensors, and has so far been checked only in Triton's CPU interpreter, not on a GPU (``scripts/gpu_check.sh`` runs
+    its tests and times it). Both paths write the same payload format, so either decodes the other's payloads.
     """
 
     unbiased = True
 
-    def __init__(self, bits: int = 8, block_size: int = 256, fused: bool | None = None) -> None:
+    def __init__(self, bits: int = 8, block_size: int = 256, fused: bool = False) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (4, 8):
             raise ValueError(f"BlockQuantCodec supports bits=4 or bits=8, got {bits!r}")
-        if fused not in (None, True, False):
-            raise ValueError(f"BlockQuantCodec fused must be None, True or False, got {fused!r}")
+        if not isinstance(fused, bool):
+            raise ValueError(f"BlockQuantCodec fused must be True or False, got {fused!r}")
         if fused and _fused_kernels() is None:
             raise ValueError("BlockQuantCodec(fused=True) needs Triton (pip install triton; it ships with CUDA builds "
-                             "of torch); use fused=None to fall back to torch ops where it is missing")
+                             "of torch); use fused=False for torch ops")
         self.bits = bits
         self.block_size = _check_block_size(block_size)
         self.levels = 2**bits - 1
@@ -248,18 +249,16 @@ class BlockQuantCodec(Codec):
         self.fused = fused
 
     def __repr__(self) -> str:
-        fused = "" if self.fused is None else f", fused={self.fused}"
+        fused = ", fused=True" if self.fused else ""
         return f"BlockQuantCodec(bits={self.bits}, block_size={self.block_size}{fused})"
 
     def _kernels(self, device: torch.device) -> ModuleType | None:
-        """The fused kernels' module if this call uses them, else None."""
-        if self.fused is False:
+        """The fused kernels' module if this codec uses them, else None."""
+        if not self.fused:
             return None
         if device.type != "cuda":
-            if self.fused:
-                raise ValueError(f"{self.name} with fused=True runs on CUDA tensors only, got one on {device}; use "
-                                 f"fused=None to use torch ops elsewhere")
-            return None
+            raise ValueError(f"{self.name} with fused=True runs on CUDA tensors only, got one on {device}; use "
+                             f"fused=False (torch ops) elsewhere")
         return _fused_kernels()
 
     def _num_blocks(self, numel: int) -> int:
@@ -450,6 +449,11 @@ class _WorkspacePool:
 
 
 _WORKSPACES = _WorkspacePool()
+
+
+def fused_kernels_available() -> bool:
+    """True where ``BlockQuantCodec(fused=True)`` can be built (Triton imports)."""
+    return _fused_kernels() is not None
 
 
 @functools.cache

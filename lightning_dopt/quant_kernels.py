@@ -20,7 +20,10 @@ gives the same payload, and no host sync), keys Philox; the counter is the value
 
 A block is valid iff every value is finite and ``lo + levels · step`` stays below the codec's decode limit (or
 ``step == 0``); encode writes one flag per block and the caller reads their conjunction once (its one host sync).
-This module imports Triton at import time; :mod:`lightning_dopt.compress` imports it only for CUDA tensors.
+This module imports Triton at import time; :mod:`lightning_dopt.compress` imports it only for ``fused=True``.
+
+Status: checked against the torch-ops path in Triton's interpreter (``TRITON_INTERPRET=1`` on CPU tensors); not yet
+compiled or timed on a GPU, hence opt-in. ``scripts/gpu_check.sh`` runs its CUDA tests and times it next to torch ops.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 #   1. the CUDA-only tests (codecs stay on the device, one host sync per encode);
 #   2. a bf16-mixed training run of the vision recipe on one GPU (quick.yaml, one epoch);
 #   3. the same with 16 simulated workers on that GPU (SimulatedStrategy: in-process rounds on CUDA tensors);
-#   4. codec throughput on the GPU next to an fp32 clone (benchmarks/codec_throughput.py; JSON kept);
+#   4. codec throughput on the GPU next to an fp32 clone (benchmarks/codec_throughput.py; JSON kept), with the fused
+#      Triton kernels of BlockQuantCodec(fused=True) timed next to torch ops (their CUDA tests run in check 1);
 #   5. with >= 2 GPUs: a 2-rank NCCL run of gossip_local (one epoch).
 # Logs and JSON go to $OUT (default runs/gpu_check); the summary lists each check's status and time, then the codec
 # table. Every check has a time limit (GPU_CHECK_LIMIT seconds, default 900); the exit status is 1 if any check

@@ -470,18 +470,18 @@ def test_cuda_stays_on_device_with_one_sync_per_encode(name: str) -> None:
 
 # ------------------------------------------------------------------------- fused kernels (Triton, CUDA only)
 def test_fused_argument_is_validated() -> None:
-    with pytest.raises(ValueError, match="fused must be None, True or False"):
+    with pytest.raises(ValueError, match="fused must be True or False"):
         BlockQuantCodec(8, 64, fused="yes")
-    if compress._fused_kernels() is None:
+    if not compress.fused_kernels_available():
         with pytest.raises(ValueError, match="needs Triton"):
             BlockQuantCodec(8, 64, fused=True)
     else:
         with pytest.raises(ValueError, match="runs on CUDA tensors only"):
             BlockQuantCodec(8, 64, fused=True).encode(torch.randn(10), gen(0))
-    assert repr(BlockQuantCodec(4, 64, fused=False)) == "BlockQuantCodec(bits=4, block_size=64, fused=False)"
+    assert repr(BlockQuantCodec(4, 64)) == "BlockQuantCodec(bits=4, block_size=64)"
 
 
-needs_fused_cuda = pytest.mark.skipif(not torch.cuda.is_available() or compress._fused_kernels() is None,
+needs_fused_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not compress.fused_kernels_available(),
                                       reason="needs CUDA and Triton")
 
 
