@@ -45,6 +45,7 @@ class Setting:
     warmup_steps: int = 0
     stale_weights: bool = False
     preserve_scale: bool = False
+    hierarchy: str = "flat"
     precision: str | None = None
     sync_batchnorm: bool | None = None
     automatic_optimization: bool | None = None
@@ -173,6 +174,31 @@ RULES: tuple[Rule, ...] = (
          and s.accumulate_grad_batches > 1,
          "Lightning accumulates gradients for automatic optimization only",
          "Accumulate in your training_step (step the optimizer every k batches), or use automatic optimization"),
+    Rule("hierarchy-outer", ("hierarchy", "outer_optimizer"),
+         lambda s: s.hierarchy == "node" and s.outer_optimizer is not None,
+         "an outer optimizer keeps one anchor per replica and steps it with the whole pseudo-gradient, while "
+         "hierarchy='node' splits each round across the node's ranks (not implemented for outer steps)",
+         "Use hierarchy='flat' with an outer optimizer, or outer_optimizer=None"),
+    Rule("hierarchy-adacons", ("hierarchy", "aggregation"),
+         lambda s: s.hierarchy == "node" and _adacons(s),
+         "AdaCons weighs every rank's gradient or pseudo-gradient in all-reduces over all ranks, which hierarchy="
+         "'node' replaces by node replicas and rounds between nodes",
+         "Use hierarchy='flat' with AdaCons, or aggregation='mean'"),
+    Rule("hierarchy-oasis", ("hierarchy", "scaling"),
+         lambda s: s.hierarchy == "node" and s.scaling == "oasis",
+         "OASIS probes the Hessian on each rank's own batch, so the ranks of a node would hold different "
+         "preconditioners and stop being one replica",
+         "Use scaling='adam' or 'rmsprop' (their statistics come from the node-averaged gradient), or "
+         "hierarchy='flat'"),
+    Rule("hierarchy-min-work", ("hierarchy", "min_work"),
+         lambda s: s.hierarchy == "node" and s.min_work < 1.0,
+         "the ranks of a node average their gradients at every step, so one of them cannot skip a step alone",
+         "Use min_work=1.0 with hierarchy='node'"),
+    Rule("hierarchy-overlap", ("hierarchy", "overlap"),
+         lambda s: s.hierarchy == "node" and s.overlap,
+         "a background round between nodes would need its own node and cross-node process groups, which are not "
+         "implemented yet",
+         "Use overlap=False with hierarchy='node'"),
     Rule("oasis-precision", ("scaling", "precision"),
          lambda s: s.scaling == "oasis" and s.precision not in FULL_PRECISIONS,
          "OASIS takes Hessian-vector products as differences of gradients at x ± 0.001·z, and half-precision "

@@ -40,13 +40,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-PURPOSES = ("start", "warmup", "aggregate", "round", "eval", "monitor", "checkpoint", "control", "final")
+PURPOSES = ("start", "warmup", "aggregate", "round", "node", "eval", "monitor", "checkpoint", "control", "final")
 """What a payload was for: ``start`` (initial broadcast), ``warmup`` (DDP-style gradient averaging),
 ``aggregate`` (AdaCons gradient combination),
-``round`` (synchronization rounds), ``eval`` (consensus model for evaluation), ``monitor`` (consensus distance),
+``round`` (synchronization rounds; between nodes under ``hierarchy="node"``), ``node`` (inside a node under
+``hierarchy="node"``: the per-step gradient and buffer means and the re-assembly of the shards mixed at a round),
+``eval`` (consensus model for evaluation), ``monitor`` (consensus distance),
 ``checkpoint`` (averaged model for the main checkpoint file), ``control`` (small bookkeeping messages),
 ``final`` (the exact average at the end of fit)."""
-TRAINING_PURPOSES = ("warmup", "aggregate", "round")
+TRAINING_PURPOSES = ("warmup", "aggregate", "round", "node")
 """The purposes that replace DDP's gradient all-reduce: what ``CommStats.training_bytes_sent`` counts."""
 
 
@@ -63,8 +65,14 @@ class CommStats:
 
     @property
     def training_bytes_sent(self) -> int:
-        """Bytes sent for training itself (:data:`TRAINING_PURPOSES`: warm-up, gradient aggregation, rounds)."""
+        """Bytes sent for training itself (:data:`TRAINING_PURPOSES`: warm-up, gradient aggregation, rounds, and
+        the intra-node traffic of ``hierarchy="node"``)."""
         return sum(self.bytes_sent_by_purpose.get(purpose, 0) for purpose in TRAINING_PURPOSES)
+
+    @property
+    def intra_node_bytes_sent(self) -> int:
+        """Bytes sent inside a node under ``hierarchy="node"`` (the ``node`` purpose; 0 otherwise)."""
+        return self.bytes_sent_by_purpose.get("node", 0)
 
     def record(self, purpose: str, sent: int, received: int, messages: int, seconds: float) -> None:
         if purpose not in PURPOSES:

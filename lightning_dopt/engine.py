@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_dopt.comm import CommStats, PeerFailure
 from lightning_dopt.gradients import AdaConsCombiner, AdaConsGradients, GradientAverager
+from lightning_dopt.hierarchy import NodeComms
 from lightning_dopt.options import Options
 from lightning_dopt.pacing import WorkPacer
 from lightning_dopt.replica import ReplicaSync, ReplicaTensors
@@ -67,9 +68,11 @@ def build_preconditioners(options: Options, optimizer_params: Sequence[Sequence[
 
 
 def build_sync(options: Options, module: nn.Module | ReplicaTensors, comm: Any,
-               preconditioners: Sequence[tuple[list[Tensor], Preconditioner]]) -> ReplicaSync:
+               preconditioners: Sequence[tuple[list[Tensor], Preconditioner]],
+               node: NodeComms | None = None) -> ReplicaSync:
     """The round object for ``options``: gossip/all-reduce, anchored compression, or pseudo-gradient rounds (AdaCons
-    or an outer optimizer), with the preconditioners' statistics travelling in each round."""
+    or an outer optimizer), with the preconditioners' statistics travelling in each round; under
+    ``hierarchy="node"`` (``node`` given) split across the node's ranks and run between nodes."""
     combiner = None
     if options.aggregation == "adacons" and options.local_steps > 1:  # AdaCons on pseudo-gradients at rounds
         replica = module if isinstance(module, ReplicaTensors) else ReplicaTensors.of(module)
@@ -79,18 +82,22 @@ def build_sync(options: Options, module: nn.Module | ReplicaTensors, comm: Any,
     return ReplicaSync(module, comm, options.topology, options.seed, options.average_buffers, codec=options.codec,
                        anchor_interval=options.anchor_interval, anchor_tolerance=options.anchor_tolerance,
                        round_combiner=combiner, outer_optimizer=options.outer_factory,
-                       statistics=[preconditioner for _, preconditioner in preconditioners])
+                       statistics=[preconditioner for _, preconditioner in preconditioners], node=node)
 
 
 def build_engine(options: Options, module: nn.Module | ReplicaTensors, optimizer_params: Sequence[Sequence[Tensor]],
                  comm: Any | None, rank: int, device: torch.device, steps: int = 0, round_index: int = 0,
                  background: Callable[[], Any] | None = None, timeout: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> Engine:
+                 clock: Callable[[], float] = time.perf_counter, node: NodeComms | None = None) -> Engine:
     """The engine of one rank: preconditioners for ``optimizer_params`` (one list per optimizer; none outside fit), the
-    round object over ``module`` on ``comm`` (``None``: a single rank, no communication), and with ``overlap`` a
-    background communicator from ``background()`` whose rounds are waited for at most ``timeout`` seconds."""
+    round object over ``module`` on ``comm`` (``None``: a single rank, no communication), with ``overlap`` a
+    background communicator from ``background()`` whose rounds are waited for at most ``timeout`` seconds, and
+    under ``hierarchy="node"`` the node's and the cross-node communicators (``node``)."""
+    if (options.hierarchy == "node") != (node is not None and comm is not None):
+        raise ValueError(f"hierarchy={options.hierarchy!r} needs node communicators exactly when it is 'node' and "
+                         f"there is more than one rank; got node={node!r}")
     preconditioners = build_preconditioners(options, optimizer_params, rank, device)
-    sync = build_sync(options, module, comm, preconditioners) if comm is not None else None
+    sync = build_sync(options, module, comm, preconditioners, node) if comm is not None else None
     overlap = (background(), timeout) if sync is not None and options.overlap and background is not None else None
     return Engine(options, sync, preconditioners, rank, steps, round_index, overlap, clock)
 
@@ -137,6 +144,7 @@ class Engine:
         self.options = options
         self.sync = sync
         self.comm = sync.comm if sync is not None else None
+        self.node: NodeComms | None = sync.node if sync is not None else None
         self.world_size = self.comm.world_size if self.comm is not None else 1
         self.rank = rank
         self.preconditioners = list(preconditioners)
@@ -149,7 +157,7 @@ class Engine:
         self.skipping = False  # the next optimizer step (all its micro-batches) is skipped (partial work)
         self.skipped_steps = 0
         self._pace_window: tuple[float, int] | None = None  # (start time, trained steps) of the window measured
-        self._grad_averagers: dict[int, GradientAverager] = {}
+        self._grad_averagers: dict[tuple[int, bool], GradientAverager] = {}
         self._grad_combiners: dict[int, AdaConsGradients] = {}
         self._restored_combiners: dict[int, dict[str, Any]] = {}
         # stop requests: set by the training loop's signal handlers, learned by every rank through the flags
@@ -184,6 +192,8 @@ class Engine:
             closure = _then(closure, self._averager(index, params).average_, loss_scale)
         elif self.comm is not None and self.options.combines_gradients:
             closure = _then(closure, self._combiner(index, params).combine_, loss_scale)
+        elif self.node is not None:
+            closure = _then(closure, self._averager(index, params, self.node.node).average_, loss_scale)
         if self.preconditioners:
             closure = self._scaling(index, closure, raw_closure or closure, loss_scale, buffers,
                                     device or torch.device("cpu"))
@@ -193,12 +203,15 @@ class Engine:
     def wraps_gradients(self) -> bool:
         """Whether this step's gradients need work before the update (:meth:`wrap_closure` changes the closure)."""
         averages = self.comm is not None and (self.steps < self.options.warmup_steps or self.options.combines_gradients)
-        return averages or bool(self.preconditioners)
+        return averages or self.node is not None or bool(self.preconditioners)
 
-    def _averager(self, index: int, params: Sequence[Tensor]) -> GradientAverager:
-        if index not in self._grad_averagers:
-            self._grad_averagers[index] = GradientAverager(params, self.comm)
-        return self._grad_averagers[index]
+    def _averager(self, index: int, params: Sequence[Tensor], comm: Any = None) -> GradientAverager:
+        """The gradient mean over all ranks (warm-up), or over the node's ranks when ``comm`` is the node's."""
+        key = (index, comm is not None)
+        if key not in self._grad_averagers:
+            self._grad_averagers[key] = GradientAverager(params, comm or self.comm,
+                                                         purpose="warmup" if comm is None else "node")
+        return self._grad_averagers[key]
 
     def _combiner(self, index: int, params: Sequence[Tensor]) -> AdaConsGradients:
         if index not in self._grad_combiners:
@@ -252,6 +265,8 @@ class Engine:
             self.handle_flags(self.all_reduce_flags(before_round=False))
             if options.average_buffers:
                 sync.average_buffers_("warmup" if self.steps <= options.warmup_steps else "aggregate")
+        elif self.node is not None and options.average_buffers:  # the node's ranks stay one replica
+            sync.average_buffers_("node", self.node.node)
         if sync is not None and round_due:
             if self.overlapped is not None:
                 self.handle_flags(self.overlapped.finish())

@@ -69,8 +69,9 @@ class GradientAverager:
     no rank touched keeps ``grad = None`` (a gradient missing on some ranks counts as zero, as in DDP).
     """
 
-    def __init__(self, params: Iterable[Tensor], comm: Communicator) -> None:
+    def __init__(self, params: Iterable[Tensor], comm: Communicator, purpose: str = "warmup") -> None:
         self.gradients = _FlatGradients(params)
+        self.purpose = purpose
         count = len(self.gradients.params)
         self._message = torch.zeros(self.gradients.buffer.numel() + count, dtype=torch.float32,
                                     device=self.gradients.device)
@@ -89,7 +90,7 @@ class GradientAverager:
         if loss_scale is not None:
             message.div_(loss_scale)
         self._message[self._message.numel() - count:].copy_(torch.tensor(present, dtype=torch.float32))
-        self.comm.all_reduce_([self._message], purpose="warmup", op="sum")
+        self.comm.all_reduce_([self._message], purpose=self.purpose, op="sum")
         self.gradients.buffer.copy_(message).div_(self.comm.world_size)
         if loss_scale is not None:
             self.gradients.buffer.mul_(loss_scale)

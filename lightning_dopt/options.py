@@ -17,6 +17,7 @@ from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.combinations import Setting, check as check_combination
 from lightning_dopt.compress import Codec, make_codec
 from lightning_dopt.compressed_rounds import check_anchor_options
+from lightning_dopt.hierarchy import check_hierarchy
 from lightning_dopt.pacing import check_min_work
 from lightning_dopt.rounds import OuterOptimizerFactory, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, check_relative_floor, make_preconditioner
@@ -146,6 +147,11 @@ class Options:
             ``{"loss": 0, "dopt_skipped": True}``. Needs automatic optimization and no collectives inside
             ``training_step`` (``self.log(..., sync_dist=True)`` per step, ``all_gather``, ``sync_batchnorm``),
             which a skipping rank would not join. 1.0 (default): every rank trains on every batch.
+        hierarchy: ``"flat"`` (default): every rank is a gossip peer. ``"node"``: one replica per node: the ranks of
+            a node average their gradients (and buffers) every step, rounds of ``topology`` run between nodes, and
+            local rank ``k`` of a node exchanges (and compresses) only shard ``k`` of the state with local rank ``k``
+            of the partner node, after which the node re-assembles the state (:mod:`lightning_dopt.hierarchy`).
+            Ranks must be numbered node by node with the same number on every node (torchrun, SLURM).
     """
 
     local_steps: int = 1
@@ -173,6 +179,7 @@ class Options:
     scaling_floor: float = 1e-2
     overlap: bool = False
     min_work: float = 1.0
+    hierarchy: str = "flat"
 
     def __post_init__(self) -> None:
         check_int("local_steps", self.local_steps, 1)
@@ -202,6 +209,7 @@ class Options:
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap must be True or False; got {self.overlap!r}")
         object.__setattr__(self, "min_work", check_min_work(self.min_work))
+        check_hierarchy(self.hierarchy)
         check_combination(self.setting)
 
     @classmethod
@@ -227,7 +235,7 @@ class Options:
         return Setting(topology=self.topology, compression=compression, overlap=self.overlap, scaling=self.scaling,
                        aggregation=self.aggregation, outer_optimizer=outer, local_steps=self.local_steps,
                        min_work=self.min_work, warmup_steps=self.warmup_steps, stale_weights=self.stale_weights,
-                       preserve_scale=self.preserve_scale)
+                       preserve_scale=self.preserve_scale, hierarchy=self.hierarchy)
 
     @property
     def combines_gradients(self) -> bool:

@@ -29,6 +29,7 @@ from lightning_dopt.comm import FlatState, is_narrow_float
 from lightning_dopt.compress import Codec, finite_flag
 from lightning_dopt.compressed_rounds import AnchoredCompression, CompressedRound
 from lightning_dopt.gradients import AdaConsCombiner
+from lightning_dopt.hierarchy import NodeComms, NodeSplitRound, shard_bounds, shard_views
 from lightning_dopt.rounds import (
     AllReduceRound,
     GossipOuterRound,
@@ -159,7 +160,7 @@ class ReplicaSync:
                  average_buffers: bool = True, codec: Codec | None = None, anchor_interval: int = 16,
                  anchor_tolerance: float | None = None, round_combiner: AdaConsCombiner | None = None,
                  outer_optimizer: OuterOptimizerFactory | None = None,
-                 statistics: Sequence[MixedStatistics] = ()) -> None:
+                 statistics: Sequence[MixedStatistics] = (), node: NodeComms | None = None) -> None:
         replica = module if isinstance(module, ReplicaTensors) else ReplicaTensors.of(module)
         buffers = replica.persistent
         averaged = [p for p in replica.params if _is_averaged(p)]
@@ -180,8 +181,20 @@ class ReplicaSync:
         self._round_work = self.round_state.new_buffers() if self.extra.tensors else self._work
         self.swapped = False
         self._toggled = False
-        self.round = make_round(self.round_state, replica, comm, topology, seed, codec, anchor_interval,
-                                anchor_tolerance, round_combiner, outer_optimizer)
+        # hierarchy="node": the round runs between nodes on this rank's shard (lightning_dopt.hierarchy)
+        self.node = node
+        self.round_comm: Any = comm if node is None else node
+        if node is None:
+            self.round = make_round(self.round_state, replica, comm, topology, seed, codec, anchor_interval,
+                                    anchor_tolerance, round_combiner, outer_optimizer)
+        else:
+            part, parts = node.local_rank, node.local_world_size
+            shard = RoundState(FlatState(shard_views(self.state, part, parts)),
+                               FlatState(shard_views(self.extra, part, parts)))
+            inner = make_round(shard, replica, node.cross, topology, seed, codec, anchor_interval, anchor_tolerance,
+                               round_combiner, outer_optimizer)
+            bounds = [[shard_bounds(buffer.numel(), parts)[k] for buffer in self._round_work] for k in range(parts)]
+            self.round = NodeSplitRound(inner, bounds, part)
 
     @torch.no_grad()
     def broadcast_(self, src: int = 0) -> None:
@@ -231,7 +244,7 @@ class ReplicaSync:
             self.comm.count_round()
             return
         work = self.round_state.pack(self._round_work)
-        self.mix_buffers_(work, round_index, self.comm, refresh)
+        self.mix_buffers_(work, round_index, self.round_comm, refresh)
         self.round_state.unpack(work)
 
     @torch.no_grad()
@@ -270,11 +283,12 @@ class ReplicaSync:
             self.counters.unpack(counters)
 
     @torch.no_grad()
-    def average_buffers_(self, purpose: str) -> None:
-        """Average only the floating-point buffers (used while gradients are averaged during warm-up)."""
+    def average_buffers_(self, purpose: str, comm: Any = None) -> None:
+        """Average only the floating-point buffers over ``comm`` (default: all ranks; used while gradients are
+        averaged, during warm-up and inside a node under ``hierarchy="node"``)."""
         if self.float_buffers.tensors:
             buffers = self.float_buffers.pack(self.float_buffers.new_buffers())
-            self.comm.all_reduce_(buffers, purpose=purpose, op="mean")
+            (comm or self.comm).all_reduce_(buffers, purpose=purpose, op="mean")
             self.float_buffers.unpack(buffers)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ broadcast. Which option combinations are refused, and why: :mod:`lightning_dopt.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -24,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
@@ -43,6 +45,7 @@ from lightning_dopt.combinations import check as check_combination
 from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec
 from lightning_dopt.engine import Engine, NonFiniteReplicaError, build_engine, device_clock, optimizer_params
+from lightning_dopt.hierarchy import NodeComms, NodeLayout
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.options import AGGREGATIONS, EVAL_MODELS, PRESETS, Options, OptionsAttributes
 from lightning_dopt.rounds import OuterOptimizerFactory
@@ -76,6 +79,7 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
         stale_weights: bool = False, outer_optimizer: str | OuterOptimizerFactory | None = None,
         scaling: str | None = None, scaling_beta: float = 0.999, scaling_eps: float = 1e-8,
         scaling_alpha_min: float = 1e-4, scaling_floor: float = 1e-2, overlap: bool = False, min_work: float = 1.0,
+        hierarchy: str = "flat",
         accelerator: Accelerator | None = None, parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None, checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None, process_group_backend: str | None = None,
@@ -85,7 +89,7 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
             local_steps, topology, warmup_steps, average_buffers, eval_model, consensus_interval, seed, compression,
             block_size, anchor_interval, anchor_tolerance, aggregation, adacons_momentum, adacons_layerwise,
             adacons_guard, preserve_scale, stale_weights, outer_optimizer, scaling, scaling_beta, scaling_eps,
-            scaling_alpha_min, scaling_floor, overlap, min_work)
+            scaling_alpha_min, scaling_floor, overlap, min_work, hierarchy)
         if start_method not in ("popen", "spawn", "fork", "forkserver"):
             raise ValueError(f"unknown start_method {start_method!r}; valid choices: popen, spawn, fork, forkserver")
         super().__init__(
@@ -117,7 +121,12 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
     def _configure_launcher(self) -> None:
         """Called while the Trainer is built, once it has given the strategy its precision plugin and layer sync:
         the combinations with those are checked here, before anything runs."""
-        validate_topology(self.options.topology, self.world_size)
+        node_level = self.options.hierarchy == "node"
+        validate_topology(self.options.topology, self.num_nodes if node_level else self.world_size)
+        if node_level and self.num_nodes == 1:
+            rank_zero_warn("lightning_dopt: hierarchy='node' on one node makes all its ranks one replica that averages "
+                           "gradients every step (like DDP), with no rounds between nodes; use hierarchy='flat' to "
+                           "gossip between the GPUs of one machine")
         self._setting = replace(self._setting, precision=getattr(self.precision_plugin, "precision", "32-true"),
                                 sync_batchnorm=self._layer_sync is not None)
         check_combination(self._setting)
@@ -139,6 +148,30 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
                                   accumulate_grad_batches=int(trainer.accumulate_grad_batches)))
 
     # ------------------------------------------------------------------------------------------ setup
+    def _node_comms(self, comm: Communicator) -> NodeComms:
+        """``hierarchy="node"``: check that every node runs the same number of ranks, numbered node by node, then
+        create the node's and the cross-node process groups. Collective: every rank checks the same gathered facts
+        (one 3-float64 all-reduce), so a bad layout fails on every rank with the same error before training."""
+        assert self.cluster_environment is not None
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes))
+        misnumbered = float(self.cluster_environment.node_rank() != self.global_rank // max(local, 1))
+        facts = torch.tensor([local, -local, misnumbered], dtype=torch.float64, device=comm.device)
+        comm.all_reduce_([facts], purpose="control", op="max")
+        most, fewest, bad = int(facts[0]), int(-facts[1]), bool(facts[2])
+        if most != fewest:
+            raise ValueError(f"hierarchy='node' needs the same number of ranks on every node; the nodes run between "
+                             f"{fewest} and {most} (LOCAL_WORLD_SIZE, or Trainer(devices=...)). Launch as many "
+                             "processes on every node, or use hierarchy='flat'")
+        if bad:
+            raise ValueError("hierarchy='node' needs ranks numbered node by node (rank = node_rank · devices + "
+                             "local_rank, as torchrun and SLURM number them); some rank's node_rank does not match. "
+                             "Check the launcher's rank assignment, or use hierarchy='flat'")
+        layout = NodeLayout(self.world_size, local)
+        node_group, _ = dist.new_subgroups_by_enumeration(layout.node_groups(), timeout=self._timeout)
+        cross_group, _ = dist.new_subgroups_by_enumeration(layout.cross_groups(), timeout=self._timeout)
+        return NodeComms(node=Communicator(node_group, stats=comm.stats, liveness=comm.liveness),
+                         cross=Communicator(cross_group, stats=comm.stats, liveness=comm.liveness))
+
     @override
     def setup(self, trainer: Any) -> None:
         """DDPStrategy.setup without the DDP wrapper: the engine, a common start from rank 0 (or the restored
@@ -166,11 +199,12 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
         comm = Communicator() if self.world_size > 1 else None
         if comm is not None:  # before the background communicator, which shares the heartbeats
             comm.start_liveness(prefix=f"lightning_dopt/{self._setups}")
+        node = self._node_comms(comm) if comm is not None and self.options.hierarchy == "node" else None
         self._engine = build_engine(
             self.options, self.model, [optimizer_params(o) for o in self.optimizers] if fitting else [], comm,
             self.global_rank, self.root_device, steps, round_index, clock=device_clock(self.root_device),
             background=(lambda: comm.background(self._timeout)) if fitting and comm is not None else None,
-            timeout=self._timeout.total_seconds() if self._timeout else None)
+            timeout=self._timeout.total_seconds() if self._timeout else None, node=node)
         if not fitting and previous is not None:  # (after fit, a test stage still reports the fit's counts)
             self._engine.skipped_steps = previous.skipped_steps
         sidecar = restored.get("sidecar") if restored else None

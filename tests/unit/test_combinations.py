@@ -17,7 +17,8 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "strategy.md"
 def only_refusal(rule: Rule) -> Setting:
     """A setting (every fact known) that ``rule`` refuses and no other rule does, drawn at random (seeded)."""
     generator = random.Random(0)
-    extra = {"stale_weights": (False, True), "preserve_scale": (False, True), "sync_batchnorm": (False, True)}
+    extra = {"stale_weights": (False, True), "preserve_scale": (False, True), "sync_batchnorm": (False, True),
+             "hierarchy": ("flat", "flat", "flat", "node")}  # node refuses AdaCons: drawn less often
     for _ in range(50_000):
         setting = Setting(**{name: generator.choice(values) for name, values in {**DIMENSIONS, **extra}.items()})
         if [r.key for r in refusals(setting)] == [rule.key]:
