@@ -106,7 +106,12 @@ def _instruments(spec: dict[str, Any], rank: int) -> Any:
             if spec.get("record"):
                 torch.save(snapshot(pl_module), os.path.join(out, f"end-rank{rank}.pt"))
                 with open(os.path.join(out, f"stats-rank{rank}.json"), "w") as handle:
-                    json.dump({"global_step": trainer.global_step, "steps": trainer.strategy.steps}, handle)
+                    json.dump({"global_step": trainer.global_step, "steps": trainer.strategy.steps,
+                               "bytes_sent_by_purpose": trainer.strategy.comm_stats.bytes_sent_by_purpose}, handle)
+
+        def on_fit_end(self, trainer: Any, pl_module: Any) -> None:  # after the strategy's final average
+            if spec.get("record"):
+                torch.save(snapshot(pl_module), os.path.join(out, f"fit-end-rank{rank}.pt"))
 
     return Instruments()
 
@@ -200,7 +205,9 @@ def run_rank(spec: dict[str, Any]) -> None:
     wrote that save's main file or after ``wait_s`` seconds); ``how`` ``sigkill`` or ``raise``), ``sigterm`` (``{"after_step", "from_rank", "pause_s",
     "signal", "ranks"}``: once rank ``from_rank`` (default 0) finished step ``after_step`` it pauses ``pause_s``
     seconds and the server sends ``signal`` (default SIGTERM) to ``ranks`` (default all)), ``step_sleep_s``,
-    ``env`` (extra environment variables; ``{rank}`` is replaced, ``None`` removes one).
+    ``env`` (extra environment variables; ``{rank}`` is replaced, ``None`` removes one), ``local_world_size``
+    (ranks per node, default 1: torchrun's ``LOCAL_RANK``, ``GROUP_RANK`` and ``LOCAL_WORLD_SIZE`` follow from it;
+    pass ``trainer={"devices": ..., "num_nodes": ...}`` to match).
     """
     import lightning as L
     import torch
@@ -236,8 +243,10 @@ def _start_rank(spec: dict[str, Any], rank: int, port: int, start: float) -> int
     if pid:
         return pid
     # child: become a fresh rank process and never return to the server loop
+    local = spec.get("local_world_size", 1)  # ranks per node, numbered node by node
     environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(spec["world_size"]),
-                   "RANK": str(rank), "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                   "RANK": str(rank), "GROUP_RANK": str(rank // local), "LOCAL_RANK": str(rank % local),
+                   "LOCAL_WORLD_SIZE": str(local),
                    "TORCHELASTIC_RUN_ID": f"reliability-{port}", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
                    "RELIABILITY_T0": repr(start)}
     os.environ.update(environment)
