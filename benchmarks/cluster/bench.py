@@ -33,7 +33,7 @@ from lightning_dopt.options import Options  # noqa: E402
 from lightning_dopt.traffic import expected_traffic  # noqa: E402
 
 CONFIG_KEYS = ("ranks", "rate_mbit", "steps", "batch_size", "eval_every", "hidden", "lr", "momentum", "local_steps",
-               "warmup", "powersgd_rank", "test_limit", "seed", "threads", "compute_sleep")
+               "warmup", "powersgd_rank", "test_limit", "seed", "threads", "compute_sleep", "ranks_per_node")
 
 
 def local_steps_of(name: str, cfg: dict[str, Any]) -> int:
@@ -78,6 +78,12 @@ def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, s
         return (w * full + averagings * full) / steps, "="
     if name in DOPT_CONTENDERS:
         options = Options(**{"local_steps": cfg["local_steps"], "warmup_steps": w, **DOPT_CONTENDERS[name]})
+        if options.hierarchy == "node":  # the rounds between nodes, each rank carrying 1/g of its node's share
+            g = cfg["ranks_per_node"]
+            flat = Options(**{**DOPT_CONTENDERS[name], "local_steps": cfg["local_steps"], "warmup_steps": w,
+                              "hierarchy": "flat"})
+            traffic = expected_traffic(flat, params, len(mlp_shapes(cfg["hidden"])), n // g, steps)
+            return traffic.total / steps / g, "≈"
         traffic = expected_traffic(options, params, len(mlp_shapes(cfg["hidden"])), n, steps)
         # compressed runs also refresh their anchor when the noise check asks (anchor_tolerance): not counted here
         return traffic.total / steps, "≈" if options.compression else "="
@@ -89,14 +95,17 @@ def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, s
 
 
 def measure_goodput(cluster: netns.EmulatedCluster, megabytes: int = 8) -> float:
-    """TCP goodput rank 0 → rank 1 through the bridge, Mbit/s (``megabytes`` MB sent with plain sockets)."""
+    """TCP goodput from rank 0 to the first rank of the next node through the bridge, Mbit/s (``megabytes`` MB sent
+    with plain sockets)."""
+    peer = cluster.ranks_per_node
     server = ("import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
               "s.bind(('0.0.0.0',5201));s.listen(1);c,_=s.accept();n=0;t=None\n"
               "while True:\n d=c.recv(1<<20)\n if not d: break\n t=t or time.perf_counter();n+=len(d)\n"
               "print(n*8/(time.perf_counter()-t)/1e6)")
-    client = (f"import socket,time\ntime.sleep(0.5)\ns=socket.create_connection(('{cluster.address(1)}',5201))\n"
+    client = (f"import socket,time\ntime.sleep(0.5)\ns=socket.socket();s.bind(('{cluster.address(0)}',0))\n"
+              f"s.connect(('{cluster.address(peer)}',5201))\n"
               f"b=bytes(1<<20)\nfor _ in range({megabytes}): s.sendall(b)\ns.close()")
-    srv = subprocess.Popen(cluster.command(1, [sys.executable, "-c", server]), stdout=subprocess.PIPE, text=True)
+    srv = subprocess.Popen(cluster.command(peer, [sys.executable, "-c", server]), stdout=subprocess.PIPE, text=True)
     try:
         subprocess.run(cluster.command(0, [sys.executable, "-c", client]), check=True, timeout=120)
         out, _ = srv.communicate(timeout=60)
@@ -219,6 +228,8 @@ def parse_args() -> argparse.Namespace:
     add("--contenders", type=comma_list(), default=list(ORDER), help=f"comma-separated, from: {', '.join(ORDER)}")
     for key, kind, default, text in (
             ("ranks", int, 4, None), ("rate-mbit", float, 100.0, "link rate per rank and direction"),
+            ("ranks-per-node", int, 1, "ranks (emulated GPUs) per node: one namespace per node, one rate-limited link "
+                                       "per rank, intra-node traffic unlimited (loopback)"),
             ("steps", int, 120, None), ("batch-size", int, 125, "per rank"), ("eval-every", int, 12, None),
             ("hidden", int, 2048, None), ("lr", float, 0.1, None), ("momentum", float, 0.9, None),
             ("local-steps", int, 4, "H for the local/gossip contenders"), ("warmup", int, 0, "synchronous steps first"),
@@ -249,6 +260,8 @@ def parse_args() -> argparse.Namespace:
     if unknown := [c for c in args.contenders if c not in ORDER]:
         parser.error(f"unknown contenders {unknown}; valid: {', '.join(ORDER)}")
     args.names = [c for c in ORDER if c in args.contenders]
+    if args.ranks_per_node < 1 or args.ranks % args.ranks_per_node:
+        parser.error(f"--ranks-per-node must divide --ranks ({args.ranks})")
     if args.steps % args.eval_every or args.eval_every % args.local_steps:
         parser.error("--steps must be a multiple of --eval-every, and --eval-every a multiple of --local-steps")
     return args
@@ -293,10 +306,12 @@ def main() -> None:
         print(f"exchange probe: {json.dumps(probed['median_seconds'])} (bound {probed['bound_seconds']:.2f} s)")
     if to_run:
         started = time.perf_counter()
-        with netns.signals_raise(), netns.EmulatedCluster(args.ranks, rate_mbit=args.rate_mbit) as cluster:
-            goodput = measure_goodput(cluster) if args.ranks > 1 else float("nan")
-            print(f"cluster {cluster.cluster_id}: {args.ranks} ranks at {args.rate_mbit:g} Mbit/s per direction; "
-                  f"measured TCP goodput rank 0 → 1: {goodput:.1f} Mbit/s", flush=True)
+        with netns.signals_raise(), netns.EmulatedCluster(args.ranks, rate_mbit=args.rate_mbit,
+                                                          ranks_per_node=args.ranks_per_node) as cluster:
+            goodput = measure_goodput(cluster) if args.ranks > args.ranks_per_node else float("nan")
+            print(f"cluster {cluster.cluster_id}: {args.ranks} ranks ({args.ranks_per_node} per node) at "
+                  f"{args.rate_mbit:g} Mbit/s per direction; measured TCP goodput rank 0 → {args.ranks_per_node}: "
+                  f"{goodput:.1f} Mbit/s", flush=True)
             for index, name in enumerate(to_run):
                 if run_contender(name, cfg, cluster, 29500 + index, args.results_dir, args.timeout, command,
                                  goodput) is None:
@@ -316,7 +331,8 @@ def main() -> None:
         print("\nexchange probe (median s of 3 trials × 2 ranks): " + json.dumps(probe["median_seconds"])
               + f"; one direction at link rate: {probe['bound_seconds']:.2f} s")
     if args.img_dir:
-        title = (f"{cfg['ranks']} ranks, {cfg['rate_mbit']:g} Mbit/s links, MLP {results[0]['ranks'][0]['params']:,} "
+        nodes = "" if cfg["ranks_per_node"] == 1 else f" ({cfg['ranks_per_node']} per node)"
+        title = (f"{cfg['ranks']} ranks{nodes}, {cfg['rate_mbit']:g} Mbit/s links, MLP {results[0]['ranks'][0]['params']:,} "
                  f"params, {cfg['steps']} steps × batch {cfg['batch_size']}/rank")
         print("plots: " + ", ".join(map(str, plot(rows, args.target, args.img_dir, title))))
 

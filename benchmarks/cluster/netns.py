@@ -66,12 +66,18 @@ def _delete_namespace(namespace: str) -> None:
 
 @dataclass
 class EmulatedCluster:
-    """``world_size`` namespaces on a bridge, each rank's link limited to ``rate_mbit`` Mbit/s each way (``None``:
+    """``world_size`` ranks on a bridge, each rank's link limited to ``rate_mbit`` Mbit/s each way (``None``:
     unlimited; ``limit_ingress=False``: sending only), addresses ``<subnet>.<rank + 1>/24``. A context manager: the
-    namespaces exist inside the ``with`` block and are deleted on every way out of it."""
+    namespaces exist inside the ``with`` block and are deleted on every way out of it.
+
+    ``ranks_per_node = g > 1`` emulates nodes of ``g`` GPUs with one NIC each: the ``g`` ranks of a node share one
+    namespace (``...-n<node>``), each with its own rate-limited link; a source-address routing rule per link sends a
+    rank's traffic to other nodes through its own link, and traffic between the ranks of a node goes through the
+    namespace's loopback, unlimited (the node's fast interconnect)."""
 
     world_size: int
     rate_mbit: float | None = 100.0
+    ranks_per_node: int = 1
     limit_ingress: bool = True
     burst_bytes: int = 64 * 1024
     latency_ms: float = 50.0
@@ -82,13 +88,18 @@ class EmulatedCluster:
     def __post_init__(self) -> None:
         if not 1 <= self.world_size <= 250:
             raise ValueError(f"world_size must be 1 to 250 (one /24 subnet), got {self.world_size}")
+        if self.ranks_per_node < 1 or self.world_size % self.ranks_per_node:
+            raise ValueError(f"ranks_per_node must divide world_size ({self.world_size}), got {self.ranks_per_node}")
 
     @property
     def bridge_namespace(self) -> str:
         return f"{self.cluster_id}-br"
 
     def namespace(self, rank: int) -> str:
-        return f"{self.cluster_id}-r{rank}"
+        """The namespace rank ``rank`` runs in: its own, or its node's when ``ranks_per_node > 1``."""
+        if self.ranks_per_node == 1:
+            return f"{self.cluster_id}-r{rank}"
+        return f"{self.cluster_id}-n{rank // self.ranks_per_node}"
 
     @staticmethod
     def interface(rank: int) -> str:
@@ -100,7 +111,7 @@ class EmulatedCluster:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.bridge_namespace] + [self.namespace(k) for k in range(self.world_size)]
+        return [self.bridge_namespace] + list(dict.fromkeys(self.namespace(k) for k in range(self.world_size)))
 
     def create(self) -> EmulatedCluster:
         """Build the namespaces, bridge, links and qdiscs; on a failure remove what was built."""
@@ -114,14 +125,27 @@ class EmulatedCluster:
             _run("ip", "-n", br, "link", "set", "br0", "up")
             for rank in range(self.world_size):
                 ns, dev, port = self.namespace(rank), self.interface(rank), f"p{rank}"
-                with _signals_deferred():
-                    self._add_namespace(ns)
+                if ns not in self.created:
+                    with _signals_deferred():
+                        self._add_namespace(ns)
+                    if self.ranks_per_node > 1:
+                        # several links in one subnet: each answers ARP only for its own address (else a peer could
+                        # send to a rank through another rank's link) and accepts replies routed by source address
+                        for key, value in (("arp_ignore", 1), ("arp_announce", 2), ("rp_filter", 0)):
+                            for scope in ("all", "default"):
+                                _run("ip", "netns", "exec", ns, "sysctl", "-qw",
+                                     f"net.ipv4.conf.{scope}.{key}={value}")
                 # Both ends are created inside namespaces: nothing ever appears in the root namespace.
                 _run("ip", "-n", br, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns)
                 _run("ip", "-n", br, "link", "set", port, "master", "br0", "up")
                 _run("ip", "-n", ns, "addr", "add", f"{self.address(rank)}/24", "dev", dev)
                 _run("ip", "-n", ns, "link", "set", dev, "up")
                 _run("ip", "-n", ns, "link", "set", "lo", "up")  # packets to one's own address go through lo
+                if self.ranks_per_node > 1:  # this rank's traffic leaves through its own link (one NIC per GPU)
+                    table = str(100 + rank)
+                    _run("ip", "-n", ns, "route", "add", f"{self.subnet}.0/24", "dev", dev, "src",
+                         self.address(rank), "table", table)
+                    _run("ip", "-n", ns, "rule", "add", "from", self.address(rank), "table", table)
                 if self.rate_mbit is not None:
                     self._limit(ns, dev)
                     if self.limit_ingress:
@@ -159,9 +183,10 @@ class EmulatedCluster:
         """The environment of a one-process-per-node launch, less other launchers' variables."""
         env = {k: v for k, v in (os.environ if base is None else base).items()
                if not k.startswith(("SLURM_", "TORCHELASTIC_", "OMPI_", "PMI_")) and k != "GROUP_RANK"}
+        g = self.ranks_per_node
         env.update(MASTER_ADDR=self.address(0), MASTER_PORT=str(master_port), RANK=str(rank),
-                   WORLD_SIZE=str(self.world_size), NODE_RANK=str(rank), LOCAL_RANK="0",
-                   GLOO_SOCKET_IFNAME=self.interface(rank))
+                   WORLD_SIZE=str(self.world_size), NODE_RANK=str(rank // g), LOCAL_RANK=str(rank % g),
+                   LOCAL_WORLD_SIZE=str(g), GLOO_SOCKET_IFNAME=self.interface(rank))
         return env
 
     def tx_bytes(self, rank: int) -> int:

@@ -1,4 +1,4 @@
-"""One rank of the emulated-cluster benchmark (started by ``bench.py`` in its namespace, one process per node):
+"""One rank of the emulated-cluster benchmark (started by ``bench.py`` in its namespace, one process per emulated GPU):
 trains an MLP on Fashion-MNIST with one contender strategy; :class:`Recorder` writes what it measured during training
 (evaluations excluded) to ``<result-dir>/rank<k>.json``.
 """
@@ -30,14 +30,15 @@ from recipes.vision.data import load_idx_dataset  # noqa: E402
 
 DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
-              "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8", "adacons",
-              "no_sync")
+              "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8",
+              "gossip_local_int8_node", "adacons", "no_sync")
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h8: H = 8 whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
                    "gossip_local_int8_overlap": {"compression": "int8", "overlap": True},
                    "gossip_local_int4": {"compression": "int4"},
-                   "gossip_local_int8_h8": {"compression": "int8", "local_steps": 8}}
+                   "gossip_local_int8_h8": {"compression": "int8", "local_steps": 8},
+                   "gossip_local_int8_node": {"compression": "int8", "hierarchy": "node"}}
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
@@ -303,8 +304,10 @@ def main() -> None:
     callbacks = [Recorder(cli.contender, Path(cli.result_dir) / f"rank{rank}.json", counter,
                           os.environ.get("GLOO_SOCKET_IFNAME", "lo")),
                  *([AverageForEvaluation()] if cli.contender == "post_local_sgd" else []), RegisterCommHook()]
+    per_node = getattr(args, "ranks_per_node", 1)  # one process per emulated GPU, numbered node by node
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, num_nodes=world_size, strategy=build_strategy(cli.contender, args),
+        accelerator="cpu", devices=per_node, num_nodes=world_size // per_node,
+        strategy=build_strategy(cli.contender, args),
         max_steps=args.steps, max_epochs=-1, val_check_interval=args.eval_every, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, deterministic=False)

@@ -90,7 +90,8 @@ def _built(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------- configs
 def test_strategy_set_is_complete():
     assert set(STRATEGIES) == {"adacons.yaml", "ddp.yaml", "gossip_local.yaml", "gossip_local_int8.yaml",
-                               "local_sgd.yaml", "noloco.yaml", "scaled_adam.yaml", "simulated.yaml"}
+                               "gossip_node.yaml", "local_sgd.yaml", "noloco.yaml", "scaled_adam.yaml",
+                               "simulated.yaml"}
 
 
 @pytest.mark.parametrize("base", BASES)
