@@ -146,20 +146,22 @@ def read_sidecar(checkpoint_path: _PATH, rank: int, save_id: str) -> dict[str, A
     return sidecar
 
 
-def restore_point(checkpoint: dict[str, Any], checkpoint_path: _PATH, rank: int,
-                  world_size: int) -> dict[str, Any] | None:
+def restore_point(checkpoint: dict[str, Any], checkpoint_path: _PATH, rank: int, world_size: int,
+                  ranks_per_replica: int = 1) -> dict[str, Any] | None:
     """Where a fit resumes from ``checkpoint``: ``{"steps", "round", "sidecar"}`` with this rank's sidecar when as many
-    ranks resume as wrote it (exact resume); without the sidecar (with a warning) on another number of ranks, where
-    every rank starts from the averaged model; ``None`` for a checkpoint not written by lightning_dopt."""
+    ranks resume as wrote it, grouped into replicas the same way (``ranks_per_replica``: 1, or the ranks per node
+    under ``hierarchy="node"``), for an exact resume; without the sidecar (with a warning) otherwise, where every rank
+    starts from the averaged model; ``None`` for a checkpoint not written by lightning_dopt."""
     meta = checkpoint.get("lightning_dopt")
     if meta is None:
         return None
     restored = {"steps": int(meta["steps"]), "round": int(meta["round"]), "sidecar": None}
-    if meta["world_size"] != world_size:
+    saved_grouping = int(meta.get("ranks_per_replica", 1))
+    if meta["world_size"] != world_size or saved_grouping != ranks_per_replica:
         rank_zero_warn(
-            f"{checkpoint_path} was written by {meta['world_size']} ranks and is resumed on {world_size}: "
-            "every rank starts from the averaged model with rank 0's optimizer state; per-rank replicas, "
-            "optimizer states and RNG are not restored.")
+            f"{checkpoint_path} was written by {meta['world_size']} ranks, {saved_grouping} per replica, and is "
+            f"resumed on {world_size}, {ranks_per_replica} per replica: every rank starts from the averaged model "
+            "with rank 0's optimizer state; per-rank replicas, optimizer states and RNG are not restored.")
         return restored
     restored["sidecar"] = read_sidecar(checkpoint_path, rank, meta["save_id"])
     return restored

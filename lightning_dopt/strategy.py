@@ -148,12 +148,18 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
                                   accumulate_grad_batches=int(trainer.accumulate_grad_batches)))
 
     # ------------------------------------------------------------------------------------------ setup
+    def _ranks_per_replica(self) -> int:
+        """How many ranks share one replica: the ranks of a node under ``hierarchy="node"``, else 1."""
+        if self.options.hierarchy != "node":
+            return 1
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes))
+
     def _node_comms(self, comm: Communicator) -> NodeComms:
         """``hierarchy="node"``: check that every node runs the same number of ranks, numbered node by node, then
         create the node's and the cross-node process groups. Collective: every rank checks the same gathered facts
         (one 3-float64 all-reduce), so a bad layout fails on every rank with the same error before training."""
         assert self.cluster_environment is not None
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes))
+        local = self._ranks_per_replica()
         misnumbered = float(self.cluster_environment.node_rank() != self.global_rank // max(local, 1))
         facts = torch.tensor([local, -local, misnumbered], dtype=torch.float64, device=comm.device)
         comm.all_reduce_([facts], purpose="control", op="max")
@@ -407,6 +413,7 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
         checkpoint["lightning_dopt"] = {
             "world_size": self.world_size, "steps": engine.steps, "round": engine.round, "save_id": save_id,
             "topology": self.options.topology, "local_steps": self.options.local_steps,
+            "ranks_per_replica": self._ranks_per_replica(),
         }
         with self._sync.holding("local"):
             sidecar = {
@@ -439,8 +446,8 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
         predict use the main file's averaged model)."""
         checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        self._restored = restore_point(checkpoint, checkpoint_path, self.global_rank, self.world_size) if fitting \
-            else None
+        self._restored = restore_point(checkpoint, checkpoint_path, self.global_rank, self.world_size,
+                                       self._ranks_per_replica()) if fitting else None
         return checkpoint
 
     @override

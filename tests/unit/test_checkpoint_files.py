@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_dopt.checkpoint_files import (SIDECAR_FORMAT, SIDECAR_FORMAT_V1, atomic_save, read_sidecar,
-                                             sidecar_path)
+                                             restore_point, sidecar_path)
 
 SAVE_ID = "abc123"
 
@@ -64,3 +64,19 @@ def test_sidecar_of_another_save_and_missing_sidecar_are_refused(tmp_path: Path)
         read_sidecar(main, 1, SAVE_ID)
     with pytest.raises(FileNotFoundError, match="missing per-rank checkpoint file"):
         read_sidecar(main, 0, SAVE_ID)
+
+
+def test_resume_reads_the_sidecar_only_for_the_same_ranks_grouped_the_same_way(tmp_path: Path) -> None:
+    main = tmp_path / "last.ckpt"
+    atomic_save({"format": SIDECAR_FORMAT, "rank": 1, "world_size": 4, "save_id": "abc", "state_dict": {}},
+                sidecar_path(main, 1, "abc"))
+    meta = {"world_size": 4, "steps": 8, "round": 2, "save_id": "abc", "ranks_per_replica": 2}
+    exact = restore_point({"lightning_dopt": meta}, main, rank=1, world_size=4, ranks_per_replica=2)
+    assert exact is not None and exact["sidecar"]["rank"] == 1 and (exact["steps"], exact["round"]) == (8, 2)
+    for world_size, grouping in ((4, 1), (8, 2)):  # flat now, or other nodes: start from the average
+        with pytest.warns(UserWarning, match=f"2 per replica, and is resumed on {world_size}, {grouping} per"):
+            averaged = restore_point({"lightning_dopt": meta}, main, rank=1, world_size=world_size,
+                                     ranks_per_replica=grouping)
+        assert averaged is not None and averaged["sidecar"] is None
+    legacy = {key: value for key, value in meta.items() if key != "ranks_per_replica"}  # before hierarchy existed
+    assert restore_point({"lightning_dopt": legacy}, main, rank=1, world_size=4)["sidecar"] is not None
