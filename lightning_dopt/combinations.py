@@ -194,11 +194,6 @@ RULES: tuple[Rule, ...] = (
          lambda s: s.hierarchy == "node" and s.min_work < 1.0,
          "the ranks of a node average their gradients at every step, so one of them cannot skip a step alone",
          "Use min_work=1.0 with hierarchy='node'"),
-    Rule("hierarchy-overlap", ("hierarchy", "overlap"),
-         lambda s: s.hierarchy == "node" and s.overlap,
-         "a background round between nodes would need its own node and cross-node process groups, which are not "
-         "implemented yet",
-         "Use overlap=False with hierarchy='node'"),
     Rule("oasis-precision", ("scaling", "precision"),
          lambda s: s.scaling == "oasis" and s.precision not in FULL_PRECISIONS,
          "OASIS takes Hessian-vector products as differences of gradients at x ± 0.001·z, and half-precision "

@@ -88,17 +88,24 @@ def build_sync(options: Options, module: nn.Module | ReplicaTensors, comm: Any,
 def build_engine(options: Options, module: nn.Module | ReplicaTensors, optimizer_params: Sequence[Sequence[Tensor]],
                  comm: Any | None, rank: int, device: torch.device, steps: int = 0, round_index: int = 0,
                  background: Callable[[], Any] | None = None, timeout: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter, node: NodeComms | None = None) -> Engine:
+                 clock: Callable[[], float] = time.perf_counter, node: NodeComms | None = None,
+                 node_background: Callable[[], NodeComms] | None = None) -> Engine:
     """The engine of one rank: preconditioners for ``optimizer_params`` (one list per optimizer; none outside fit), the
     round object over ``module`` on ``comm`` (``None``: a single rank, no communication), with ``overlap`` a
     background communicator from ``background()`` whose rounds are waited for at most ``timeout`` seconds, and
-    under ``hierarchy="node"`` the node's and the cross-node communicators (``node``)."""
+    under ``hierarchy="node"`` the node's and the cross-node communicators (``node``; with ``overlap``, a second
+    pair from ``node_background()`` for the background rounds)."""
     if (options.hierarchy == "node") != (node is not None and comm is not None):
         raise ValueError(f"hierarchy={options.hierarchy!r} needs node communicators exactly when it is 'node' and "
                          f"there is more than one rank; got node={node!r}")
     preconditioners = build_preconditioners(options, optimizer_params, rank, device)
     sync = build_sync(options, module, comm, preconditioners, node) if comm is not None else None
-    overlap = (background(), timeout) if sync is not None and options.overlap and background is not None else None
+    overlap = None
+    if sync is not None and options.overlap and background is not None:
+        if node is not None and node_background is None:
+            raise ValueError("overlap with hierarchy='node' needs node_background: the background round's node and "
+                             "cross-node communicators")
+        overlap = (background(), timeout, node_background() if node is not None else None)
     return Engine(options, sync, preconditioners, rank, steps, round_index, overlap, clock)
 
 
@@ -132,14 +139,15 @@ class Engine:
         preconditioners: from :func:`build_preconditioners`, one per optimizer (empty without ``scaling``).
         rank: this rank's index among ``world_size``.
         steps, round_index: counters to start from (a resumed fit's).
-        overlap_comm: a communicator of its own for the background round (``overlap=True``), and the bound in
-            seconds on waiting for it.
+        overlap_comm: a communicator of its own for the background round (``overlap=True``), the bound in
+            seconds on waiting for it, and under ``hierarchy="node"`` the background round's node communicators.
         clock: wall time for the pace windows (``min_work < 1``).
     """
 
     def __init__(self, options: Options, sync: ReplicaSync | None,
                  preconditioners: Sequence[tuple[list[Tensor], Preconditioner]] = (), rank: int = 0,
-                 steps: int = 0, round_index: int = 0, overlap_comm: tuple[Any, float | None] | None = None,
+                 steps: int = 0, round_index: int = 0,
+                 overlap_comm: tuple[Any, float | None, NodeComms | None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.options = options
         self.sync = sync

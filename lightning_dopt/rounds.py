@@ -290,9 +290,10 @@ class OverlappedRounds:
     Cost per round: the blocking round's bytes plus ``2(n−1)/n · 8 · len(flags)`` bytes of flags.
     """
 
-    def __init__(self, sync: ReplicaSync, comm: Any, timeout: float) -> None:
+    def __init__(self, sync: ReplicaSync, comm: Any, timeout: float, round_comm: Any = None) -> None:
         self.sync = sync
         self.comm = comm
+        self.round_comm = comm if round_comm is None else round_comm  # hierarchy="node": the node's and cross comms
         self.timeout = timeout
         self._snapshot = sync.round_state.new_buffers()
         self._mixed = sync.round_state.new_buffers()
@@ -327,7 +328,8 @@ class OverlappedRounds:
             with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
                 self.comm.all_reduce_([flags], purpose="control", op="max")
                 if not self._flags_nonfinite(flags):
-                    self.sync.mix_buffers_(self._mixed, round_index, self.comm, self.sync.refresh_requested(flags))
+                    self.sync.mix_buffers_(self._mixed, round_index, self.round_comm,
+                                           self.sync.refresh_requested(flags))
                 if self._stream is not None:
                     self._stream.synchronize()
         except BaseException as error:  # re-raised by finish() in the training loop

@@ -172,11 +172,16 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
             raise ValueError("hierarchy='node' needs ranks numbered node by node (rank = node_rank · devices + "
                              "local_rank, as torchrun and SLURM number them); some rank's node_rank does not match. "
                              "Check the launcher's rank assignment, or use hierarchy='flat'")
-        layout = NodeLayout(self.world_size, local)
+        return self._new_node_comms(comm)
+
+    def _new_node_comms(self, comm: Communicator, background: bool = False) -> NodeComms:
+        """New node and cross-node process groups (collective, every rank in the same order), counted in ``comm``'s
+        stats; ``background``: for the overlapped round's thread (its waits do not count as blocked time)."""
+        layout = NodeLayout(self.world_size, self._ranks_per_replica())
         node_group, _ = dist.new_subgroups_by_enumeration(layout.node_groups(), timeout=self._timeout)
         cross_group, _ = dist.new_subgroups_by_enumeration(layout.cross_groups(), timeout=self._timeout)
-        return NodeComms(node=Communicator(node_group, stats=comm.stats, liveness=comm.liveness),
-                         cross=Communicator(cross_group, stats=comm.stats, liveness=comm.liveness))
+        return NodeComms(*(Communicator(group, stats=comm.stats, liveness=comm.liveness, counts_time=not background)
+                           for group in (node_group, cross_group)))
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -210,7 +215,8 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
             self.options, self.model, [optimizer_params(o) for o in self.optimizers] if fitting else [], comm,
             self.global_rank, self.root_device, steps, round_index, clock=device_clock(self.root_device),
             background=(lambda: comm.background(self._timeout)) if fitting and comm is not None else None,
-            timeout=self._timeout.total_seconds() if self._timeout else None, node=node)
+            timeout=self._timeout.total_seconds() if self._timeout else None, node=node,
+            node_background=(lambda: self._new_node_comms(comm, background=True)) if node is not None else None)
         if not fitting and previous is not None:  # (after fit, a test stage still reports the fit's counts)
             self._engine.skipped_steps = previous.skipped_steps
         sidecar = restored.get("sidecar") if restored else None

@@ -31,14 +31,15 @@ from recipes.vision.data import load_idx_dataset  # noqa: E402
 DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
               "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8",
-              "gossip_local_int8_node", "adacons", "no_sync")
+              "gossip_local_int8_node", "gossip_local_int8_node_overlap", "adacons", "no_sync")
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h8: H = 8 whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
                    "gossip_local_int8_overlap": {"compression": "int8", "overlap": True},
                    "gossip_local_int4": {"compression": "int4"},
                    "gossip_local_int8_h8": {"compression": "int8", "local_steps": 8},
-                   "gossip_local_int8_node": {"compression": "int8", "hierarchy": "node"}}
+                   "gossip_local_int8_node": {"compression": "int8", "hierarchy": "node"},
+                   "gossip_local_int8_node_overlap": {"compression": "int8", "hierarchy": "node", "overlap": True}}
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
