@@ -41,10 +41,12 @@ def load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_three_nodes_of_two_ranks_train_to_one_model(launcher: RankLauncher, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_three_nodes_of_two_ranks_train_to_one_model(launcher: RankLauncher, tmp_path: Path, overlap: bool) -> None:
     # checkpoints at epoch ends (3 steps of 12 samples per rank), where a resumed fit replays the same batches
-    spec = {**SPEC, "checkpoints": [{"dirpath": str(tmp_path / "ckpt"), "every_n_epochs": 1, "save_top_k": -1,
-                                     "save_on_train_epoch_end": True, "filename": "{step}"}]}
+    spec = {**SPEC, "strategy": {**SPEC["strategy"], "overlap": overlap},
+            "checkpoints": [{"dirpath": str(tmp_path / "ckpt"), "every_n_epochs": 1, "save_top_k": -1,
+                             "save_on_train_epoch_end": True, "filename": "{step}"}]}
     run = launcher.run(spec, tmp_path)
     assert run.codes == [0] * WORLD, run.report()
     ends = [load(tmp_path / f"end-rank{rank}.pt") for rank in range(WORLD)]  # the last step's replicas
@@ -64,7 +66,7 @@ def test_three_nodes_of_two_ranks_train_to_one_model(launcher: RankLauncher, tmp
     assert checkpoint.exists() and all(Path(sidecar_path(checkpoint, rank)).exists() for rank in range(WORLD))
 
     saved = [load(sidecar_path(checkpoint, rank))["state_dict"] for rank in range(WORLD)]
-    resumed = launcher.run({**SPEC, "ckpt_path": str(checkpoint)}, tmp_path / "resumed")
+    resumed = launcher.run({**spec, "checkpoints": [], "ckpt_path": str(checkpoint)}, tmp_path / "resumed")
     assert resumed.codes == [0] * WORLD, resumed.report()
     for rank in range(WORLD):  # every rank restarts from its own saved replica: its node's, the same on both ranks
         start = load(tmp_path / "resumed" / f"start-rank{rank}.pt")
