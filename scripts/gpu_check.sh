@@ -5,7 +5,7 @@
 #   3. the same with 16 simulated workers on that GPU (SimulatedStrategy: in-process rounds on CUDA tensors);
 #   4. codec throughput on the GPU next to an fp32 clone (benchmarks/codec_throughput.py; JSON kept), with the fused
 #      Triton kernels of BlockQuantCodec(fused=True) timed next to torch ops (their CUDA tests run in check 1);
-#   5. with >= 2 GPUs: a 2-rank NCCL run of gossip_local (one epoch).
+#   5. with >= 2 GPUs: a 2-rank NCCL run of gossip_local (one epoch), and one with hierarchy=node (its node groups).
 # Logs and JSON go to $OUT (default runs/gpu_check); the summary lists each check's status and time, then the codec
 # table. Every check has a time limit (GPU_CHECK_LIMIT seconds, default 900); the exit status is 1 if any check
 # failed, 2 if no GPU is visible. On a machine without a package registry: DOPT_SKIP_INSTALL=1 (scripts/_env.sh).
@@ -46,6 +46,8 @@ check codecs "$LIMIT" "$PY" benchmarks/codec_throughput.py --sizes 16000000 2684
   --json "$OUT/codecs.json"
 if [[ "$GPUS" -ge 2 ]]; then
   check nccl_gossip "$LIMIT" "${VISION[@]}" --trainer.devices=2
+  # hierarchy=node on one node of 2 GPUs: NCCL subgroups (node all-reduce every step, shard broadcasts at rounds)
+  check nccl_node "$LIMIT" "${VISION[@]}" --trainer.devices=2 --config recipes/vision/configs/strategies/gossip_node.yaml
 fi
 
 echo
