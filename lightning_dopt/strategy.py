@@ -149,10 +149,14 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
 
     # ------------------------------------------------------------------------------------------ setup
     def _ranks_per_replica(self) -> int:
-        """How many ranks share one replica: the ranks of a node under ``hierarchy="node"``, else 1."""
+        """How many ranks share one replica: under ``hierarchy="node"`` the ranks of this node (torchrun's
+        ``LOCAL_WORLD_SIZE``, else SLURM's ``SLURM_NTASKS_PER_NODE``, else ``Trainer(devices=...)``), else 1."""
         if self.options.hierarchy != "node":
             return 1
-        return int(os.environ.get("LOCAL_WORLD_SIZE", self.num_processes))
+        for variable in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+            if os.environ.get(variable, "").isdigit():
+                return int(os.environ[variable])
+        return self.num_processes
 
     def _node_comms(self, comm: Communicator) -> NodeComms:
         """``hierarchy="node"``: check that every node runs the same number of ranks, numbered node by node, then
