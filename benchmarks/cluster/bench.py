@@ -34,6 +34,8 @@ from lightning_dopt.traffic import expected_traffic  # noqa: E402
 
 CONFIG_KEYS = ("ranks", "rate_mbit", "steps", "batch_size", "eval_every", "hidden", "lr", "momentum", "local_steps",
                "warmup", "powersgd_rank", "test_limit", "seed", "threads", "compute_sleep", "ranks_per_node")
+ADDED_KEYS = {"ranks_per_node": 1}
+"""Configuration keys added later, with the value that results stored before them had."""
 
 
 def local_steps_of(name: str, cfg: dict[str, Any]) -> int:
@@ -281,7 +283,7 @@ def stored(results_dir: Path, cfg: dict[str, Any], name: str | None = None) -> l
             continue
         config = result.get("config") if isinstance(result, dict) else None
         if (config and result.get("status") == "ok" and (name is not None or config.get("seed") != cfg["seed"])
-                and all(config.get(k) == cfg[k] for k in CONFIG_KEYS if name or k != "seed")):
+                and all(config.get(k, ADDED_KEYS.get(k)) == cfg[k] for k in CONFIG_KEYS if name or k != "seed")):
             found.append(result)
     return found
 

@@ -25,21 +25,26 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lightning_dopt import GossipLocalStrategy  # noqa: E402
+from lightning_dopt import GossipLocalStrategy, TopKCodec  # noqa: E402
 from recipes.vision.data import load_idx_dataset  # noqa: E402
 
 DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
               "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8",
-              "gossip_local_int8_node", "gossip_local_int8_node_overlap", "adacons", "no_sync")
-# GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h8: H = 8 whatever they say)
+              "gossip_local_int8_node", "gossip_local_int8_node_overlap", "gossip_local_int8_h2_overlap",
+              "gossip_local_topk_h1", "gossip_local_topk_h2", "adacons", "no_sync")
+# GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
                    "gossip_local_int8_overlap": {"compression": "int8", "overlap": True},
                    "gossip_local_int4": {"compression": "int4"},
                    "gossip_local_int8_h8": {"compression": "int8", "local_steps": 8},
                    "gossip_local_int8_node": {"compression": "int8", "hierarchy": "node"},
-                   "gossip_local_int8_node_overlap": {"compression": "int8", "hierarchy": "node", "overlap": True}}
+                   "gossip_local_int8_node_overlap": {"compression": "int8", "hierarchy": "node", "overlap": True},
+                   "gossip_local_int8_h2_overlap": {"compression": "int8", "local_steps": 2, "overlap": True},
+                   # TopKCodec's defaults: 64 of every 4,096 values, 2-bit values (0.0071 of fp32), error feedback
+                   "gossip_local_topk_h1": {"compression": TopKCodec(), "local_steps": 1},
+                   "gossip_local_topk_h2": {"compression": TopKCodec(), "local_steps": 2}}
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
