@@ -1,7 +1,8 @@
 """lightning-dopt: Lightning strategies that communicate less.
 
 ``import lightning_dopt`` registers the strategy names ``gossip_local``, ``local_sgd``, ``adacons``, their
-``*_spawn`` variants and ``simulated`` with Lightning (idempotent), so ``Trainer(strategy="gossip_local")`` works.
+``*_spawn`` variants, ``noloco``, ``gossip_node`` and ``simulated`` with Lightning (idempotent), so
+``Trainer(strategy="gossip_local")`` works.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry

@@ -10,8 +10,11 @@ in :func:`~lightning_dopt.compress.make_codec`, the preconditioner's in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Any
+
+import torch
 
 from lightning_dopt.aggregate import GUARDS
 from lightning_dopt.combinations import Setting, check as check_combination
@@ -33,6 +36,13 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
                 "synchronous training with AdaCons gradient aggregation"),
     "adacons_spawn": ({"topology": "complete", "aggregation": "adacons", "start_method": "spawn"},
                       "adacons with the spawn launcher"),
+    "noloco": ({"local_steps": 4, "topology": "random",
+                "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)},
+               "H = 4 local steps, random pairwise gossip of parameters and anchors, an outer Nesterov SGD step "
+               "(lr 0.5, momentum 0.5) on each rank's anchor; no all-reduce, twice gossip's bytes (docs/scaling.md)"),
+    "gossip_node": ({"local_steps": 4, "topology": "random", "compression": "int8", "hierarchy": "node"},
+                    "nodes of several GPUs: one replica per node, int8 gossip between random pairs of nodes every "
+                    "4 steps, each GPU exchanging its shard (docs/launch.md)"),
 }
 """The registered names of :class:`~lightning_dopt.strategy.GossipLocalStrategy`: ``{name: (options, description)}``."""
 AGGREGATIONS = ("mean", "adacons")
