@@ -70,12 +70,6 @@ class NodeLayout:
     def nodes(self) -> int:
         return self.world_size // self.local_world_size
 
-    def node_of(self, rank: int) -> int:
-        return rank // self.local_world_size
-
-    def local_rank_of(self, rank: int) -> int:
-        return rank % self.local_world_size
-
     def node_groups(self) -> list[list[int]]:
         """The ranks of each node, node by node (the intra-node process groups)."""
         g = self.local_world_size
