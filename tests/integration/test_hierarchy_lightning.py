@@ -9,7 +9,6 @@ rank, counts intra-node bytes apart, resumes from a checkpoint, and refuses bad 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ SPEC = {"world_size": WORLD, "local_world_size": LOCAL, "record": True, "deadlin
         "strategy": {"local_steps": 2, "hierarchy": "node", "compression": "int8", "timeout_s": 60},
         "model_options": {"batch_norm": True, "samples": 72},
         "trainer": {"devices": LOCAL, "num_nodes": NODES, "max_steps": 6}}
-
-
-@pytest.fixture(scope="module")
-def launcher() -> Iterator[RankLauncher]:
-    server = RankLauncher()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def load(path: Path) -> Any:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +66,6 @@ def save_ids(main: Path, world_size: int) -> list[str | None]:
         path = sidecar_path(main, rank)
         ids.append(load(path)["save_id"] if os.path.exists(path) else None)
     return ids
-
-
-@pytest.fixture(scope="module")
-def launcher() -> Iterator[RankLauncher]:
-    server = RankLauncher()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture(scope="module")
