@@ -5,7 +5,8 @@ One 6-rank world runs every scenario (starting ranks costs a fresh interpreter e
 ``r % 2`` of node ``r // 2``. Each scenario trains a small MLP with BatchNorm on per-rank data for 8 steps with
 ``local_steps=2`` (rounds after steps 2, 4, 6 and 8), records every rank's state after each step and its byte
 counters, then checkpoints at step 4, trains on, and replays steps 5–8 from the checkpoint in a new engine.
-Scenarios: fp32 rounds, int8 rounds, and int8 rounds overlapped with the next local steps (``overlap=True``).
+Scenarios: fp32 rounds, int8 rounds, int8 rounds overlapped with the next local steps (``overlap=True``), and int8
+rounds with Adam-type scaling (its statistics, sharded like the replica, travel in the rounds).
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, engine: Any, rank:
 
 
 def scenario(rank: int, world: Communicator, comms: NodeComms, compression: str | None,
-             overlap: bool = False) -> dict[str, Any]:
+             overlap: bool = False, scaling: str | None = None) -> dict[str, Any]:
     options = Options(local_steps=LOCAL_STEPS, topology="random", seed=SEED, compression=compression,
-                      anchor_tolerance=None, hierarchy="node", overlap=overlap)
+                      anchor_tolerance=None, hierarchy="node", overlap=overlap, scaling=scaling)
 
     def build(steps: int = 0, round_index: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
         model = make_model()
@@ -118,9 +119,10 @@ def scenario(rank: int, world: Communicator, comms: NodeComms, compression: str 
 def world_run(rank: int, world_size: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     results = {}
-    for name, compression, overlap in (("fp32", None, False), ("int8", "int8", False), ("int8_overlap", "int8", True)):
+    for name, compression, overlap, scaling in (("fp32", None, False, None), ("int8", "int8", False, None),
+                                                ("int8_overlap", "int8", True, None), ("int8_adam", "int8", False, "adam")):
         world = Communicator()  # fresh counters per scenario
-        results[name] = scenario(rank, world, node_comms(world), compression, overlap)
+        results[name] = scenario(rank, world, node_comms(world), compression, overlap, scaling)
     return results
 
 
@@ -134,7 +136,7 @@ def partners(round_index: int) -> dict[int, list[int]]:
     return {node: mixing_row("random", node, NODES, round_index, SEED).recv_from for node in range(NODES)}
 
 
-@pytest.mark.parametrize("codec", ["fp32", "int8", "int8_overlap"])
+@pytest.mark.parametrize("codec", ["fp32", "int8", "int8_overlap", "int8_adam"])
 def test_a_node_is_one_replica_and_nodes_mix_at_rounds(ranks: list[dict[str, Any]], codec: str) -> None:
     runs = [r[codec] for r in ranks]
     for step in range(STEPS):
@@ -177,7 +179,7 @@ def test_bytes_between_and_inside_nodes_match_the_formulas(ranks: list[dict[str,
             previous = sent
 
 
-@pytest.mark.parametrize("codec", ["fp32", "int8", "int8_overlap"])
+@pytest.mark.parametrize("codec", ["fp32", "int8", "int8_overlap", "int8_adam"])
 def test_resume_from_a_checkpoint_is_exact(ranks: list[dict[str, Any]], codec: str) -> None:
     for result in ranks:
         assert torch.equal(result[codec]["resumed"], result[codec]["uninterrupted"])
