@@ -3,11 +3,13 @@ every rank holds identically, so the error scales with the replicas' spread, not
 
 :class:`AnchoredCompression` encodes, exchanges and decodes one flat state (graph rounds and exact-mean refreshes);
 :class:`CompressedRound` is the round algorithm built on it: the replica anchored, the mixed statistics cast to bf16,
-an exact-mean refresh every ``anchor_interval`` rounds or when the predicted error passes ``anchor_tolerance``.
+an exact-mean refresh every ``anchor_interval`` rounds or when the predicted error passes ``anchor_tolerance``;
+:class:`CompressedOuterRound` steps an outer optimizer (DiLoCo) with the compressed mean pseudo-gradient.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -345,3 +347,66 @@ class CompressedRound(Round):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.compression.load_state_dict(state)
+
+
+class CompressedOuterRound(Round):
+    """An outer optimizer on a compressed mean pseudo-gradient (``complete`` topology): DiLoCo whose all-reduce is a
+    compressed exact-mean round; with :class:`~lightning_dopt.topk.TopKCodec` and its error feedback, SparseLoCo's
+    sparse pseudo-gradients (Sarfi et al., arXiv 2508.15706) in this package's terms.
+
+    With ``a`` the anchor (the parameters after the previous outer step, identical on every rank, also the
+    compression anchor) and ``x_i`` rank ``i``'s replica::
+
+        m = mean_i Q(x_i − a + e_i)              compressed exact-mean round (AnchoredCompression.average_round);
+                                                 e_i: rank i's error-feedback residual for biased codecs
+        Δ̂ = a − (a + m) = −m                     the mean pseudo-gradient as all ranks decode it
+        a ← outer_step(a, grad=Δ̂)                 parameters only; floating buffers take a + m (their plain mean)
+        x_i ← a
+
+    Every rank decodes the same payloads, so anchors and replicas stay identical across ranks. Outer SGD with lr 1 and
+    no momentum gives ``a ← a + m``: the compressed Local SGD round (:class:`CompressedRound` with ``complete``).
+    Bytes per rank and round: those of the compressed exact-mean round, ``2(n−1)/n · c · P`` (about, see
+    :class:`AnchoredCompression`). Memory: the anchor, the previous anchor during the step, the outer optimizer's
+    state (fp32, model-sized each) and, for biased codecs, the residuals. Statistics that travel with the replica
+    (scaling) are not supported here (the options refuse them).
+    """
+
+    def __init__(self, state: RoundState, params: Sequence[Tensor], comm: Any, seed: int, codec: Codec,
+                 outer_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer]) -> None:
+        if state.statistics.tensors:
+            raise ValueError("CompressedOuterRound mixes no statistics (scaling); use compression=None with scaling")
+        self.state = state
+        self.compression = AnchoredCompression(state.replica, comm, codec, seed)
+        wanted = {id(p) for p in params}
+        self._anchor_params = [view for _, tensors, views in state.replica.views(self.compression.anchor)
+                               for tensor, view in zip(tensors, views) if id(tensor) in wanted]
+        self.outer = outer_optimizer(self._anchor_params)
+        self._previous = [torch.empty_like(anchor) for anchor in self._anchor_params]  # the anchor before the round
+
+    def reset_anchor_(self) -> None:
+        self.compression.reset_anchor_()
+
+    def is_refresh(self, round_index: int, requested: bool = False) -> bool:
+        return True
+
+    @torch.no_grad()
+    def mix_(self, work: list[Tensor], round_index: int, comm: Any, refresh: bool = False) -> None:
+        replica, _ = self.state.split(work)
+        previous = self._previous
+        torch._foreach_copy_(previous, self._anchor_params)
+        self.compression.average_round(replica, comm)  # anchor = replica = a + m on every rank
+        for anchor, before in zip(self._anchor_params, previous):
+            anchor.grad = before - anchor  # Δ̂ = a − (a + m)
+            anchor.copy_(before)
+        self.outer.step()
+        for anchor in self._anchor_params:
+            anchor.grad = None
+        torch._foreach_copy_(replica, self.compression.anchor)
+        comm.count_round()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.compression.state_dict(), "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.compression.load_state_dict({key: value for key, value in state.items() if key != "outer"})
+        self.outer.load_state_dict(state["outer"])

@@ -18,7 +18,8 @@ Per rank, with ``P`` parameter values in ``m`` tensors, ``B`` floating-point buf
   (chunks aligned to the codec's block size): about ``ring(payload_bytes(numel))``.
 
 * outer optimizer, ``complete``: ``ring(4P)`` (the pseudo-gradient) plus ``ring(4B)`` (the buffers) per round;
-* outer optimizer, graph topology: ``4·(2P + B)`` (parameters, anchor, buffers) to each rank of ``send_to``.
+* outer optimizer, graph topology: ``4·(2P + B)`` (parameters, anchor, buffers) to each rank of ``send_to``;
+* outer optimizer with a codec (``complete``): the compressed exact-mean round of the whole state, every round.
 
 Not covered (their rounds exist, their formulas are not written here yet): AdaCons (gradient or pseudo-gradient
 combination), preconditioner statistics mixed with the replica, replicas with bf16/fp16 tensors.
@@ -58,6 +59,8 @@ def round_bytes(numel: int, rank: int, world_size: int, round_index: int, topolo
     ``outer_numel`` > 0: an outer optimizer over these many parameter values (the rest of ``numel`` are buffers)."""
     if world_size < 2:
         return 0
+    if codec is not None and outer_numel:  # compressed outer round: one compressed exact mean of the whole state
+        return compressed_mean_bytes(numel, codec, rank, world_size)
     if outer_numel and topology == "complete":  # the pseudo-gradient, then the buffers
         return ring_allreduce_bytes(FP32 * outer_numel, world_size) + \
             ring_allreduce_bytes(FP32 * (numel - outer_numel), world_size)
