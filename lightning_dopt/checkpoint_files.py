@@ -158,10 +158,12 @@ def restore_point(checkpoint: dict[str, Any], checkpoint_path: _PATH, rank: int,
     restored = {"steps": int(meta["steps"]), "round": int(meta["round"]), "sidecar": None}
     saved_grouping = int(meta.get("ranks_per_replica", 1))
     if meta["world_size"] != world_size or saved_grouping != ranks_per_replica:
-        rank_zero_warn(
-            f"{checkpoint_path} was written by {meta['world_size']} ranks, {saved_grouping} per replica, and is "
-            f"resumed on {world_size}, {ranks_per_replica} per replica: every rank starts from the averaged model "
-            "with rank 0's optimizer state; per-rank replicas, optimizer states and RNG are not restored.")
+        change = (f"was written by {meta['world_size']} ranks and is resumed on {world_size}"
+                  if meta["world_size"] != world_size else
+                  f"was written with {saved_grouping} ranks per replica (hierarchy) and is resumed with "
+                  f"{ranks_per_replica}")
+        rank_zero_warn(f"{checkpoint_path} {change}: every rank starts from the averaged model with rank 0's optimizer "
+                       "state; per-rank replicas, optimizer states and RNG are not restored.")
         return restored
     restored["sidecar"] = read_sidecar(checkpoint_path, rank, meta["save_id"])
     return restored

@@ -73,8 +73,9 @@ def test_resume_reads_the_sidecar_only_for_the_same_ranks_grouped_the_same_way(t
     meta = {"world_size": 4, "steps": 8, "round": 2, "save_id": "abc", "ranks_per_replica": 2}
     exact = restore_point({"lightning_dopt": meta}, main, rank=1, world_size=4, ranks_per_replica=2)
     assert exact is not None and exact["sidecar"]["rank"] == 1 and (exact["steps"], exact["round"]) == (8, 2)
-    for world_size, grouping in ((4, 1), (8, 2)):  # flat now, or other nodes: start from the average
-        with pytest.warns(UserWarning, match=f"2 per replica, and is resumed on {world_size}, {grouping} per"):
+    for world_size, grouping, change in ((4, 1, "with 2 ranks per replica \\(hierarchy\\) and is resumed with 1"),
+                                         (8, 2, "by 4 ranks and is resumed on 8")):  # flat now, or more ranks
+        with pytest.warns(UserWarning, match=f"was written {change}: every rank starts from the averaged model"):
             averaged = restore_point({"lightning_dopt": meta}, main, rank=1, world_size=world_size,
                                      ranks_per_replica=grouping)
         assert averaged is not None and averaged["sidecar"] is None
