@@ -301,6 +301,10 @@ def expected_bytes(setting: Setting, model: nn.Module, world_size: int, rank: in
                                 * 4 * (2 * param_numel + buffer_numel)
                                 for index in range((steps - warmup_steps) // setting.local_steps))
         return expected
+    if setting.outer_optimizer is not None and setting.compression is not None:  # compressed exact means (complete)
+        rounds_run = (steps - warmup_steps) // setting.local_steps
+        expected["round"] = rounds_run * average_round_bytes(make_codec(setting.compression), replica, rank, n)
+        return expected
     if setting.outer_optimizer is not None or setting.aggregation == "adacons":
         per_round = ring_allreduce_bytes(4 * param_numel, n) + ring_allreduce_bytes(4 * buffer_numel, n)
         if setting.aggregation == "adacons":
