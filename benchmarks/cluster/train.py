@@ -33,7 +33,8 @@ DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
 CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "local_sgd", "gossip_local",
               "gossip_local_int8", "gossip_local_int8_overlap", "gossip_local_int4", "gossip_local_int8_h8",
               "gossip_local_int8_node", "gossip_local_int8_node_overlap", "gossip_local_int8_h2_overlap",
-              "gossip_local_topk_h1", "gossip_local_topk_h2", "sparse_diloco", "adacons", "no_sync")
+              "gossip_local_topk_h1", "gossip_local_topk_h2", "sparse_local_sgd", "sparse_diloco", "sparse_diloco_h2",
+              "sparse_diloco_m09", "adacons", "no_sync")
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
@@ -46,10 +47,18 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    # TopKCodec's defaults: 64 of every 4,096 values, 2-bit values (0.0071 of fp32), error feedback
                    "gossip_local_topk_h1": {"compression": TopKCodec(), "local_steps": 1},
                    "gossip_local_topk_h2": {"compression": TopKCodec(), "local_steps": 2},
-                   # outer Nesterov SGD (lr 0.5, momentum 0.5) on the TopK-compressed mean pseudo-gradient
+                   # the TopK-compressed mean pseudo-gradient: applied as it is (Local SGD), or by an outer
+                   # Nesterov SGD (lr 0.5, momentum 0.5; _m09: DiLoCo's lr 0.7, momentum 0.9)
+                   "sparse_local_sgd": {"topology": "complete", "compression": TopKCodec()},
                    "sparse_diloco": {"topology": "complete", "compression": TopKCodec(),
                                      "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
-                                                                          nesterov=True)}}
+                                                                          nesterov=True)},
+                   "sparse_diloco_h2": {"topology": "complete", "compression": TopKCodec(), "local_steps": 2,
+                                        "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
+                                                                             nesterov=True)},
+                   "sparse_diloco_m09": {"topology": "complete", "compression": TopKCodec(),
+                                         "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9,
+                                                                              nesterov=True)}}
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
