@@ -32,12 +32,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from lightning_dopt.comm import FlatState
+from lightning_dopt.comm import CommStats, Communicator, FlatState
 from lightning_dopt.rounds import Round
 
 HIERARCHIES = ("flat", "node")
@@ -79,6 +81,17 @@ class NodeLayout:
         """For each local rank ``k``, local rank ``k`` of every node, ordered by node (the inter-node groups)."""
         g = self.local_world_size
         return [list(range(local, self.world_size, g)) for local in range(g)]
+
+
+def new_node_comms(layout: NodeLayout, stats: CommStats, liveness: Any = None, timeout: timedelta | None = None,
+                   counts_time: bool = True) -> NodeComms:
+    """New node and cross-node process groups for ``layout`` and this rank's communicators on them, counted in
+    ``stats``. Collective: every rank calls it, in the same order (``torch.distributed`` creates every subgroup on
+    every rank). ``counts_time=False`` for a background round's communicators."""
+    node_group, _ = dist.new_subgroups_by_enumeration(layout.node_groups(), timeout=timeout)
+    cross_group, _ = dist.new_subgroups_by_enumeration(layout.cross_groups(), timeout=timeout)
+    return NodeComms(*(Communicator(group, stats=stats, liveness=liveness, counts_time=counts_time)
+                       for group in (node_group, cross_group)))
 
 
 @dataclass

@@ -25,7 +25,6 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
@@ -45,7 +44,7 @@ from lightning_dopt.combinations import check as check_combination
 from lightning_dopt.comm import CommStats, Communicator
 from lightning_dopt.compress import Codec
 from lightning_dopt.engine import Engine, NonFiniteReplicaError, build_engine, device_clock, optimizer_params
-from lightning_dopt.hierarchy import NodeComms, NodeLayout
+from lightning_dopt.hierarchy import NodeComms, NodeLayout, new_node_comms
 from lightning_dopt.launchers import CheckedMultiProcessingLauncher, CheckedSubprocessLauncher
 from lightning_dopt.options import AGGREGATIONS, EVAL_MODELS, PRESETS, Options, OptionsAttributes
 from lightning_dopt.rounds import OuterOptimizerFactory
@@ -181,11 +180,8 @@ class GossipLocalStrategy(OptionsAttributes, DDPStrategy):
     def _new_node_comms(self, comm: Communicator, background: bool = False) -> NodeComms:
         """New node and cross-node process groups (collective, every rank in the same order), counted in ``comm``'s
         stats; ``background``: for the overlapped round's thread (its waits do not count as blocked time)."""
-        layout = NodeLayout(self.world_size, self._ranks_per_replica())
-        node_group, _ = dist.new_subgroups_by_enumeration(layout.node_groups(), timeout=self._timeout)
-        cross_group, _ = dist.new_subgroups_by_enumeration(layout.cross_groups(), timeout=self._timeout)
-        return NodeComms(*(Communicator(group, stats=comm.stats, liveness=comm.liveness, counts_time=not background)
-                           for group in (node_group, cross_group)))
+        return new_node_comms(NodeLayout(self.world_size, self._ranks_per_replica()), comm.stats, comm.liveness,
+                              self._timeout, counts_time=not background)
 
     @override
     def setup(self, trainer: Any) -> None:

@@ -19,7 +19,10 @@ Per rank, with ``P`` parameter values in ``m`` tensors, ``B`` floating-point buf
 
 * outer optimizer, ``complete``: ``ring(4P)`` (the pseudo-gradient) plus ``ring(4B)`` (the buffers) per round;
 * outer optimizer, graph topology: ``4·(2P + B)`` (parameters, anchor, buffers) to each rank of ``send_to``;
-* outer optimizer with a codec (``complete``): the compressed exact-mean round of the whole state, every round.
+* outer optimizer with a codec (``complete``): the compressed exact-mean round of the whole state, every round;
+* ``hierarchy="node"`` with ``g`` ranks per node: local rank ``k`` sends the round of its shard ``k`` of the state
+  (:func:`~lightning_dopt.hierarchy.shard_bounds`) among the ``n / g`` nodes; the traffic inside a node (purpose
+  ``node``: gradient means every step, shard broadcasts at rounds) is not counted here.
 
 Not covered (their rounds exist, their formulas are not written here yet): AdaCons (gradient or pseudo-gradient
 combination), preconditioner statistics mixed with the replica, replicas with bf16/fp16 tensors.
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from lightning_dopt.comm import ring_allreduce_bytes
 from lightning_dopt.compress import Codec
 from lightning_dopt.compressed_rounds import aligned_chunks
+from lightning_dopt.hierarchy import NodeLayout, shard_bounds
 from lightning_dopt.options import Options
 from lightning_dopt.topology import mixing_row
 
@@ -89,13 +93,14 @@ class Traffic:
 
 
 def expected_traffic(options: Options, param_numel: int, param_tensors: int, world_size: int, steps: int,
-                     buffer_numel: int = 0, refreshed_rounds: Collection[int] = ()) -> Traffic:
+                     buffer_numel: int = 0, refreshed_rounds: Collection[int] = (), ranks_per_node: int = 1) -> Traffic:
     """Warm-up and round bytes per rank (mean over ranks) of ``steps`` optimizer steps with ``options``.
 
     Rounds follow the engine's schedule: ``warmup_steps`` gradient-mean steps, then a round after every
     ``local_steps`` steps. Compressed runs refresh their anchor every ``anchor_interval``-th round and wherever the
     noise check asks (``anchor_tolerance``): pass those round indices as ``refreshed_rounds``; with
-    ``anchor_tolerance=None`` there are none. Raises ``ValueError`` for the options whose formulas are not written."""
+    ``anchor_tolerance=None`` there are none. ``ranks_per_node``: the ranks sharing a replica under
+    ``hierarchy="node"``. Raises ``ValueError`` for the options whose formulas are not written."""
     if options.aggregation != "mean" or options.scaling is not None:
         raise ValueError("expected_traffic covers mean aggregation without scaling "
                          f"(got aggregation={options.aggregation!r}, scaling={options.scaling!r})")
@@ -108,7 +113,10 @@ def expected_traffic(options: Options, param_numel: int, param_tensors: int, wor
     codec = options.codec
     refreshed = set(refreshed_rounds)
     outer_numel = param_numel if options.outer_optimizer is not None else 0
-    total = sum(round_bytes(state_numel, rank, world_size, index, options.topology, options.seed, codec,
+    g = ranks_per_node if options.hierarchy == "node" else 1
+    layout = NodeLayout(world_size, g)  # g = 1: every rank its own replica, the whole state its shard
+    total = sum(round_bytes(stop - start, rank // g, layout.nodes, index, options.topology, options.seed, codec,
                             options.anchor_interval, index in refreshed, outer_numel)
-                for index in range(rounds) for rank in range(world_size))
+                for index in range(rounds) for rank in range(world_size)
+                for start, stop in [shard_bounds(state_numel, g)[rank % g]])
     return Traffic(warmup=float(warmup), round=total / world_size, rounds=rounds)

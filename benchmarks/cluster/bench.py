@@ -80,13 +80,8 @@ def formula_bytes(name: str, cfg: dict[str, Any], params: int) -> tuple[float, s
         return (w * full + averagings * full) / steps, "="
     if name in DOPT_CONTENDERS:
         options = Options(**{"local_steps": cfg["local_steps"], "warmup_steps": w, **DOPT_CONTENDERS[name]})
-        if options.hierarchy == "node":  # the rounds between nodes, each rank carrying 1/g of its node's share
-            g = cfg["ranks_per_node"]
-            flat = Options(**{**DOPT_CONTENDERS[name], "local_steps": cfg["local_steps"], "warmup_steps": w,
-                              "hierarchy": "flat"})
-            traffic = expected_traffic(flat, params, len(mlp_shapes(cfg["hidden"])), n // g, steps)
-            return traffic.total / steps / g, "≈"
-        traffic = expected_traffic(options, params, len(mlp_shapes(cfg["hidden"])), n, steps)
+        traffic = expected_traffic(options, params, len(mlp_shapes(cfg["hidden"])), n, steps,
+                                   ranks_per_node=cfg.get("ranks_per_node", ADDED_KEYS["ranks_per_node"]))
         # compressed runs also refresh their anchor when the noise check asks (anchor_tolerance): not counted here
         return traffic.total / steps, "≈" if options.compression else "="
     if name == "adacons":

@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator, FlatState, ring_allreduce_bytes
 from lightning_dopt.compress import make_codec
 from lightning_dopt.engine import build_engine
-from lightning_dopt.hierarchy import NodeComms, NodeLayout, shard_bounds
+from lightning_dopt.hierarchy import NodeComms, NodeLayout, new_node_comms, shard_bounds
 from lightning_dopt.options import Options
 from lightning_dopt.topology import mixing_row
 
@@ -49,11 +48,7 @@ def state_of(model: nn.Module) -> torch.Tensor:
 
 
 def node_comms(world: Communicator, background: bool = False) -> NodeComms:
-    layout = NodeLayout(WORLD, LOCAL)
-    node_group, _ = dist.new_subgroups_by_enumeration(layout.node_groups())
-    cross_group, _ = dist.new_subgroups_by_enumeration(layout.cross_groups())
-    return NodeComms(*(Communicator(group, stats=world.stats, counts_time=not background)
-                       for group in (node_group, cross_group)))
+    return new_node_comms(NodeLayout(WORLD, LOCAL), world.stats, counts_time=not background)
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, engine: Any, rank: int, steps: range,
