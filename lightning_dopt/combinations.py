@@ -116,11 +116,6 @@ RULES: tuple[Rule, ...] = (
          "an outer optimizer over a gossip topology mixes parameters and anchors only, not the preconditioner "
          "statistics that scaling keeps per rank",
          "Use topology='complete' with scaling, or scaling=None"),
-    Rule("outer-compression-gossip", ("outer_optimizer", "compression", "topology"),
-         lambda s: s.outer_optimizer is not None and s.compression is not None and s.topology != "complete",
-         "a compressed outer round steps the shared anchor with the compressed mean pseudo-gradient of all ranks "
-         "(an exact-mean round); over a gossip topology the anchors are per rank and not compressed yet",
-         "Use topology='complete' with compression, or compression=None with a gossip topology"),
     Rule("outer-compression-scaling", ("outer_optimizer", "compression", "scaling"),
          lambda s: s.outer_optimizer is not None and s.compression is not None and s.scaling is not None,
          "a compressed outer round mixes the parameters only, not the preconditioner statistics that scaling "

@@ -162,12 +162,13 @@ class FlatState:
 
     def new_buffers(self) -> list[Tensor]:
         """Fresh, uninitialised buffers with this layout (one per dtype/device group)."""
-        buffers = []
-        for indices in self._groups:
-            first = self.tensors[indices[0]]
-            numel = sum(self.tensors[i].numel() for i in indices)
-            buffers.append(torch.empty(numel, dtype=first.dtype, device=first.device))
-        return buffers
+        return [torch.empty(numel, dtype=self.tensors[indices[0]].dtype, device=self.tensors[indices[0]].device)
+                for indices, numel in zip(self._groups, self.group_sizes)]
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Values in each buffer of :meth:`new_buffers`."""
+        return [sum(self.tensors[i].numel() for i in indices) for indices in self._groups]
 
     @property
     def group_count(self) -> int:

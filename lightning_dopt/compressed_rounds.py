@@ -4,7 +4,9 @@ every rank holds identically, so the error scales with the replicas' spread, not
 :class:`AnchoredCompression` encodes, exchanges and decodes one flat state (graph rounds and exact-mean refreshes);
 :class:`CompressedRound` is the round algorithm built on it: the replica anchored, the mixed statistics cast to bf16,
 an exact-mean refresh every ``anchor_interval`` rounds or when the predicted error passes ``anchor_tolerance``;
-:class:`CompressedOuterRound` steps an outer optimizer (DiLoCo) with the compressed mean pseudo-gradient.
+:class:`CompressedOuterRound` steps an outer optimizer (DiLoCo) with the compressed mean pseudo-gradient;
+:class:`CompressedGossipOuterRound` steps one per rank over a graph topology (NoLoCo-style) with compressed anchors and
+pseudo-gradients.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ class AnchoredCompression:
     sends it to every rank; all ranks decode the same payloads, so ``a ← a + mean`` and ``x_i ← a`` are identical
     everywhere.
 
-    With ``anchored=False`` there is no anchor (``a = 0``) and no error feedback: values travel as themselves. The
-    strategy sends preconditioner statistics that way, cast to bf16, whose relative rounding keeps every value's sign.
+    With ``anchored=False`` there is no anchor (``a = 0``) and, unless ``error_feedback=True``, no error feedback:
+    values travel as themselves. The strategy sends preconditioner statistics that way, cast to bf16, whose relative
+    rounding keeps every value's sign; :class:`CompressedGossipOuterRound` sends pseudo-gradients that way, with error
+    feedback.
 
     Error: each decoded value is within one quantization step of the block's range of ``x − a``: the replicas'
     spread plus their common drift since the last refresh, so it does not vanish at consensus, only at a refresh
@@ -56,7 +60,7 @@ class AnchoredCompression:
     """
 
     def __init__(self, state: FlatState, comm: Any, codec: Codec, seed: int, anchored: bool = True,
-                 measure_noise: bool = False) -> None:
+                 measure_noise: bool = False, error_feedback: bool | None = None) -> None:
         self.state = state
         self.comm = comm
         self.codec = codec
@@ -70,10 +74,11 @@ class AnchoredCompression:
         # measured at the last graph round: the codec's relative error ‖Q(d) − d‖ / ‖d‖ and ‖Q(d) − neighbours'‖
         self.relative_error = torch.zeros((), dtype=torch.float64, device=device)
         self.spread = torch.zeros((), dtype=torch.float64, device=device)
-        sizes = [buffer.numel() for buffer in self.anchor]
-        self.residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
+        sizes = state.group_sizes
+        feedback = anchored if error_feedback is None else error_feedback
+        self.residual: list[Tensor] | None = None if codec.unbiased or not feedback else [
             torch.zeros(size, dtype=torch.float32, device=device) for size in sizes]
-        self.mean_residual: list[Tensor] | None = None if codec.unbiased or not anchored else [
+        self.mean_residual: list[Tensor] | None = None if codec.unbiased or not feedback else [
             torch.zeros(stop - start, dtype=torch.float32, device=device)
             for start, stop in (self._chunks(size)[comm.rank] for size in sizes)]
         self._buffers: list[list[Tensor]] = []  # fp32 scratch shaped like the state (graph rounds)
@@ -409,4 +414,106 @@ class CompressedOuterRound(Round):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.compression.load_state_dict({key: value for key, value in state.items() if key != "outer"})
+        self.outer.load_state_dict(state["outer"])
+
+
+class CompressedGossipOuterRound(Round):
+    """An outer optimizer over a graph topology with encoded messages: :class:`~lightning_dopt.rounds.GossipOuterRound`
+    (NoLoCo-style) whose two messages, the anchor and the pseudo-gradient, travel compressed.
+
+    Rank ``i`` keeps its anchor ``θ_i`` (its parameters after its previous outer step); all ranks hold the same
+    reference ``r`` (the common start, then the anchors' compressed mean at each refresh). At round ``t``, with row
+    ``i`` of the mixing matrix ``W(t)`` and ``Q`` the codec::
+
+        Δ_i = θ_i − x_i                                   this rank's pseudo-gradient
+        p_i = Q(Δ_i + e_i),   e_i ← Δ_i + e_i − p_i       error feedback (biased codecs, e.g. TopKCodec)
+        q_i = Q(θ_i − r + f_i)                            the anchor as its offset from r (AnchoredCompression)
+        Δ̄_i = W_ii p_i + Σ_j W_ij p_j                     one exchange of p with the row's neighbours
+        θ̄_i = r + W_ii q_i + Σ_j W_ij q_j                 one exchange of q
+        θ_i ← outer_step(θ̄_i, grad=Δ̄_i)                  parameters; floating buffers take θ̄_i − Δ̄_i (gossip)
+        x_i ← θ_i
+
+    Every ``anchor_interval``-th round (``round_index % anchor_interval == anchor_interval − 1``) the anchors take a
+    compressed exact mean instead of the graph mix (every rank gets ``θ̄_i = r ← r + mean_j q_j``), which keeps
+    ``θ_i − r`` small; the pseudo-gradients are mixed over the graph as in every round. ``anchor_tolerance`` does not
+    apply (its noise estimate concerns replicas sent as offsets, not anchors).
+
+    What is preserved: ``W`` is doubly stochastic, so with an unbiased codec (int8, int4) ``E[Σ_i θ̄_i] = Σ_i θ_i`` and
+    ``E[Σ_i Δ̄_i] = Σ_i Δ_i``: for an outer optimizer linear in its gradients (SGD, (Nesterov) momentum, no weight
+    decay) the mean anchor follows that optimizer on the mean pseudo-gradient in expectation. With a biased codec the
+    sums hold up to the error-feedback residuals (what is not sent yet). With an exact codec and outer SGD at lr 1
+    without momentum, ``θ_i ← θ̄_i − Δ̄_i = Σ_j W_ij x_j``: plain gossip.
+
+    Bytes per neighbour and round, for payload ratio ``c`` and ``P`` fp32 bytes of round state: ``2 · c · P`` (the
+    uncompressed :class:`~lightning_dopt.rounds.GossipOuterRound` sends ``2P``, so 0.258× it for int8); refresh
+    rounds send the anchors' compressed mean, ``2(n−1)/n · c · P``, plus ``c · P`` per neighbour. Memory (fp32,
+    model-sized): the anchor ``θ``, the reference ``r``, the pseudo-gradient, the outer optimizer's state, the
+    codec's scratch buffers and, for biased codecs, two residuals. Preconditioner statistics (scaling) are not mixed
+    (the options refuse them).
+    """
+
+    def __init__(self, state: RoundState, params: Sequence[Tensor], comm: Any, topology: str, seed: int, codec: Codec,
+                 outer_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], anchor_interval: int = 16) -> None:
+        if state.statistics.tensors:
+            raise ValueError("CompressedGossipOuterRound mixes no statistics (scaling); use compression=None with "
+                             "scaling")
+        check_anchor_options(anchor_interval, None)
+        self.state, self.topology, self.seed, self.anchor_interval = state, topology, seed, anchor_interval
+        self.anchors = AnchoredCompression(state.replica, comm, codec, seed)  # r, and the anchors' messages
+        # the pseudo-gradients travel as themselves (no reference), with their own rounding stream and residual
+        self.pseudo_gradients = AnchoredCompression(state.replica, comm, codec, seed + 7919, anchored=False,
+                                                    error_feedback=True)
+        self.anchor = state.replica.new_buffers()  # θ_i
+        self.reset_anchor_()
+        self._delta = [torch.empty(buffer.numel(), dtype=torch.float32, device=buffer.device)
+                       for buffer in self.anchor]
+        wanted = {id(p) for p in params}
+        pairs = [(view, delta_view, id(tensor) in wanted)
+                 for (_, tensors, views), (_, _, delta_views) in zip(state.replica.views(self.anchor),
+                                                                     state.replica.views(self._delta))
+                 for tensor, view, delta_view in zip(tensors, views, delta_views)]
+        self._params = [(view, delta) for view, delta, is_param in pairs if is_param]
+        self._buffers = [(view, delta) for view, delta, is_param in pairs if not is_param]
+        self.outer = outer_optimizer([view for view, _ in self._params])
+
+    @torch.no_grad()
+    def reset_anchor_(self) -> None:
+        """``θ_i`` and ``r`` ← the current state (at the common start, where every rank holds the same)."""
+        self.state.replica.pack(self.anchor)
+        self.anchors.reset_anchor_()
+
+    def is_refresh(self, round_index: int, requested: bool = False) -> bool:
+        return round_index % self.anchor_interval == self.anchor_interval - 1
+
+    @torch.no_grad()
+    def mix_(self, work: list[Tensor], round_index: int, comm: Any, refresh: bool = False) -> None:
+        replica, _ = self.state.split(work)
+        for delta, anchor, mine in zip(self._delta, self.anchor, replica):
+            delta.copy_(anchor).sub_(mine)  # Δ_i = θ_i − x_i, in fp32
+        row = mixing_row(self.topology, comm.rank, comm.world_size, round_index, self.seed)
+        if self.is_refresh(round_index):
+            self.anchors.average_round(self.anchor, comm)
+        elif row.send_to or row.recv_from:
+            self.anchors.graph_round(self.anchor, row, comm)
+        if row.send_to or row.recv_from:
+            self.pseudo_gradients.graph_round(self._delta, row, comm)
+        for anchor, delta in self._params:  # θ̄ and Δ̄ now
+            anchor.grad = delta.to(anchor.dtype)
+        self.outer.step()
+        for anchor, delta in self._params:
+            anchor.grad = None
+        for anchor, delta in self._buffers:
+            anchor.sub_(delta.to(anchor.dtype))
+        torch._foreach_copy_(replica, self.anchor)
+        comm.count_round()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": [buffer.clone() for buffer in self.anchor], "reference": self.anchors.state_dict(),
+                "pseudo_gradients": self.pseudo_gradients.state_dict(), "outer": self.outer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.anchors.load_state_dict(state["reference"])
+        self.pseudo_gradients.load_state_dict(state["pseudo_gradients"])
+        for mine, saved in zip(self.anchor, state["anchor"]):
+            mine.copy_(saved)
         self.outer.load_state_dict(state["outer"])

@@ -118,7 +118,8 @@ class Options:
             compression error ``‖Q(x_i − a) − (x_i − a)‖`` would exceed this fraction of its distance to its
             neighbours' replicas (the codec's relative error at its last graph round times its drift since the
             anchor, over the distance measured then; the error grows with the drift, the distance does not).
-            ``None``: refresh only every ``anchor_interval`` rounds.
+            ``None``: refresh only every ``anchor_interval`` rounds. Not used with an outer optimizer (its rounds
+            refresh every ``anchor_interval`` rounds, or every round with ``complete``).
         aggregation: ``"mean"``, or ``"adacons"`` (with ``topology="complete"``): with ``local_steps=1`` every
             step's gradient is the AdaCons combination of all ranks' gradients instead of their mean
             (:mod:`lightning_dopt.gradients`); with ``local_steps > 1`` each round combines the pseudo-gradients
@@ -134,7 +135,13 @@ class Options:
             the spawn launcher). With ``topology="complete"`` each round steps a shared anchor with the
             pseudo-gradient ``anchor − mean_i x_i`` (DiLoCo) and sets every replica to it; with a graph topology each
             rank steps its own anchor with its neighbourhood's mixed pseudo-gradient from its neighbourhood's mixed
-            anchor (NoLoCo-style, :class:`~lightning_dopt.rounds.GossipOuterRound`; twice gossip's bytes).
+            anchor (NoLoCo-style, :class:`~lightning_dopt.rounds.GossipOuterRound`; twice gossip's bytes). With
+            ``compression`` the pseudo-gradient is that of the compressed exact mean (``complete``,
+            :class:`~lightning_dopt.compressed_rounds.CompressedOuterRound`), or over a graph topology anchors and
+            pseudo-gradients travel encoded, the latter with error feedback for biased codecs such as
+            :class:`~lightning_dopt.topk.TopKCodec`
+            (:class:`~lightning_dopt.compressed_rounds.CompressedGossipOuterRound`; ``2·c`` times fp32 gossip's bytes
+            for payload ratio ``c``, anchors refreshed by a compressed exact mean every ``anchor_interval`` rounds).
         scaling: ``None`` or one of :data:`~lightning_dopt.scaling.SCALINGS` (``"adam"``, ``"rmsprop"``,
             ``"oasis"``): every local step becomes ``x ← x − γ D⁻¹ g`` (the optimizer sees ``D⁻¹ g``) with a diagonal
             ``D`` frozen during a local phase and refreshed after each round from statistics mixed in the round's

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from lightning_dopt.comm import FlatState, is_narrow_float
 from lightning_dopt.compress import Codec, finite_flag
-from lightning_dopt.compressed_rounds import AnchoredCompression, CompressedOuterRound, CompressedRound
+from lightning_dopt.compressed_rounds import (AnchoredCompression, CompressedGossipOuterRound, CompressedOuterRound,
+                                             CompressedRound)
 from lightning_dopt.gradients import AdaConsCombiner
 from lightning_dopt.hierarchy import NodeComms, NodeSplitRound, shard_bounds, shard_views
 from lightning_dopt.rounds import (
@@ -129,6 +130,8 @@ def make_round(state: RoundState, replica: ReplicaTensors, comm: Any, topology: 
     """The round object for these options: the one place that maps options to a round algorithm.
 
     an outer optimizer over a graph topology (uncompressed) → :class:`GossipOuterRound`;
+    an outer optimizer with a codec over a graph topology →
+    :class:`~lightning_dopt.compressed_rounds.CompressedGossipOuterRound`;
     an outer optimizer with a codec (``complete``) → :class:`~lightning_dopt.compressed_rounds.CompressedOuterRound`;
     pseudo-gradients (AdaCons weights or an outer optimizer; ``complete``, uncompressed) → :class:`PseudoGradientRound`;
     a codec → :class:`~lightning_dopt.compressed_rounds.CompressedRound`; ``complete`` → :class:`AllReduceRound`;
@@ -137,9 +140,11 @@ def make_round(state: RoundState, replica: ReplicaTensors, comm: Any, topology: 
         params = {id(p) for p in replica.params}
         buffers = [tensor for tensor in state.replica.tensors if id(tensor) not in params]
         return GossipOuterRound(replica, buffers, topology, seed, outer_optimizer)
-    if outer_optimizer is not None and combiner is None and codec is not None and topology == "complete":
+    if outer_optimizer is not None and combiner is None and codec is not None:
         params = [p for p in replica.params if p.is_floating_point()]
-        return CompressedOuterRound(state, params, comm, seed, codec, outer_optimizer)
+        if topology == "complete":
+            return CompressedOuterRound(state, params, comm, seed, codec, outer_optimizer)
+        return CompressedGossipOuterRound(state, params, comm, topology, seed, codec, outer_optimizer, anchor_interval)
     if combiner is not None or outer_optimizer is not None:
         if codec is not None or topology != "complete":
             raise ValueError("AdaCons rounds combine the pseudo-gradients of all ranks (topology='complete'), and "

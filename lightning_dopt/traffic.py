@@ -20,6 +20,8 @@ Per rank, with ``P`` parameter values in ``m`` tensors, ``B`` floating-point buf
 * outer optimizer, ``complete``: ``ring(4P)`` (the pseudo-gradient) plus ``ring(4B)`` (the buffers) per round;
 * outer optimizer, graph topology: ``4·(2P + B)`` (parameters, anchor, buffers) to each rank of ``send_to``;
 * outer optimizer with a codec (``complete``): the compressed exact-mean round of the whole state, every round;
+* outer optimizer with a codec, graph topology: ``2·payload_bytes(numel)`` (anchor, pseudo-gradient) to each rank of
+  ``send_to``; every ``anchor_interval``-th round the anchor's part is a compressed exact-mean round instead;
 * ``hierarchy="node"`` with ``g`` ranks per node: local rank ``k`` sends the round of its shard ``k`` of the state
   (:func:`~lightning_dopt.hierarchy.shard_bounds`) among the ``n / g`` nodes; the traffic inside a node (purpose
   ``node``: gradient means every step, shard broadcasts at rounds) is not counted here.
@@ -63,8 +65,13 @@ def round_bytes(numel: int, rank: int, world_size: int, round_index: int, topolo
     ``outer_numel`` > 0: an outer optimizer over these many parameter values (the rest of ``numel`` are buffers)."""
     if world_size < 2:
         return 0
-    if codec is not None and outer_numel:  # compressed outer round: one compressed exact mean of the whole state
+    if codec is not None and outer_numel and topology == "complete":  # one compressed exact mean of the whole state
         return compressed_mean_bytes(numel, codec, rank, world_size)
+    if codec is not None and outer_numel:  # anchors (or their compressed mean) and pseudo-gradients to the neighbours
+        peers = len(mixing_row(topology, rank, world_size, round_index, seed).send_to)
+        anchors = compressed_mean_bytes(numel, codec, rank, world_size) \
+            if round_index % anchor_interval == anchor_interval - 1 else peers * codec.payload_bytes(numel)
+        return anchors + peers * codec.payload_bytes(numel)
     if outer_numel and topology == "complete":  # the pseudo-gradient, then the buffers
         return ring_allreduce_bytes(FP32 * outer_numel, world_size) + \
             ring_allreduce_bytes(FP32 * (numel - outer_numel), world_size)

@@ -296,6 +296,13 @@ def expected_bytes(setting: Setting, model: nn.Module, world_size: int, rank: in
         expected["aggregate"] = (combined - skipped) * full + skipped * short \
             + combined * ring_allreduce_bytes(4 * buffer_numel, n)
         return expected
+    if setting.outer_optimizer is not None and setting.compression is not None and setting.topology != "complete":
+        codec = make_codec(setting.compression)  # encoded anchors (or their compressed mean) and pseudo-gradients
+        for round_index, refresh in rounds:
+            peers = len(mixing_row(setting.topology, rank, n, round_index, 0).send_to)
+            anchors = average_round_bytes(codec, replica, rank, n) if refresh else peers * codec.payload_bytes(replica)
+            expected["round"] += anchors + peers * codec.payload_bytes(replica)
+        return expected
     if setting.outer_optimizer is not None and setting.topology != "complete":  # parameters, anchor, buffers
         expected["round"] = sum(len(mixing_row(setting.topology, rank, n, index, 0).send_to)
                                 * 4 * (2 * param_numel + buffer_numel)
