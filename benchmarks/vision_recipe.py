@@ -15,7 +15,8 @@ from typing import Any
 
 from harness import Column, new_results, plot_lines, recipe_args, report, run_recipe
 
-STRATEGIES = ("ddp", "gossip_local", "gossip_local_int8", "local_sgd", "adacons", "scaled_adam")
+STRATEGIES = ("ddp", "gossip_local", "gossip_local_int8", "local_sgd", "adacons", "scaled_adam", "noloco", "noloco_int8",
+              "sparse_local_sgd", "sparse_diloco")
 COLUMNS = [Column("name", "strategy"), Column("accuracy", "test accuracy (%)", ".2f"),
            Column("delta_accuracy", "Δ vs ddp (points)", "+.2f"), Column("steps", "steps", "d"),
            Column("training_mb_per_rank", "training MB sent per rank", ".2f"),

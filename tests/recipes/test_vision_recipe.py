@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import functools
 import importlib.util
 import re
 import types
@@ -29,7 +28,7 @@ from recipes.common import LogStrategyOptions, replace_wandb_logger, use_offline
 from recipes.vision import ImageClassificationData, ImageClassifier
 from recipes.vision.cli import VisionCLI, main
 
-from recipe_helpers import REPO_ROOT, run_recipe
+from recipe_helpers import REPO_ROOT, built_strategy_args, run_recipe
 
 CONFIGS = REPO_ROOT / "recipes" / "vision" / "configs"
 BASES = ("quick.yaml", "full.yaml")
@@ -79,19 +78,11 @@ def _plain(parsed: Any, wanted: Any) -> Any:
     return parsed
 
 
-def _built(value: Any) -> Any:
-    """A parsed ``class_path`` value as the factory LightningCLI would pass (an outer optimizer: params -> optimizer)."""
-    if isinstance(value, Namespace) and "class_path" in value:
-        module, name = value.class_path.rsplit(".", 1)
-        return functools.partial(getattr(importlib.import_module(module), name), **vars(value.init_args))
-    return value
-
-
 # ---------------------------------------------------------------------------------------------------- configs
 def test_strategy_set_is_complete():
     assert set(STRATEGIES) == {"adacons.yaml", "ddp.yaml", "gossip_local.yaml", "gossip_local_int8.yaml",
-                               "gossip_node.yaml", "local_sgd.yaml", "noloco.yaml", "scaled_adam.yaml",
-                               "simulated.yaml"}
+                               "gossip_node.yaml", "local_sgd.yaml", "noloco.yaml", "noloco_int8.yaml",
+                               "scaled_adam.yaml", "simulated.yaml", "sparse_diloco.yaml", "sparse_local_sgd.yaml"}
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -108,7 +99,7 @@ def test_every_config_parses(parser, base, override):
         options = wanted["trainer"]["strategy"]["init_args"]
         assert {key: _plain(strategy.init_args[key], options[key]) for key in options} == options
         built = (SimulatedStrategy if simulated else GossipLocalStrategy)(
-            **{k: _built(v) for k, v in vars(strategy.init_args).items() if v is not None})
+            **built_strategy_args(strategy.init_args))
         assert built.local_steps == options["local_steps"]
         assert config.trainer.devices == (1 if simulated else 4)
     assert config.model.lr == wanted.get("model", {}).get("lr", 0.1 if base == "full.yaml" else 0.05)
