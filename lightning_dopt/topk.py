@@ -105,8 +105,47 @@ class TopKCodec(Codec):
         return out.copy_(rows.view(-1)[:numel])
 
 
+WORD_BITS = 56
+"""Bit groups up to this many bits are packed as one int64 word each (below the sign bit, with room to spare)."""
+
+
+def _byte_group(bits: int) -> tuple[int, int]:
+    """Values per group and bytes per group when ``group · bits`` is a whole number of bytes: ``lcm(bits, 8)``."""
+    group = 8 // math.gcd(bits, 8)
+    return group, group * bits // 8
+
+
 def _pack_bits(values: Tensor, bits: int) -> Tensor:
-    """Non-negative integers below ``2^bits`` -> ``ceil(len·bits / 8)`` bytes, least significant bit first."""
+    """Non-negative integers below ``2^bits`` -> ``ceil(len·bits / 8)`` bytes, least significant bit first.
+
+    Consecutive values are packed ``lcm(bits, 8) / bits`` at a time into one int64 word, which is cut into its
+    little-endian bytes: the same byte stream as concatenating every value's bits (:func:`_pack_bits_stream`, used
+    when a group exceeds :data:`WORD_BITS`: odd ``bits`` above 8), with one int64 per value instead of one per bit."""
+    group, group_bytes = _byte_group(bits)
+    if group * bits > WORD_BITS:
+        return _pack_bits_stream(values, bits)
+    count = values.numel()
+    words = values.to(torch.int64).reshape(-1)
+    words = torch.cat([words, words.new_zeros(-count % group)]).view(-1, group)
+    words = (words << (torch.arange(group, device=values.device) * bits)).sum(dim=1)  # disjoint bits: sum = or
+    packed = (words.unsqueeze(1) >> (torch.arange(group_bytes, device=values.device) * 8)) & 0xFF
+    return packed.to(torch.uint8).reshape(-1)[:-(-count * bits // 8)]
+
+
+def _unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
+    """The ``count`` integers of ``bits`` bits that :func:`_pack_bits` packed, as int64."""
+    group, group_bytes = _byte_group(bits)
+    if group * bits > WORD_BITS:
+        return _unpack_bits_stream(packed, bits, count)
+    data = packed.to(torch.int64)
+    data = torch.cat([data, data.new_zeros(-data.numel() % group_bytes)]).view(-1, group_bytes)
+    words = (data << (torch.arange(group_bytes, device=packed.device) * 8)).sum(dim=1)
+    values = (words.unsqueeze(1) >> (torch.arange(group, device=packed.device) * bits)) & ((1 << bits) - 1)
+    return values.reshape(-1)[:count]
+
+
+def _pack_bits_stream(values: Tensor, bits: int) -> Tensor:
+    """:func:`_pack_bits` one bit at a time (any ``bits``)."""
     shifts = torch.arange(bits, device=values.device)
     stream = ((values.to(torch.int64).unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
     stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)]).view(-1, 8)
@@ -114,8 +153,8 @@ def _pack_bits(values: Tensor, bits: int) -> Tensor:
     return (stream * weights).sum(dim=1, dtype=torch.int64).to(torch.uint8)
 
 
-def _unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
-    """The ``count`` integers of ``bits`` bits that :func:`_pack_bits` packed, as int64."""
+def _unpack_bits_stream(packed: Tensor, bits: int, count: int) -> Tensor:
+    """:func:`_unpack_bits` one bit at a time (any ``bits``)."""
     stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1).reshape(-1)
     digits = stream[:count * bits].view(count, bits)
     return (digits << torch.arange(bits, device=packed.device)).sum(dim=1)

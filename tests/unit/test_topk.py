@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_dopt.compress import error_feedback_encode
-from lightning_dopt.topk import TopKCodec, _pack_bits, _unpack_bits
+from lightning_dopt.topk import TopKCodec, _pack_bits, _pack_bits_stream, _unpack_bits
 
 
 def gen(seed: int) -> torch.Generator:
@@ -67,12 +67,16 @@ def test_error_feedback_keeps_the_cumulative_sum() -> None:
     assert float(residual.abs().max()) < float(meant.abs().max())  # the residual stays bounded
 
 
-def test_bit_packing_round_trips() -> None:
-    for bits in (1, 3, 7, 12, 16):
-        values = torch.randint(0, 2**bits, (1001,), generator=gen(bits))
+@pytest.mark.parametrize("count", [1, 7, 1001])
+def test_bit_packing_round_trips_and_matches_the_bit_stream(count: int) -> None:
+    """The word-wise packing writes the same bytes as concatenating every value's bits (LSB first), for the widths
+    it handles and for those it hands to the bit stream (odd widths above 8)."""
+    for bits in range(1, 17):
+        values = torch.randint(0, 2**bits, (count,), generator=gen(bits))
         packed = _pack_bits(values, bits)
-        assert packed.numel() == math.ceil(1001 * bits / 8)
-        assert torch.equal(_unpack_bits(packed, bits, 1001), values)
+        assert packed.numel() == math.ceil(count * bits / 8)
+        assert torch.equal(packed, _pack_bits_stream(values, bits)), bits
+        assert torch.equal(_unpack_bits(packed, bits, count), values), bits
 
 
 def test_refusals() -> None:
