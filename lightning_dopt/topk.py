@@ -26,6 +26,7 @@ values into zeros.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -34,6 +35,8 @@ from lightning_dopt.compress import Codec, _check_encode_input, _check_generator
 
 LEVEL_BITS = (1, 2, 4, 8)
 """Bits per kept value that :class:`TopKCodec` accepts."""
+GROUP_VALUES = 1 << 19
+"""Values per piece that encode selects from at a time (about 2 MB of fp32)."""
 
 
 class TopKCodec(Codec):
@@ -75,11 +78,12 @@ class TopKCodec(Codec):
         _check_encode_input(x, self.name)
         _check_generator(generator, self.name)
         chunks = self._layout(x.numel())[0]
-        padded = torch.zeros(chunks * self.block_size, dtype=torch.float32, device=x.device)
-        padded[:x.numel()] = x
-        rows = padded.view(chunks, self.block_size)
-        positions = torch.topk(rows.abs(), self.k, dim=1, sorted=False).indices
-        kept = rows.gather(1, positions)
+        positions = torch.empty(chunks, self.k, dtype=torch.int64, device=x.device)
+        kept = torch.empty(chunks, self.k, dtype=torch.float32, device=x.device)
+        for start, rows in self._row_groups(x):
+            stop = start + rows.shape[0]
+            torch.topk(rows.abs(), self.k, dim=1, sorted=False, out=(kept[start:stop], positions[start:stop]))
+            torch.gather(rows, 1, positions[start:stop], out=kept[start:stop])
         largest = kept.abs().amax(dim=1, keepdim=True)
         if not bool(torch.isfinite(largest).all()):  # the one host sync of encode: NaN/Inf are among the largest
             check_finite(x, f"{self.name} encode input")
@@ -88,6 +92,19 @@ class TopKCodec(Codec):
         codes = ((scaled * span + span) / 2).round_().clamp_(0, span).to(torch.int64)
         return torch.cat([_pack_bits(positions.reshape(-1), self.index_bits), _pack_bits(codes.reshape(-1), self.bits),
                           largest.reshape(-1).view(torch.uint8)])
+
+    def _row_groups(self, x: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """``x`` as ``(first chunk, chunks × block_size rows)`` pieces of about :data:`GROUP_VALUES` values: views of
+        ``x`` for whole chunks, a zero-padded copy of the last chunk when ``x`` ends inside one. Cache-sized pieces
+        keep the temporaries of ``topk`` out of fresh (page-faulting) memory."""
+        block, whole = self.block_size, x.numel() // self.block_size
+        step = max(1, GROUP_VALUES // block)
+        for start in range(0, whole, step):
+            yield start, x[start * block:min(start + step, whole) * block].view(-1, block)
+        if tail := x.numel() - whole * block:
+            padded = torch.zeros(1, block, dtype=x.dtype, device=x.device)
+            padded[0, :tail] = x[whole * block:]
+            yield whole, padded
 
     @torch.no_grad()
     def decode(self, payload: Tensor, numel: int, out: Tensor | None = None) -> Tensor:
@@ -100,9 +117,14 @@ class TopKCodec(Codec):
         largest = payload[index_bytes + code_bytes:].clone().view(torch.float32).view(chunks, 1)
         span = self.levels - 1
         values = (2 * codes - span).to(torch.float32).div_(span).mul_(largest)
-        rows = torch.zeros(chunks, self.block_size, dtype=torch.float32, device=payload.device)
-        rows.scatter_(1, positions, values)
-        return out.copy_(rows.view(-1)[:numel])
+        block, whole = self.block_size, numel // self.block_size
+        out.zero_()
+        if whole:
+            out[:whole * block].view(whole, block).scatter_(1, positions[:whole], values[:whole])
+        if whole < chunks:  # the last chunk was padded: positions past the end held zeros and are dropped
+            inside = positions[whole] < numel - whole * block
+            out[whole * block:].scatter_(0, positions[whole][inside], values[whole][inside])
+        return out
 
 
 WORD_BITS = 56

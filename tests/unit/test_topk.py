@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_dopt.compress import error_feedback_encode
+from lightning_dopt import topk
 from lightning_dopt.topk import TopKCodec, _pack_bits, _pack_bits_stream, _unpack_bits
 
 
@@ -65,6 +66,25 @@ def test_error_feedback_keeps_the_cumulative_sum() -> None:
         meant += x.double()
     assert torch.allclose(sent + residual.double(), meant, atol=1e-4)
     assert float(residual.abs().max()) < float(meant.abs().max())  # the residual stays bounded
+
+
+@pytest.mark.parametrize("numel", [64 * 40, 64 * 40 + 37, 5])
+def test_row_groups_do_not_change_the_payload(numel: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encode selects from pieces of GROUP_VALUES values (and a padded last chunk): pieces of one chunk, of three
+    chunks, or the whole input give the same payload, and decode (into ``out``) drops the padding's positions."""
+    codec = TopKCodec(block_size=64, k=5, bits=2)
+    x = torch.randn(numel, generator=gen(numel))
+    x[::3] = 0.0  # ties among the magnitudes
+    payloads = []
+    for group_values in (64, 3 * 64, 1 << 19):
+        monkeypatch.setattr(topk, "GROUP_VALUES", group_values)
+        payloads.append(codec.encode(x))
+    assert all(torch.equal(payloads[0], payload) for payload in payloads)
+    out = torch.full((numel,), float("nan"))
+    decoded = codec.decode(payloads[0], numel, out=out)
+    assert decoded is out and bool(torch.isfinite(out).all())
+    kept_per_chunk = [int((chunk != 0).sum()) for chunk in out.split(64)]
+    assert all(count <= 5 for count in kept_per_chunk) and sum(kept_per_chunk) > 0
 
 
 @pytest.mark.parametrize("count", [1, 7, 1001])
