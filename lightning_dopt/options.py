@@ -24,6 +24,7 @@ from lightning_dopt.hierarchy import check_hierarchy
 from lightning_dopt.pacing import check_min_work
 from lightning_dopt.rounds import OuterOptimizerFactory, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, check_relative_floor, make_preconditioner
+from lightning_dopt.topk import TopKCodec
 from lightning_dopt.topology import validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -40,6 +41,10 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
                 "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)},
                "H = 4 local steps, random pairwise gossip of parameters and anchors, an outer Nesterov SGD step "
                "(lr 0.5, momentum 0.5) on each rank's anchor; no all-reduce, twice gossip's bytes (docs/scaling.md)"),
+    "sparse_local_sgd": ({"local_steps": 2, "topology": "complete", "compression": TopKCodec(k=256, bits=4)},
+                         "H = 2 local steps, then the compressed exact mean of TopK-coded differences from the shared "
+                         "anchor: 256 of every 4,096 values, 4 bits each, error feedback (0.031 of fp32's bytes; "
+                         "docs/benchmarks.md)"),
     "gossip_node": ({"local_steps": 4, "topology": "random", "compression": "int8", "hierarchy": "node"},
                     "nodes of several GPUs: one replica per node, int8 gossip between random pairs of nodes every "
                     "4 steps, each GPU exchanging its shard (docs/launch.md)"),
