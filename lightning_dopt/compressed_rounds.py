@@ -84,6 +84,11 @@ class AnchoredCompression:
         self._buffers: list[list[Tensor]] = []  # fp32 scratch shaped like the state (graph rounds)
         self._received: list[list[Tensor]] = []  # payload receive buffers (graph rounds)
 
+    def share_buffers(self, other: AnchoredCompression) -> None:
+        """Use ``other``'s kept scratch and receive buffers (same state layout and codec): for two compressions that
+        never run at the same time, which then keep one set between them."""
+        self._buffers, self._received = other._buffers, other._received
+
     def reset_anchor_(self) -> None:
         """Anchor ← the module's current state (call only when every rank holds the same state); nothing to do when
         not ``anchored``."""
@@ -447,9 +452,9 @@ class CompressedGossipOuterRound(Round):
     Bytes per neighbour and round, for payload ratio ``c`` and ``P`` fp32 bytes of round state: ``2 · c · P`` (the
     uncompressed :class:`~lightning_dopt.rounds.GossipOuterRound` sends ``2P``, so 0.258× it for int8); refresh
     rounds send the anchors' compressed mean, ``2(n−1)/n · c · P``, plus ``c · P`` per neighbour. Memory (fp32,
-    model-sized): the anchor ``θ``, the reference ``r``, the pseudo-gradient, the outer optimizer's state, the
-    codec's scratch buffers and, for biased codecs, two residuals. Preconditioner statistics (scaling) are not mixed
-    (the options refuse them).
+    model-sized): the anchor ``θ``, the reference ``r``, the pseudo-gradient, the outer optimizer's state, three
+    scratch buffers (shared by the two messages, kept between rounds) and, for biased codecs, two residuals; plus
+    one payload set per neighbour. Preconditioner statistics (scaling) are not mixed (the options refuse them).
     """
 
     def __init__(self, state: RoundState, params: Sequence[Tensor], comm: Any, topology: str, seed: int, codec: Codec,
@@ -463,6 +468,7 @@ class CompressedGossipOuterRound(Round):
         # the pseudo-gradients travel as themselves (no reference), with their own rounding stream and residual
         self.pseudo_gradients = AnchoredCompression(state.replica, comm, codec, seed + 7919, anchored=False,
                                                     error_feedback=True)
+        self.pseudo_gradients.share_buffers(self.anchors)  # one message at a time: one set of scratch buffers
         self.anchor = state.replica.new_buffers()  # θ_i
         self.reset_anchor_()
         self._delta = [torch.empty(buffer.numel(), dtype=torch.float32, device=buffer.device)
