@@ -1,60 +1,19 @@
 """An outer optimizer over a graph topology with compressed anchors and pseudo-gradients (CompressedGossipOuterRound)
-on virtual ranks: with a lossless codec it is the uncompressed GossipOuterRound (so outer SGD with lr 1 and no
-momentum is plain gossip); refresh rounds give every rank the same reference; bytes per round follow the formula;
+on virtual ranks: with a lossless codec it is the uncompressed GossipOuterRound (outer SGD with lr 1 and no momentum
+being plain gossip is tested with both in test_gossip_outer.py); refresh rounds give every rank the same reference; bytes per round follow the formula;
 error feedback is kept and a resumed run continues bitwise."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from torch import Tensor
 
-from lightning_dopt.compress import Codec
 from lightning_dopt.compressed_rounds import CompressedGossipOuterRound
 from lightning_dopt.options import Options
 from lightning_dopt.rounds import GossipOuterRound
 from lightning_dopt.topk import TopKCodec
 from lightning_dopt.traffic import expected_traffic
-from test_gossip_outer import NESTEROV, VirtualRun
-
-NO_REFRESH = 10_000  # anchor_interval longer than the runs: graph rounds only
-
-
-class LosslessCodec(Codec):
-    """fp32 values as their own bytes: encode/decode is the identity, so a compressed round computes what the
-    uncompressed one does (up to the order of float additions)."""
-
-    name = "fp32"
-    unbiased = True
-
-    def payload_bytes(self, numel: int) -> int:
-        return 4 * numel
-
-    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return x.detach().float().contiguous().view(torch.uint8).clone()
-
-    def decode(self, payload: Tensor, numel: int, out: Tensor | None = None) -> Tensor:
-        numel = self._check_payload(payload, numel)
-        values = payload.view(torch.float32)
-        return values.clone() if out is None else out.copy_(values)
-
-
-@pytest.mark.parametrize(("topology", "world_size"), [("random", 5), ("one_peer_exponential", 4), ("ring", 4)])
-def test_outer_sgd_with_lr_one_over_a_lossless_codec_is_plain_gossip(topology: str, world_size: int) -> None:
-    plain = VirtualRun(Options(local_steps=2, topology=topology), world_size)
-    outer = VirtualRun(Options(local_steps=2, topology=topology, compression=LosslessCodec(),
-                               anchor_interval=NO_REFRESH,
-                               outer_optimizer=functools.partial(torch.optim.SGD, lr=1.0)), world_size)
-    assert isinstance(outer.engines[0].sync.round, CompressedGossipOuterRound)
-    plain.step(12)
-    outer.step(12)
-    for rank in range(world_size):
-        assert torch.allclose(outer.flat(rank), plain.flat(rank), atol=1e-6, rtol=0)
-    assert float((plain.flat(0) - plain.flat(1)).abs().max()) > 1e-3  # the replicas still differ: not vacuous
-    plain.close()
-    outer.close()
+from test_gossip_outer import NESTEROV, NO_REFRESH, LosslessCodec, VirtualRun
 
 
 def test_a_lossless_codec_gives_the_uncompressed_outer_round() -> None:
@@ -64,6 +23,7 @@ def test_a_lossless_codec_gives_the_uncompressed_outer_round() -> None:
     lossless = VirtualRun(Options(local_steps=3, topology="random", outer_optimizer=NESTEROV,
                                   compression=LosslessCodec(), anchor_interval=NO_REFRESH), 4)
     assert isinstance(exact.engines[0].sync.round, GossipOuterRound)
+    assert isinstance(lossless.engines[0].sync.round, CompressedGossipOuterRound)
     exact.step(15)
     lossless.step(15)
     for rank in range(4):
@@ -117,20 +77,13 @@ def test_error_feedback_is_kept_and_a_resumed_run_continues_bitwise() -> None:
     straight.step(12)
     first = VirtualRun(options, 3)
     first.step(6)
-    saved = [(engine.state_dict(), engine.steps, engine.round, {k: v.clone() for k, v in module.state_dict().items()})
-             for engine, module in zip(first.engines, first.modules)]  # what a checkpoint and its sidecar hold
+    saved = first.checkpoint()
     first.close()
     round_state = saved[0][0]["round"]
     assert any(float(r.abs().max()) > 0 for r in round_state["pseudo_gradients"]["residual"])  # error feedback
     assert round_state["outer"]["state"]  # Nesterov momentum
     resumed = VirtualRun(options, 3)
-    for engine, module, (engine_state, steps, round_index, module_state) in zip(resumed.engines, resumed.modules,
-                                                                                saved):
-        module.load_state_dict(module_state)
-        engine.load_state_dict(engine_state)
-        engine.steps = engine.fit_first_step = steps
-        engine.round = round_index
-    resumed.steps = 6
+    resumed.restore(saved)
     resumed.step(6)
     for rank in range(3):
         assert torch.equal(resumed.flat(rank), straight.flat(rank))

@@ -1,6 +1,7 @@
 """Outer optimizers over gossip topologies (GossipOuterRound) on virtual ranks: outer SGD with lr 1 and no momentum
-is plain gossip; the mean anchor follows the outer optimizer on the mean pseudo-gradient; state round-trips so a
-resumed run continues bitwise; BatchNorm buffers are mixed."""
+is plain gossip (also through CompressedGossipOuterRound with a lossless codec); the mean anchor follows the outer
+optimizer on the mean pseudo-gradient; state round-trips so a resumed run continues bitwise; BatchNorm buffers are
+mixed."""
 
 from __future__ import annotations
 
@@ -10,12 +11,34 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_dopt.compress import Codec
+from lightning_dopt.compressed_rounds import CompressedGossipOuterRound
 from lightning_dopt.engine import Engine, build_engine
 from lightning_dopt.inprocess import InProcessGroup
 from lightning_dopt.options import Options
 from lightning_dopt.rounds import GossipOuterRound
 
 NESTEROV = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+NO_REFRESH = 10_000  # an anchor_interval longer than the runs: compressed outer rounds are all graph rounds
+
+
+class LosslessCodec(Codec):
+    """fp32 values as their own bytes: encode/decode is the identity, so a compressed round computes what the
+    uncompressed one does (up to the order of float additions)."""
+
+    name = "fp32"
+    unbiased = True
+
+    def payload_bytes(self, numel: int) -> int:
+        return 4 * numel
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x.detach().float().contiguous().view(torch.uint8).clone()
+
+    def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        numel = self._check_payload(payload, numel)
+        values = payload.view(torch.float32)
+        return values.clone() if out is None else out.copy_(values)
 
 
 def model(seed: int) -> nn.Module:
@@ -59,6 +82,20 @@ class VirtualRun:
             self.group.run(self._step)
             self.steps += 1
 
+    def checkpoint(self) -> list[tuple[dict, int, int, dict[str, torch.Tensor]]]:
+        """What a checkpoint and its sidecar hold, per rank: engine state, step and round counters, module state."""
+        return [(engine.state_dict(), engine.steps, engine.round, {k: v.clone() for k, v in module.state_dict().items()})
+                for engine, module in zip(self.engines, self.modules)]
+
+    def restore(self, saved: list[tuple[dict, int, int, dict[str, torch.Tensor]]]) -> None:
+        """Resume every rank from :meth:`checkpoint`'s output."""
+        for engine, module, (engine_state, steps, round_index, module_state) in zip(self.engines, self.modules, saved):
+            module.load_state_dict(module_state)
+            engine.load_state_dict(engine_state)
+            engine.steps = engine.fit_first_step = steps
+            engine.round = round_index
+        self.steps = saved[0][1]
+
     def flat(self, rank: int) -> torch.Tensor:
         return torch.cat([t.detach().reshape(-1) for t in self.modules[rank].state_dict().values()
                           if t.is_floating_point()])
@@ -67,12 +104,15 @@ class VirtualRun:
         self.group.close()
 
 
+@pytest.mark.parametrize("lossless", [False, True], ids=["exact", "lossless_codec"])
 @pytest.mark.parametrize(("topology", "world_size"), [("random", 5), ("one_peer_exponential", 4), ("ring", 4)])
-def test_outer_sgd_with_lr_one_and_no_momentum_is_plain_gossip(topology: str, world_size: int) -> None:
+def test_outer_sgd_with_lr_one_and_no_momentum_is_plain_gossip(topology: str, world_size: int, lossless: bool) -> None:
+    """GossipOuterRound, and CompressedGossipOuterRound over a lossless codec (graph rounds only)."""
+    compressed = {"compression": LosslessCodec(), "anchor_interval": NO_REFRESH} if lossless else {}
     plain = VirtualRun(Options(local_steps=2, topology=topology), world_size)
-    outer = VirtualRun(Options(local_steps=2, topology=topology,
+    outer = VirtualRun(Options(local_steps=2, topology=topology, **compressed,
                                outer_optimizer=functools.partial(torch.optim.SGD, lr=1.0)), world_size)
-    assert isinstance(outer.engines[0].sync.round, GossipOuterRound)
+    assert isinstance(outer.engines[0].sync.round, CompressedGossipOuterRound if lossless else GossipOuterRound)
     plain.step(12)
     outer.step(12)
     for rank in range(world_size):
@@ -111,17 +151,10 @@ def test_a_resumed_run_continues_bitwise() -> None:
     straight.step(10)
     first = VirtualRun(options, 3)
     first.step(5)
-    saved = [(engine.state_dict(), engine.steps, engine.round, {k: v.clone() for k, v in module.state_dict().items()})
-             for engine, module in zip(first.engines, first.modules)]  # what a checkpoint and its sidecar hold
+    saved = first.checkpoint()
     first.close()
     resumed = VirtualRun(options, 3)
-    for engine, module, (engine_state, steps, round_index, module_state) in zip(resumed.engines, resumed.modules,
-                                                                                saved):
-        module.load_state_dict(module_state)
-        engine.load_state_dict(engine_state)
-        engine.steps = engine.fit_first_step = steps
-        engine.round = round_index
-    resumed.steps = 5
+    resumed.restore(saved)
     resumed.step(5)
     for rank in range(3):
         assert torch.equal(resumed.flat(rank), straight.flat(rank))
