@@ -203,6 +203,7 @@ def recipe_args(description: str, strategies: Sequence[str], default: Sequence[s
     add("--json", type=Path, help="write the results (harness JSON) here")
     add("--timeout", type=float, default=timeout, help="seconds per run")
     add("--plot", type=Path, default=plot, help="PNG of the validation metric against bytes sent")
+    add("--report-only", action="store_true", help="run nothing: report (and plot) the runs stored in --results-dir")
     add("--extra", nargs=argparse.REMAINDER, default=[], help="everything after this goes to every run's command line")
     args = parser.parse_args()
     args.strategies = [n for names in args.strategies for n in names]

@@ -22,8 +22,13 @@ COLUMNS = [Column("strategy", "strategy"), Column("steps", "steps", "d"), Column
 
 
 def run_strategy(name: str, args: Any) -> dict[str, Any] | None:
-    """Fit and test one strategy: its RunSummary record, or None on failure."""
+    """Fit and test one strategy: its RunSummary record, or None on failure (``--report-only``: the stored record)."""
     summary = args.results_dir / name / "summary.json"
+    if args.report_only:
+        if not summary.is_file():
+            print(f"[{name}] no stored run: {summary} is missing", flush=True)
+            return None
+        return json.loads(summary.read_text())
     summary.unlink(missing_ok=True)
     child, record = run_recipe("translation", name, args.base, [
         "--trainer.logger=false", "--trainer.enable_checkpointing=false",

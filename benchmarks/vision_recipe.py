@@ -56,6 +56,8 @@ def parse_run(output: str, rows: list[dict[str, str]]) -> dict[str, Any]:
 
 def run_strategy(name: str, args: Any) -> dict[str, Any]:
     out_dir = args.results_dir / name
+    if args.report_only:  # the stored run
+        return json.loads((out_dir / "summary.json").read_text())
     child, record = run_recipe("vision", name, args.base, [
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out_dir}",
         "--trainer.enable_checkpointing=false", *args.extra], out_dir, args.timeout)
