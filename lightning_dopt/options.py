@@ -41,6 +41,10 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
                 "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)},
                "H = 4 local steps, random pairwise gossip of parameters and anchors, an outer Nesterov SGD step "
                "(lr 0.5, momentum 0.5) on each rank's anchor; no all-reduce, twice gossip's bytes (docs/scaling.md)"),
+    "noloco_int8": ({"local_steps": 4, "topology": "random", "compression": "int8",
+                     "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)},
+                    "noloco whose anchors and pseudo-gradients travel as int8 (0.26x noloco's bytes; "
+                    "docs/scaling.md)"),
     "sparse_local_sgd": ({"local_steps": 2, "topology": "complete", "compression": TopKCodec(k=256, bits=4)},
                          "H = 2 local steps, then the compressed exact mean of TopK-coded differences from the shared "
                          "anchor: 256 of every 4,096 values, 4 bits each, error feedback (0.031 of fp32's bytes; "
