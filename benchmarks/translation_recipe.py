@@ -54,11 +54,13 @@ def main() -> None:
     if not records:
         raise SystemExit("every run failed")
     for name, record in records.items():
-        fit, last, test = record["fit"], record["validations"][-1], record["test"]
+        last, test = record["validations"][-1], record.get("test", {})  # a stored run that stopped early has no test
+        fit = record["fit"] or {"steps": last["step"], "seconds": None,  # and its last validation stands for its fit
+                                **{key: last[key] for key in ("training_bytes_sent", "bytes_counted")}}
         ddp = records["ddp"]["fit"]["training_bytes_sent"] if "ddp" in records else None
         results["rows"].append({
             "strategy": name, "steps": fit["steps"], "val_bleu": last["bleu"], "val_chrf": last["chrf"],
-            "test_bleu": test["bleu"], "test_chrf": test["chrf"], "sent": fit["training_bytes_sent"],
+            "test_bleu": test.get("bleu"), "test_chrf": test.get("chrf"), "sent": fit["training_bytes_sent"],
             "bytes": "counted" if fit["bytes_counted"] else "formula", "fit_seconds": fit["seconds"],
             "bytes_ratio": fit["training_bytes_sent"] / ddp if ddp else None, "record": record})
     report(results, COLUMNS, args.json)
