@@ -25,8 +25,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 import lightning_dopt  # noqa: F401 (registers gossip_local, local_sgd, adacons, ... before the CLI parses)
 from lightning_dopt.callbacks import replicas
+from lightning_dopt.compress import Codec
 
-__all__ = ["WANDB_LOGGERS", "DoptCLI", "LogStrategyOptions", "replace_wandb_logger", "strategy_options",
+__all__ = ["WANDB_LOGGERS", "DoptCLI", "LogStrategyOptions", "plain_value", "replace_wandb_logger", "strategy_options",
            "use_offline_wandb", "wandb_available"]
 
 #: Class paths under which a config names Lightning's W&B logger.
@@ -84,15 +85,18 @@ def replace_wandb_logger(logger: Any, available: bool) -> tuple[Any, str | None]
     return (replaced if isinstance(logger, list) else replaced[0]), message
 
 
-def _plain(value: Any) -> Any:
-    """A value a logger can store: numbers, strings, bools and None as they are, timedeltas in seconds, lists
-    element-wise, anything else (a codec, a factory) by its name."""
+def plain_value(value: Any) -> Any:
+    """A value a logger or JSON can store: numbers, strings, bools and None as they are, timedeltas in seconds, lists
+    element-wise, a codec by its repr with its settings (``TopKCodec(block_size=4096, k=256, bits=4)``), anything
+    else (a factory) by its name."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_value(item) for item in value]
+    if isinstance(value, Codec):
+        return repr(value)
     return getattr(value, "__qualname__", None) or type(value).__name__
 
 
@@ -112,7 +116,7 @@ def strategy_options(strategy: Any) -> dict[str, Any]:
             if hasattr(type(strategy), attribute) and isinstance(getattr(type(strategy), attribute), property):
                 continue
             if attribute in attributes:
-                options[name] = _plain(attributes[attribute])
+                options[name] = plain_value(attributes[attribute])
                 break
     return options
 
@@ -134,7 +138,7 @@ class LogStrategyOptions(Callback):
             "accelerator": type(trainer.accelerator).__name__, "precision": trainer.precision,
             "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "gradient_clip_val": _plain(trainer.gradient_clip_val),
+            "gradient_clip_val": plain_value(trainer.gradient_clip_val),
         }
         for logger in trainer.loggers:
             logger.log_hyperparams({"strategy": strategy_options(trainer.strategy), "trainer": trainer_options})

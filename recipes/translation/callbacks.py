@@ -18,18 +18,13 @@ import lightning as L
 
 from lightning_dopt import GossipLocalStrategy
 from lightning_dopt.callbacks import ddp_reference_bytes
+from recipes.common import plain_value
 from recipes.translation.tokenizer import atomic_write
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(payload, indent=1).encode())
-
-
-def _described(value: Any) -> Any:
-    """``value`` if JSON holds it as it is (a codec name, ``None``), else its ``repr`` (a Codec instance, e.g.
-    ``TopKCodec(block_size=4096, k=256, bits=4)``)."""
-    return value if value is None or isinstance(value, (str, int, float, bool)) else repr(value)
 
 
 class RunSummary(L.Callback):
@@ -83,7 +78,7 @@ class RunSummary(L.Callback):
             "steps": trainer.global_step, "seconds": time.perf_counter() - self._start,
             "world_size": trainer.world_size, "strategy": type(strategy).__name__,
             "local_steps": getattr(strategy, "local_steps", 1), "topology": getattr(strategy, "topology", None),
-            "compression": _described(getattr(strategy, "compression", None)),
+            "compression": plain_value(getattr(strategy, "compression", None)),
             "aggregation": getattr(strategy, "aggregation", None), "scaling": getattr(strategy, "scaling", None),
             "parameters": sum(p.numel() for p in pl_module.parameters()), **self._bytes(trainer, pl_module)}
         _write_json(self.path, self._record)

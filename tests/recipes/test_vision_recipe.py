@@ -199,11 +199,11 @@ class _CaptureLogger(Logger):
         pass
 
 
-@pytest.mark.parametrize("strategy", ["gossip", "ddp"])
+@pytest.mark.parametrize("strategy", ["gossip", "sparse_local_sgd", "ddp"])
 def test_strategy_options_are_logged_as_hyperparameters(strategy):
     logger = _CaptureLogger()
-    chosen = (GossipLocalStrategy(local_steps=8, compression="int8", timeout=datetime.timedelta(minutes=5))
-              if strategy == "gossip" else "ddp")
+    chosen = {"gossip": GossipLocalStrategy(local_steps=8, compression="int8", timeout=datetime.timedelta(minutes=5)),
+              "sparse_local_sgd": "sparse_local_sgd", "ddp": "ddp"}[strategy]
     trainer = Trainer(accelerator="cpu", devices=1, strategy=chosen, logger=logger, max_epochs=3,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     LogStrategyOptions().setup(trainer, ImageClassifier(model="mlp"), "fit")
@@ -213,6 +213,8 @@ def test_strategy_options_are_logged_as_hyperparameters(strategy):
         assert (options["local_steps"], options["topology"], options["compression"]) == (8, "random", "int8")
         assert options["timeout"] == 300.0 and options["start_method"] == "popen"
         assert "accelerator" not in options and "parallel_devices" not in options
+    elif strategy == "sparse_local_sgd":  # a codec is logged with its settings
+        assert options["compression"] == "TopKCodec(block_size=4096, k=256, bits=4)"
     else:
         assert options["class"].endswith("DDPStrategy") and options["timeout"] == 1800.0
     assert settings["world_size"] == 1 and settings["max_epochs"] == 3 and settings["accelerator"] == "CPUAccelerator"
