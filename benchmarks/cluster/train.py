@@ -35,7 +35,7 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "gossip_local_int8_node", "gossip_local_int8_node_overlap", "gossip_local_int8_h2_overlap",
               "gossip_local_topk_h1", "gossip_local_topk_h2", "sparse_local_sgd", "sparse_diloco", "sparse_diloco_h2",
               "sparse_diloco_m09", "sparse_local_sgd_k256", "sparse_local_sgd_k256_h2",
-              "sparse_local_sgd_k256_h2_overlap", "adacons", "no_sync")
+              "sparse_local_sgd_k256_h2_overlap", "noloco", "noloco_int8", "adacons", "no_sync")
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
@@ -56,6 +56,12 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                                                 "local_steps": 2},
                    "sparse_local_sgd_k256_h2_overlap": {"topology": "complete", "compression": TopKCodec(k=256, bits=4),
                                                         "local_steps": 2, "overlap": True},
+                   # an outer Nesterov SGD (lr 0.5, momentum 0.5) per rank over random gossip: exact, or int8 messages
+                   "noloco": {"outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
+                                                                   nesterov=True)},
+                   "noloco_int8": {"compression": "int8",
+                                   "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
+                                                                        nesterov=True)},
                    "sparse_diloco": {"topology": "complete", "compression": TopKCodec(),
                                      "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
                                                                           nesterov=True)},
