@@ -113,9 +113,18 @@ def machine_facts() -> dict[str, Any]:
 
 
 def new_results(benchmark: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The results document before its rows, with this process's command line and the machine's facts now."""
+    """The results document before its rows, with this process's command line and the machine's facts now. Paths
+    inside the repository are kept relative to it, so a committed document names no folder of the machine."""
     return {"benchmark": benchmark, "command": shlex.join(["python", *sys.argv]), "started": utc_now(),
-            "machine": machine_facts(), "config": dict(config), "rows": []}
+            "machine": machine_facts(), "config": {key: _portable(value) for key, value in config.items()},
+            "rows": []}
+
+
+def _portable(value: Any) -> Any:
+    """A path under the repository as its path relative to the repository root; anything else unchanged."""
+    if isinstance(value, Path) and value.is_absolute() and value.is_relative_to(REPO_ROOT):
+        return value.relative_to(REPO_ROOT)
+    return value
 
 
 def write_results(path: Path, results: Mapping[str, Any]) -> None:
