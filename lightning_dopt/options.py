@@ -28,6 +28,9 @@ from lightning_dopt.topk import TopKCodec
 from lightning_dopt.topology import validate_topology
 
 EVAL_MODELS = ("average", "local")
+NOLOCO_OUTER = functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)
+"""The presets' outer optimizer: Nesterov SGD with ``lr / (1 − momentum) = 1`` (no long-run amplification of the
+averaged progress; DiLoCo's 0.7 / 0.9 diverged over an SGD-momentum inner loop, docs/scaling.md)."""
 PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "gossip_local": ({}, "local steps + random pairwise gossip"),
     "gossip_local_spawn": ({"start_method": "spawn"}, "gossip_local with the spawn launcher"),
@@ -38,11 +41,11 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "adacons_spawn": ({"topology": "complete", "aggregation": "adacons", "start_method": "spawn"},
                       "adacons with the spawn launcher"),
     "noloco": ({"local_steps": 4, "topology": "random",
-                "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)},
+                "outer_optimizer": NOLOCO_OUTER},
                "H = 4 local steps, random pairwise gossip of parameters and anchors, an outer Nesterov SGD step "
                "(lr 0.5, momentum 0.5) on each rank's anchor; no all-reduce, twice gossip's bytes (docs/scaling.md)"),
     "noloco_int8": ({"local_steps": 4, "topology": "random", "compression": "int8",
-                     "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5, nesterov=True)},
+                     "outer_optimizer": NOLOCO_OUTER},
                     "noloco whose anchors and pseudo-gradients travel as int8 (0.26x noloco's bytes; "
                     "docs/scaling.md)"),
     "sparse_local_sgd": ({"local_steps": 2, "topology": "complete", "compression": TopKCodec(k=256, bits=4)},

@@ -5,7 +5,6 @@ trains an MLP on Fashion-MNIST with one contender strategy; :class:`Recorder` wr
 
 # No ``from __future__ import annotations``: DDP checks comm hooks' annotations at runtime.
 import argparse
-import functools
 import json
 import math
 import os
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lightning_dopt import GossipLocalStrategy, TopKCodec  # noqa: E402
+from lightning_dopt.options import NOLOCO_OUTER, PRESETS  # noqa: E402
 from recipes.vision.data import load_idx_dataset  # noqa: E402
 
 DOPT_TRAINING_PURPOSES = ("round", "warmup", "aggregate", "control")
@@ -52,25 +52,17 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    # Nesterov SGD (lr 0.5, momentum 0.5; _m09: DiLoCo's lr 0.7, momentum 0.9)
                    "sparse_local_sgd": {"topology": "complete", "compression": TopKCodec()},
                    "sparse_local_sgd_k256": {"topology": "complete", "compression": TopKCodec(k=256, bits=4)},
-                   "sparse_local_sgd_k256_h2": {"topology": "complete", "compression": TopKCodec(k=256, bits=4),
-                                                "local_steps": 2},
+                   "sparse_local_sgd_k256_h2": PRESETS["sparse_local_sgd"][0],  # the preset
                    "sparse_local_sgd_k256_h2_overlap": {"topology": "complete", "compression": TopKCodec(k=256, bits=4),
                                                         "local_steps": 2, "overlap": True},
-                   # an outer Nesterov SGD (lr 0.5, momentum 0.5) per rank over random gossip: exact, or int8 messages
-                   "noloco": {"outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
-                                                                   nesterov=True)},
-                   "noloco_int8": {"compression": "int8",
-                                   "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
-                                                                        nesterov=True)},
+                   # the registered presets: an outer Nesterov SGD per rank over random gossip, exact or int8 messages
+                   "noloco": PRESETS["noloco"][0], "noloco_int8": PRESETS["noloco_int8"][0],
                    "sparse_diloco": {"topology": "complete", "compression": TopKCodec(),
-                                     "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
-                                                                          nesterov=True)},
+                                     "outer_optimizer": NOLOCO_OUTER},
                    "sparse_diloco_h2": {"topology": "complete", "compression": TopKCodec(), "local_steps": 2,
-                                        "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.5, momentum=0.5,
-                                                                             nesterov=True)},
+                                        "outer_optimizer": NOLOCO_OUTER},
                    "sparse_diloco_m09": {"topology": "complete", "compression": TopKCodec(),
-                                         "outer_optimizer": functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9,
-                                                                              nesterov=True)}}
+                                         "outer_optimizer": "diloco"}}
 POWERSGD_BUCKET_MB = 256
 TORCH_HOOKS = {"ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd"}
 
