@@ -509,6 +509,16 @@ def error_feedback_encode(codec: Codec, x: Tensor, residual: Tensor,
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual must match x in shape, dtype and device: x is {tuple(x.shape)} {x.dtype} on "
                          f"{x.device}, residual is {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    new_residual = residual.clone()
+    return error_feedback_encode_(codec, x, new_residual, generator)[0], new_residual
+
+
+def error_feedback_encode_(codec: Codec, x: Tensor, residual: Tensor, generator: torch.Generator | None = None,
+                           out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`error_feedback_encode` with ``residual`` updated in place (no checks): ``(payload, decoded)``, the
+    decoded values in ``out`` when given. One decode serves the residual and the caller."""
     target = x + residual
     payload = codec.encode(target, generator)
-    return payload, target - codec.decode(payload, target.numel())
+    decoded = codec.decode(payload, target.numel(), out=out)
+    torch.sub(target, decoded, out=residual)
+    return payload, decoded

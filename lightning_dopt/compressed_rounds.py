@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_dopt.comm import FlatState
-from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode
+from lightning_dopt.compress import CastCodec, Codec, error_feedback_encode_
 from lightning_dopt.rounds import FLAG_BLOCKS, NOISE_BLOCK, Round, kept_buffers
 from lightning_dopt.topology import mixing_row
 
@@ -135,11 +135,9 @@ class AnchoredCompression:
         feedback)."""
         if values.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=values.device), values
-        if residual is None:
-            payload = self.codec.encode(values, self.generator)
-        else:
-            payload, new_residual = error_feedback_encode(self.codec, values, residual, self.generator)
-            residual.copy_(new_residual)
+        if residual is not None:
+            return error_feedback_encode_(self.codec, values, residual, self.generator, out=out)
+        payload = self.codec.encode(values, self.generator)
         return payload, self.codec.decode(payload, values.numel(), out=out)
 
     def _decode(self, payload: Tensor, numel: int, device: torch.device, out: Tensor | None = None) -> Tensor:
