@@ -514,10 +514,12 @@ def error_feedback_encode(codec: Codec, x: Tensor, residual: Tensor,
 
 
 def error_feedback_encode_(codec: Codec, x: Tensor, residual: Tensor, generator: torch.Generator | None = None,
-                           out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           out: Tensor | None = None, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`error_feedback_encode` with ``residual`` updated in place (no checks): ``(payload, decoded)``, the
-    decoded values in ``out`` when given. One decode serves the residual and the caller."""
-    target = x + residual
+    decoded values in ``out`` when given. One decode serves the residual and the caller. ``x + residual`` is formed
+    in ``scratch`` when given (shaped like ``x``, not ``out``), else in a new tensor; ``residual`` is only written
+    after the encode succeeded, so an input the codec refuses leaves it as it was."""
+    target = x + residual if scratch is None else torch.add(x, residual, out=scratch)
     payload = codec.encode(target, generator)
     decoded = codec.decode(payload, target.numel(), out=out)
     torch.sub(target, decoded, out=residual)

@@ -54,8 +54,8 @@ class AnchoredCompression:
     neighbour; average rounds ``2(n−1)/n · c · P``. With a refresh every 16 rounds of ``random`` gossip at
     ``n = 4`` the mix is ``c · (15 + 1.5)/16`` (0.266 × fp32 gossip for int8, 0.137 for int4).
 
-    Memory (fp32 copies of the state): the anchor, three scratch buffers for graph rounds (allocated at the first
-    one and kept, so a round allocates nothing of the model's size but the payload it sends), an error-feedback
+    Memory (fp32 copies of the state): the anchor, three scratch buffers (allocated at the first round and kept, so
+    a round allocates nothing of the model's size but the payloads it sends and receives), an error-feedback
     residual for biased codecs; plus one payload per neighbour.
     """
 
@@ -130,15 +130,22 @@ class AnchoredCompression:
                 for mine, value in zip(current, saved):
                     mine.copy_(value)
 
-    def _encode(self, values: Tensor, residual: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _encode(self, values: Tensor, residual: Tensor | None, out: Tensor | None = None,
+                scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Payload and its decoded value (into ``out`` when given); biased codecs update ``residual`` in place (error
-        feedback)."""
+        feedback, forming ``values + residual`` in ``scratch`` when given)."""
         if values.numel() == 0:
             return torch.empty(0, dtype=torch.uint8, device=values.device), values
         if residual is not None:
-            return error_feedback_encode_(self.codec, values, residual, self.generator, out=out)
+            return error_feedback_encode_(self.codec, values, residual, self.generator, out=out, scratch=scratch)
         payload = self.codec.encode(values, self.generator)
         return payload, self.codec.decode(payload, values.numel(), out=out)
+
+    def _payload(self, values: Tensor, residual: Tensor | None, out: Tensor, scratch: Tensor) -> Tensor:
+        """The payload alone (:meth:`_encode` without the decode, which only error feedback needs)."""
+        if residual is None and values.numel():
+            return self.codec.encode(values, self.generator)
+        return self._encode(values, residual, out=out, scratch=scratch)[0]
 
     def _decode(self, payload: Tensor, numel: int, device: torch.device, out: Tensor | None = None) -> Tensor:
         if numel == 0:
@@ -164,7 +171,7 @@ class AnchoredCompression:
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
             residual = self.residual[index] if self.residual is not None else None
             difference = self._difference(mine, anchor, out=differences[index])
-            payload, own = self._encode(difference, residual, out=owns[index])
+            payload, own = self._encode(difference, residual, out=owns[index], scratch=spare[index])
             if self.measure_noise:
                 noise += _squared_norm(torch.sub(own, difference, out=spare[index]))
                 drift += _squared_norm(difference)
@@ -218,50 +225,62 @@ class AnchoredCompression:
     @torch.no_grad()
     def average_round(self, work: list[Tensor], comm: Any = None) -> None:
         """Compressed exact-mean round over ``comm`` (default: the construction's); ``work`` becomes the new anchor
-        on every rank."""
+        on every rank.
+
+        Per group, in the three fp32 buffers that graph rounds keep (``d``, ``m``, ``s``; no other allocation of the
+        model's size): ``d = x − a``; the peers' chunks of ``d`` are encoded (error-feedback sums formed in ``s``,
+        decodes for the residual in ``m``) and exchanged; the own chunk of ``d`` sums the peers' decoded chunks
+        (decoded into ``s``) and is divided by ``n``; its encoded mean is decoded into the own chunk of ``m``, the
+        peers' into theirs; ``a ← a + m``, ``x ← a``.
+        """
         comm = comm or self.comm
         rank, world_size = comm.rank, comm.world_size
         peers = [peer for peer in range(world_size) if peer != rank]
-        differences, outgoing, incoming = [], {p: [] for p in peers}, {p: [] for p in peers}
+        differences, means, spare = kept_buffers(self._buffers, 3, lambda: [
+            torch.empty(mine.numel(), dtype=torch.float32, device=mine.device) for mine in work])
+        outgoing, incoming = {p: [] for p in peers}, {p: [] for p in peers}
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
-            difference = self._difference(mine, anchor)
+            difference = self._difference(mine, anchor, out=differences[index])
             chunks = self._chunks(mine.numel())
             for peer in peers:
                 start, stop = chunks[peer]
                 residual = self.residual[index][start:stop] if self.residual is not None else None
-                outgoing[peer].append(self._encode(difference[start:stop], residual)[0])
+                outgoing[peer].append(self._payload(difference[start:stop], residual, out=means[index][start:stop],
+                                                    scratch=spare[index][start:stop]))
                 incoming[peer].append(self._empty_payload(chunks[rank][1] - chunks[rank][0], mine.device))
             if self.residual is not None:
                 self.residual[index][slice(*chunks[rank])].zero_()  # the own chunk is used uncompressed
-            differences.append(difference)
         comm.exchange_each(list(outgoing.items()), list(incoming.items()), purpose="round")
 
-        means, outgoing_means, incoming_means = [], [], {p: [] for p in peers}
-        for index, (mine, difference) in enumerate(zip(work, differences)):
+        outgoing_means, incoming_means = [], {p: [] for p in peers}
+        for index, mine in enumerate(work):
             chunks = self._chunks(mine.numel())
             start, stop = chunks[rank]
-            total = difference[start:stop].clone()
+            total = differences[index][start:stop]
             for peer in peers:
-                total += self._decode(incoming[peer][index], stop - start, mine.device)
+                total += self._decode(incoming[peer][index], stop - start, mine.device,
+                                      out=spare[index][start:stop])
             residual = self.mean_residual[index] if self.mean_residual is not None else None
-            payload, decoded = self._encode(total / world_size, residual)
+            payload = self._encode(total.div_(world_size), residual, out=means[index][start:stop],
+                                   scratch=spare[index][start:stop])[0]
             outgoing_means.append(payload)
-            means.append(decoded)
             for peer in peers:
                 incoming_means[peer].append(self._empty_payload(chunks[peer][1] - chunks[peer][0], mine.device))
         comm.exchange_each([(peer, outgoing_means) for peer in peers], list(incoming_means.items()), purpose="round")
 
         for index, (mine, anchor) in enumerate(zip(work, self.anchor)):
-            chunks = self._chunks(mine.numel())
-            mean = torch.empty(mine.numel(), dtype=torch.float32, device=mine.device)
-            for owner, (start, stop) in enumerate(chunks):
-                mean[start:stop] = means[index] if owner == rank else \
-                    self._decode(incoming_means[owner][index], stop - start, mine.device)
-            if self.anchored:
-                anchor.copy_(anchor.float() + mean)
-                mine.copy_(anchor)
-            else:
+            mean = means[index]
+            for owner, (start, stop) in enumerate(self._chunks(mine.numel())):
+                if owner != rank:
+                    self._decode(incoming_means[owner][index], stop - start, mine.device, out=mean[start:stop])
+            if not self.anchored:
                 mine.copy_(mean)
+                continue
+            if anchor.dtype == torch.float32:
+                anchor.add_(mean)
+            else:
+                anchor.copy_(anchor.float() + mean)
+            mine.copy_(anchor)
 
     def _chunks(self, numel: int) -> list[tuple[int, int]]:
         return aligned_chunks(numel, getattr(self.codec, "block_size", 1), self.comm.world_size)
