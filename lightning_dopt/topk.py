@@ -19,7 +19,7 @@ Deterministic and biased (most of the vector is dropped): ``unbiased = False``, 
 error-feedback residual on every rank (checkpointed with the round state) and what is not sent in one round is added
 to the next round's input (``research/algorithms.md`` §4.8; SparseLoCo, arXiv 2508.15706, sends chunked top-k
 pseudo-gradients with 2-bit values this way). Encode refuses NaN/Inf (a non-finite value would be among the largest).
-Cost: one top-k per chunk, a gather and the packing of ``B·k·(index_bits + bits)`` bits; decode scatters ``B·k``
+Cost: one top-k per chunk (on the magnitudes' bits as int32), a gather and the packing of ``B·k·(index_bits + bits)`` bits; decode scatters ``B·k``
 values into zeros.
 """
 
@@ -82,7 +82,11 @@ class TopKCodec(Codec):
         kept = torch.empty(chunks, self.k, dtype=torch.float32, device=x.device)
         for start, rows in self._row_groups(x):
             stop = start + rows.shape[0]
-            torch.topk(rows.abs(), self.k, dim=1, sorted=False, out=(kept[start:stop], positions[start:stop]))
+            # magnitudes compared as the int32 of their bits (same order for non-negative floats, NaN above +inf):
+            # the same selection as on floats, a third faster on CPU (no NaN test per comparison)
+            magnitudes = rows.abs().view(torch.int32)
+            torch.topk(magnitudes, self.k, dim=1, sorted=False,
+                       out=(kept[start:stop].view(torch.int32), positions[start:stop]))
             torch.gather(rows, 1, positions[start:stop], out=kept[start:stop])
         largest = kept.abs().amax(dim=1, keepdim=True)
         if not bool(torch.isfinite(largest).all()):  # the one host sync of encode: NaN/Inf are among the largest
