@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_dopt.compress import error_feedback_encode
+from lightning_dopt.compress import error_feedback_encode, error_feedback_encode_
 from lightning_dopt import topk
 from lightning_dopt.topk import TopKCodec, _pack_bits, _pack_bits_stream, _unpack_bits
 
@@ -41,6 +41,18 @@ def test_keeps_the_k_largest_of_each_chunk_within_one_level() -> None:
     assert bool(((decoded - x).abs()[kept] <= largest[kept] / 3 * (1 + 1e-6)).all())
 
 
+def test_kept_magnitudes_are_the_largest_with_ties_signed_zeros_and_subnormals() -> None:
+    """The selection compares magnitudes as the int32 of their bits: the kept magnitudes of every chunk must be the
+    chunk's k largest as floats, whichever of equal values is taken."""
+    codec = TopKCodec(32, 6, 8)
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([0.5, -0.5, 0.5, -0.0, 0.0, tiny / 4, -tiny / 2, 3.0e38, -3.0e38, 1e-30] * 64)
+    x = x[torch.randperm(x.numel(), generator=gen(3))]
+    positions = topk._unpack_bits(codec.encode(x)[:codec._layout(x.numel())[1]], codec.index_bits, 20 * 6).view(20, 6)
+    kept = x.view(20, 32).abs().gather(1, positions).sort(dim=1).values
+    assert torch.equal(kept, x.view(20, 32).abs().topk(6, dim=1).values.sort(dim=1).values)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_values_on_the_level_grid_decode_exactly(bits: int) -> None:
     levels = 2**bits
@@ -66,6 +78,22 @@ def test_error_feedback_keeps_the_cumulative_sum() -> None:
         meant += x.double()
     assert torch.allclose(sent + residual.double(), meant, atol=1e-4)
     assert float(residual.abs().max()) < float(meant.abs().max())  # the residual stays bounded
+
+
+def test_error_feedback_in_place_with_scratch_equals_the_pure_form_and_keeps_the_residual_on_refusal() -> None:
+    codec = TopKCodec(64, 4, 2)
+    x, residual = torch.randn(1000, generator=gen(5)), torch.randn(1000, generator=gen(6))
+    payload, expected = error_feedback_encode(codec, x, residual)
+    in_place, scratch, out = residual.clone(), torch.empty(1000), torch.empty(1000)
+    sent, decoded = error_feedback_encode_(codec, x, in_place, scratch=scratch, out=out)
+    assert torch.equal(sent, payload) and torch.equal(in_place, expected) and decoded is out
+    assert torch.equal(out, codec.decode(payload, 1000))
+    bad = x.clone()
+    bad[7] = float("nan")
+    before = in_place.clone()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        error_feedback_encode_(codec, bad, in_place, scratch=scratch)
+    assert torch.equal(in_place, before)  # a refused input leaves the residual as it was
 
 
 @pytest.mark.parametrize("numel", [64 * 40, 64 * 40 + 37, 5])
