@@ -35,7 +35,8 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "gossip_local_int8_node", "gossip_local_int8_node_overlap", "gossip_local_int8_h2_overlap",
               "gossip_local_topk_h1", "gossip_local_topk_h2", "sparse_local_sgd", "sparse_diloco", "sparse_diloco_h2",
               "sparse_diloco_m09", "sparse_local_sgd_k256", "sparse_local_sgd_k256_h2",
-              "sparse_local_sgd_k256_h2_overlap", "noloco", "noloco_int8", "adacons", "no_sync")
+              "sparse_local_sgd_k256_h2_overlap", "sparse_local_sgd_k256_b8_h2",
+              "sparse_local_sgd_k256_h1", "noloco", "noloco_int8", "adacons", "no_sync")
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
@@ -55,6 +56,11 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "sparse_local_sgd_k256_h2": PRESETS["sparse_local_sgd"][0],  # the preset
                    "sparse_local_sgd_k256_h2_overlap": {"topology": "complete", "compression": TopKCodec(k=256, bits=4),
                                                         "local_steps": 2, "overlap": True},
+                   # the preset with 8-bit values (1.25x its bytes)
+                   "sparse_local_sgd_k256_b8_h2": {"topology": "complete", "compression": TopKCodec(k=256, bits=8),
+                                                   "local_steps": 2},
+                   "sparse_local_sgd_k256_h1": {"topology": "complete", "compression": TopKCodec(k=256, bits=4),
+                                                "local_steps": 1},
                    # the registered presets: an outer Nesterov SGD per rank over random gossip, exact or int8 messages
                    "noloco": PRESETS["noloco"][0], "noloco_int8": PRESETS["noloco_int8"][0],
                    "sparse_diloco": {"topology": "complete", "compression": TopKCodec(),
