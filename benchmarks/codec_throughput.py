@@ -5,6 +5,8 @@ fp32 tensor ``x.clone()``, ``encode``, ``decode`` into a reused buffer (as round
 bytes / median time; ``vs clone`` = clone time / (encode + decode) time. ``--baseline REV`` adds the codecs of
 ``lightning_dopt/compress.py`` at git revision ``REV``. CUDA rows are added when CUDA is available, with the int8/int4
 codecs also timed as fused Triton kernels (``int8 fused``: ``BlockQuantCodec(fused=True)``) where Triton imports.
+The sparse codec of the ``sparse_local_sgd`` preset (``topk``: ``TopKCodec(k=256, bits=4)``) is timed too; it is not
+part of ``--baseline``, which covers ``compress.py`` only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils import benchmark
 
 from harness import REPO_ROOT, Column, new_results, report
 from lightning_dopt.compress import CODECS, BlockQuantCodec, Codec, fused_kernels_available, make_codec
+from lightning_dopt.options import PRESETS
 
 BLOCK_SIZE = 256
 COLUMNS = [Column("device", "device"), Column("codec", "codec"), Column("numel", "elements", ",.0f"),
@@ -87,6 +90,7 @@ def main() -> None:
     results = new_results("codec_throughput", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     devices = [torch.device(d) for d in args.devices if d == "cpu" or torch.cuda.is_available()]
     codecs = {name: make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
+    codecs["topk"] = PRESETS["sparse_local_sgd"][0]["compression"]
     if args.baseline:
         baseline = compress_module_at(args.baseline)
         codecs |= {f"{name}@{args.baseline}": baseline.make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
