@@ -19,8 +19,8 @@ Deterministic and biased (most of the vector is dropped): ``unbiased = False``, 
 error-feedback residual on every rank (checkpointed with the round state) and what is not sent in one round is added
 to the next round's input (``research/algorithms.md`` §4.8; SparseLoCo, arXiv 2508.15706, sends chunked top-k
 pseudo-gradients with 2-bit values this way). Encode refuses NaN/Inf (a non-finite value would be among the largest).
-Cost: one top-k per chunk (on the magnitudes' bits as int32), a gather and the packing of ``B·k·(index_bits + bits)`` bits; decode scatters ``B·k``
-values into zeros.
+Cost: one top-k per chunk (on the magnitudes' bits as int32), a gather and the packing of ``B·k·(index_bits + bits)``
+bits; decode scatters ``B·k`` values into zeros.
 """
 
 from __future__ import annotations
