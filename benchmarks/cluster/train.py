@@ -36,7 +36,7 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "gossip_local_topk_h1", "gossip_local_topk_h2", "sparse_local_sgd", "sparse_diloco", "sparse_diloco_h2",
               "sparse_diloco_m09", "sparse_local_sgd_k256", "sparse_local_sgd_k256_h2",
               "sparse_local_sgd_k256_h2_overlap", "sparse_local_sgd_k256_b8_h2",
-              "sparse_local_sgd_k256_h1", "noloco", "noloco_int8", "adacons", "no_sync")
+              "sparse_local_sgd_k256_h1", "sparse_local_sgd_k384_h2", "noloco", "noloco_int8", "adacons", "no_sync")
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
@@ -61,6 +61,9 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                                                    "local_steps": 2},
                    "sparse_local_sgd_k256_h1": {"topology": "complete", "compression": TopKCodec(k=256, bits=4),
                                                 "local_steps": 1},
+                   # the preset keeping 384 of every 4,096 values (1.5x its bytes)
+                   "sparse_local_sgd_k384_h2": {"topology": "complete", "compression": TopKCodec(k=384, bits=4),
+                                                "local_steps": 2},
                    # the registered presets: an outer Nesterov SGD per rank over random gossip, exact or int8 messages
                    "noloco": PRESETS["noloco"][0], "noloco_int8": PRESETS["noloco_int8"][0],
                    "sparse_diloco": {"topology": "complete", "compression": TopKCodec(),
