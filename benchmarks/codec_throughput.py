@@ -5,8 +5,8 @@ fp32 tensor ``x.clone()``, ``encode``, ``decode`` into a reused buffer (as round
 bytes / median time; ``vs clone`` = clone time / (encode + decode) time. ``--baseline REV`` adds the codecs of
 ``lightning_dopt/compress.py`` at git revision ``REV``. CUDA rows are added when CUDA is available, with the int8/int4
 codecs also timed as fused Triton kernels (``int8 fused``: ``BlockQuantCodec(fused=True)``) where Triton imports.
-The sparse codec of the ``sparse_local_sgd`` preset (``topk``: ``TopKCodec(k=256, bits=4)``) is timed too; it is not
-part of ``--baseline``, which covers ``compress.py`` only.
+The sparse codec of the ``sparse_local_sgd`` preset (``topk``: ``TopKCodec(k=128, bits=4, mean_k=384)``, whose rounds
+also encode with ``mean_k = 384``) is timed too; it is not part of ``--baseline``, which covers ``compress.py`` only.
 """
 
 from __future__ import annotations

@@ -154,6 +154,16 @@ class Codec(ABC):
     name: str
     unbiased: bool
     """True if ``E[decode(encode(x))] == x`` (stochastic rounding); False: the caller uses error feedback."""
+    sparse: bool = False
+    """True if a payload drops most values (top-k), so what error feedback holds back is a large part of an update,
+    not rounding: an anchored replica then keeps it (:class:`~lightning_dopt.compressed_rounds.AnchoredCompression`)."""
+
+    @property
+    def mean_codec(self) -> Codec:
+        """The codec of the owners' means in a compressed exact-mean round (this codec unless a subclass says
+        otherwise; same block size): :class:`~lightning_dopt.topk.TopKCodec` keeps more values of a mean, whose
+        support is up to ``n`` ranks' kept positions."""
+        return self
 
     @abstractmethod
     def payload_bytes(self, numel: int) -> int:

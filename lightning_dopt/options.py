@@ -48,10 +48,12 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
                      "outer_optimizer": NOLOCO_OUTER},
                     "noloco whose anchors and pseudo-gradients travel as int8 (0.26x noloco's bytes; "
                     "docs/scaling.md)"),
-    "sparse_local_sgd": ({"local_steps": 2, "topology": "complete", "compression": TopKCodec(k=256, bits=4)},
+    "sparse_local_sgd": ({"local_steps": 2, "topology": "complete",
+                          "compression": TopKCodec(k=128, bits=4, mean_k=384)},
                          "H = 2 local steps, then the compressed exact mean of TopK-coded differences from the shared "
-                         "anchor: 256 of every 4,096 values, 4 bits each, error feedback (0.031 of fp32's bytes; "
-                         "docs/benchmarks.md)"),
+                         "anchor: 128 of every 4,096 values of each rank's chunks and 384 of the owners' means, 4 "
+                         "bits each, error feedback, the unsent part kept in the replica (at 4 ranks 0.031 of fp32's "
+                         "bytes; docs/benchmarks.md)"),
     "gossip_node": ({"local_steps": 4, "topology": "random", "compression": "int8", "hierarchy": "node"},
                     "nodes of several GPUs: one replica per node, int8 gossip between random pairs of nodes every "
                     "4 steps, each GPU exchanging its shard (docs/launch.md)"),

@@ -15,6 +15,13 @@ bit first, then the ``B`` values of ``m`` as fp32::
 
 At ``C = 4096, k = 64, bits = 2`` that is 116 bytes per 4,096 values, 0.0071 of fp32 (1.6 % of the values kept).
 
+``mean_k``: the values kept per chunk of an owner's mean in a compressed exact-mean round
+(:attr:`~lightning_dopt.compress.Codec.mean_codec`; default ``k``). The mean adds ``n`` ranks' differences, so it
+has more large values than one; the mean's selection, not the ranks', is what delays the update there (on the
+emulated cluster, sending the ranks' chunks exactly gained nothing, sending the means exactly gained 0.16 points,
+docs/benchmarks.md). ``k = 128, mean_k = 384`` sends the bytes of ``k = mean_k = 256`` at ``n = 4`` (each rank
+sends ``n − 1`` chunks of each kind).
+
 Deterministic and biased (most of the vector is dropped): ``unbiased = False``, so a compressed round keeps an
 error-feedback residual on every rank (checkpointed with the round state) and what is not sent in one round is added
 to the next round's input (``research/algorithms.md`` §4.8; SparseLoCo, arXiv 2508.15706, sends chunked top-k
@@ -43,24 +50,34 @@ class TopKCodec(Codec):
     """The ``k`` largest magnitudes of every chunk of ``block_size`` values, with ``bits``-bit values (module docstring)."""
 
     unbiased = False
+    sparse = True
 
-    def __init__(self, block_size: int = 4096, k: int = 64, bits: int = 2) -> None:
-        for name, value in (("block_size", block_size), ("k", k), ("bits", bits)):
+    def __init__(self, block_size: int = 4096, k: int = 64, bits: int = 2, mean_k: int | None = None) -> None:
+        for name, value in (("block_size", block_size), ("k", k), ("bits", bits),
+                            ("mean_k", k if mean_k is None else mean_k)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"TopKCodec {name} must be an int, got {value!r}")
         if block_size < 2:
             raise ValueError(f"TopKCodec block_size (values per chunk) must be >= 2, got {block_size}")
-        if not 1 <= k <= block_size:
-            raise ValueError(f"TopKCodec k must be between 1 and block_size={block_size}, got {k}")
+        for name, value in (("k", k), ("mean_k", mean_k)):
+            if value is not None and not 1 <= value <= block_size:
+                raise ValueError(f"TopKCodec {name} must be between 1 and block_size={block_size}, got {value}")
         if bits not in LEVEL_BITS:
             raise ValueError(f"TopKCodec bits must be one of {LEVEL_BITS}, got {bits}")
         self.block_size, self.k, self.bits = block_size, k, bits
+        self.mean_k = k if mean_k is None else mean_k
         self.index_bits = max(1, math.ceil(math.log2(block_size)))
         self.levels = 2**bits
         self.name = "topk"
 
     def __repr__(self) -> str:
-        return f"TopKCodec(block_size={self.block_size}, k={self.k}, bits={self.bits})"
+        mean = f", mean_k={self.mean_k}" if self.mean_k != self.k else ""
+        return f"TopKCodec(block_size={self.block_size}, k={self.k}, bits={self.bits}{mean})"
+
+    @property
+    def mean_codec(self) -> TopKCodec:
+        """This codec with ``k = mean_k`` (itself when they are equal)."""
+        return self if self.mean_k == self.k else TopKCodec(self.block_size, self.mean_k, self.bits)
 
     def _layout(self, numel: int) -> tuple[int, int, int]:
         """Chunks, bytes of the packed positions, bytes of the packed codes."""

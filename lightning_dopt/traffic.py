@@ -52,10 +52,13 @@ def gradient_mean_bytes(param_numel: int, param_tensors: int, world_size: int) -
 
 
 def compressed_mean_bytes(numel: int, codec: Codec, rank: int, world_size: int) -> int:
-    """Bytes ``rank`` sends in a compressed exact-mean round (reduce-scatter, then all-gather of encoded chunks)."""
+    """Bytes ``rank`` sends in a compressed exact-mean round: the reduce-scatter of its chunks for the ``n − 1`` other
+    owners (``codec``), then the all-gather of its own chunk's mean to them (``codec.mean_codec``)."""
     chunks = aligned_chunks(numel, getattr(codec, "block_size", 1), world_size)
-    size = [codec.payload_bytes(stop - start) if stop > start else 0 for start, stop in chunks]
-    return sum(size[peer] for peer in range(world_size) if peer != rank) + (world_size - 1) * size[rank]
+    chunk = [codec.payload_bytes(stop - start) if stop > start else 0 for start, stop in chunks]
+    start, stop = chunks[rank]
+    mean = codec.mean_codec.payload_bytes(stop - start) if stop > start else 0
+    return sum(chunk[peer] for peer in range(world_size) if peer != rank) + (world_size - 1) * mean
 
 
 def round_bytes(numel: int, rank: int, world_size: int, round_index: int, topology: str, seed: int = 0,

@@ -29,8 +29,11 @@ from torch import nn
 from helpers import run_ranks
 from lightning_dopt.comm import Communicator, FlatState
 from lightning_dopt.compress import make_codec
+from lightning_dopt.compressed_rounds import aligned_chunks
 from lightning_dopt.replica import ReplicaSync
+from lightning_dopt.topk import TopKCodec
 from lightning_dopt.topology import random_matching
+from lightning_dopt.traffic import compressed_mean_bytes
 
 TOPOLOGY_SEED = 0
 START_SEED = 50  # rank r builds its model from START_SEED + r; the broadcast keeps rank 0's
@@ -298,6 +301,7 @@ def run_world(rank: int, world_size: int) -> dict[str, Any]:
     out["bytes_legacy"] = scenario_bytes_legacy()
     out["ring"] = scenario_ring(Communicator())
     out["swap"] = scenario_swap(Communicator())
+    out["sparse4:main"] = scenario_sparse(Communicator(), "main")
     if rank < 2:
         for kind in AVERAGE_KINDS:
             for codec in AVERAGE_CODECS:
@@ -308,8 +312,32 @@ def run_world(rank: int, world_size: int) -> dict[str, Any]:
                 out[f"average3:{kind}:{codec}"] = scenario_average(Communicator(trio), kind, codec)
         for codec in ("int8", "bf16"):
             out[f"rest:{codec}"] = scenario_rest(Communicator(trio), codec)
+        out["sparse3:odd"] = scenario_sparse(Communicator(trio), "odd")
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+SPARSE_CODEC = TopKCodec(block_size=64, k=4, bits=4, mean_k=12)
+SPARSE_ROUNDS = 4
+
+
+def scenario_sparse(comm: Communicator, kind: str) -> dict[str, Any]:
+    """``complete`` rounds of a sparse codec whose means keep more values (``mean_k``), each after a new per-rank
+    perturbation (the local steps), then a checkpoint round trip."""
+    model = make_model(kind, START_SEED + comm.rank)
+    sync = ReplicaSync(model, comm, "complete", seed=TOPOLOGY_SEED, codec=SPARSE_CODEC)
+    sync.broadcast_(0)
+    compression = sync.compression
+    assert compression is not None
+    steps: list[dict[str, Any]] = []
+    for round_index in range(SPARSE_ROUNDS):
+        perturb_(sync.state.tensors, comm.rank + 100 * round_index)
+        before, sent = packed(sync.state), round_bytes(sync)
+        sync.gossip_round(round_index)
+        steps.append({"before": before, "after": packed(sync.state), "anchor": anchor_of(sync),
+                      "residual": residuals_of(sync), "mean_residual": residuals_of(sync, "mean_residual"),
+                      "sent": round_bytes(sync) - sent})
+    return {"steps": steps, "numel": sum(t.numel() for t in sync.state.tensors), "roundtrip": roundtrip(sync)}
 
 
 def nan_round(rank: int, world_size: int) -> str:
@@ -633,6 +661,46 @@ def test_checkpoint_round_trip_restores_anchor_generator_and_residuals(world: li
         if rank == 0 and trip["live_residual_after_rounds"] is not None:
             aliased = trip["live_residual_after_rounds"].tobytes() != trip["at_save"]["residual"].tobytes()
             print(f"\n{codec}: the un-serialized state_dict()['residual'] follows later rounds: {aliased}")
+
+
+@pytest.mark.parametrize(("key", "world_size"), [("sparse4:main", 4), ("sparse3:odd", 3)])
+def test_sparse_rounds_keep_the_unsent_part_in_the_replica(world: list[dict[str, Any]], key: str,
+                                                           world_size: int) -> None:
+    """``complete`` rounds of ``TopKCodec(mean_k > k)``: every rank steps the same anchor; each replica is that anchor
+    plus its own error-feedback residual (zero on the chunk it owns); ``Σ_i x_i + n·R`` (``R``: the owners' residuals
+    of the mean) is what the round conserves; bytes follow the formula with the mean's codec; a state round trip
+    replays the next rounds bitwise."""
+    recs = records(world, key, world_size)
+    numel = recs[0]["numel"]
+    chunks = aligned_chunks(numel, SPARSE_CODEC.block_size, world_size)
+
+    def placed_mean_residuals(steps: list[dict[str, Any]]) -> np.ndarray:
+        placed = np.zeros(numel)
+        for rank, (start, stop) in enumerate(chunks):
+            placed[start:stop] = steps[rank]["mean_residual"]
+        return placed
+
+    previous = np.zeros(numel)
+    for index in range(SPARSE_ROUNDS):
+        steps = [record["steps"][index] for record in recs]
+        anchor = steps[0]["anchor"]
+        for rank, step in enumerate(steps):
+            assert step["anchor"].tobytes() == anchor.tobytes()
+            residual = step["residual"]
+            assert not residual[slice(*chunks[rank])].any()  # the own chunk enters the mean exactly
+            np.testing.assert_allclose(step["after"] - anchor, residual, rtol=0, atol=1e-6)
+            assert step["sent"] == compressed_mean_bytes(numel, SPARSE_CODEC, rank, world_size)
+        assert max(float(np.abs(step["residual"]).max()) for step in steps) > 0  # some values were held back
+        mean_residuals = placed_mean_residuals(steps)
+        before = sum(step["before"].astype(np.float64) for step in steps) + world_size * previous
+        after = sum(step["after"].astype(np.float64) for step in steps) + world_size * mean_residuals
+        np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)
+        previous = mean_residuals
+    for rank, record in enumerate(recs):
+        trip = record["roundtrip"]
+        for name, value in trip["first"].items():
+            if value is not None:
+                assert value.tobytes() == trip["second"][name].tobytes(), f"rank {rank}: {name} differs on replay"
 
 
 def test_error_feedback_bf16_reaches_consensus_with_finite_residuals(world: list[dict[str, Any]]) -> None:

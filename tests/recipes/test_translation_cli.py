@@ -101,7 +101,7 @@ def test_two_rank_sparse_run_through_the_cli_reports_bleu(tmp_path: Path, monkey
     assert fit.returncode == 0, fit.stdout[-6000:]
     record = json.loads(summary.read_text())
     assert record["fit"]["steps"] == 6 and record["fit"]["world_size"] == 2
-    assert record["fit"]["compression"] == "TopKCodec(block_size=4096, k=256, bits=4)"
+    assert record["fit"]["compression"] == "TopKCodec(block_size=4096, k=128, bits=4, mean_k=384)"
     assert record["fit"]["training_bytes_sent"] > 0 and record["fit"]["bytes_counted"]
     (validation,) = record["validations"]
     assert 0.0 <= validation["bleu"] <= 100.0 and 0.0 <= validation["chrf"] <= 100.0

@@ -1,7 +1,7 @@
 """An outer optimizer on the compressed mean pseudo-gradient (CompressedOuterRound, ``complete``) on virtual ranks:
-outer SGD with lr 1 and no momentum is the compressed Local SGD round; with TopKCodec and Nesterov every rank holds
-the same model after each round; bytes per round follow the formula; state round-trips so a resumed run continues
-bitwise."""
+outer SGD with lr 1 and no momentum is the compressed Local SGD round; with Nesterov every rank holds the same anchor
+after each round and its replica is that anchor plus its unsent residual; bytes per round follow the formula; state
+round-trips so a resumed run continues bitwise."""
 
 from __future__ import annotations
 
@@ -37,12 +37,27 @@ def test_outer_sgd_with_lr_one_and_no_momentum_is_the_compressed_local_sgd_round
     outer.close()
 
 
-@pytest.mark.parametrize("codec", [TopKCodec(block_size=64, k=8, bits=2), "int8"], ids=["topk", "int8"])
-def test_ranks_agree_after_every_round_and_bytes_follow_the_formula(codec: object) -> None:
+@pytest.mark.parametrize("codec", [TopKCodec(block_size=64, k=8, bits=2), TopKCodec(block_size=64, k=4, bits=2,
+                                                                                    mean_k=20), "int8"],
+                         ids=["topk", "topk_mean_k", "int8"])
+def test_anchors_agree_after_every_round_and_bytes_follow_the_formula(codec: object) -> None:
+    """Every rank steps the same anchor; each replica is its anchor plus what it has not sent (the error-feedback
+    residual of a biased codec; nothing for int8, whose replicas are then equal)."""
     options = Options(local_steps=3, topology="complete", compression=codec, outer_optimizer=NESTEROV)
     run = VirtualRun(options, 3)
     run.step(9)  # three rounds
-    assert all(torch.equal(run.flat(0), run.flat(rank)) for rank in range(3))
+    compressions = [engine.sync.round.compression for engine in run.engines]
+    anchors = [torch.cat([a.reshape(-1) for a in c.anchor]) for c in compressions]
+    assert all(torch.equal(anchors[0], anchor) for anchor in anchors)
+    for rank, compression in enumerate(compressions):
+        state = compression.state  # the packed replica, laid out like the anchor
+        kept = torch.cat(state.pack(state.new_buffers())) - anchors[rank]
+        if compression.residual is None:
+            assert torch.equal(run.flat(rank), run.flat(0))
+        else:
+            residual = torch.cat(compression.residual)
+            assert float(residual.abs().max()) > 0
+            assert torch.allclose(kept, residual, atol=1e-6, rtol=0)
     module = run.modules[0]
     params = sum(p.numel() for p in module.parameters())
     buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())

@@ -4,6 +4,7 @@ feedback keeping the cumulative sum, refusals, and a compressed gossip round on 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -130,7 +131,9 @@ def test_bit_packing_round_trips_and_matches_the_bit_stream(count: int) -> None:
 def test_refusals() -> None:
     for kwargs, match in [({"block_size": 1}, "block_size"), ({"k": 0}, "k must be between 1 and block_size"),
                           ({"block_size": 8, "k": 9}, "k must be between"), ({"bits": 3}, r"bits must be one of \(1, 2, 4, 8\)"),
-                          ({"k": 2.0}, "k must be an int"), ({"bits": True}, "bits must be an int")]:
+                          ({"k": 2.0}, "k must be an int"), ({"bits": True}, "bits must be an int"),
+                          ({"block_size": 8, "k": 2, "mean_k": 9}, "mean_k must be between 1 and block_size=8"),
+                          ({"mean_k": 0}, "mean_k must be between"), ({"mean_k": 3.0}, "mean_k must be an int")]:
         with pytest.raises(ValueError, match=match):
             TopKCodec(**kwargs)
     codec = TopKCodec(16, 2, 2)
@@ -145,17 +148,30 @@ def test_refusals() -> None:
         codec.encode(torch.zeros(4, dtype=torch.float64))
 
 
-def test_gossip_with_error_feedback_conserves_replicas_plus_residuals() -> None:
-    """4 virtual ranks, random pairwise rounds of top-k differences from the anchor (no training in between): both
-    ends of a pair use the same decoded values, so Σ_i (x_i + r_i) (replicas plus error-feedback residuals) is the same
-    after every round, while the replicas approach each other."""
+def test_mean_codec_keeps_mean_k_values_per_chunk() -> None:
+    codec = TopKCodec(block_size=64, k=4, bits=2, mean_k=12)
+    mean = codec.mean_codec
+    assert (mean.block_size, mean.k, mean.bits, mean.mean_k) == (64, 12, 2, 12) and mean.mean_codec is mean
+    assert repr(codec) == "TopKCodec(block_size=64, k=4, bits=2, mean_k=12)"
+    same = TopKCodec(block_size=64, k=4, bits=2)
+    assert same.mean_codec is same and same.mean_k == 4 and repr(same) == "TopKCodec(block_size=64, k=4, bits=2)"
+    x = torch.randn(640, generator=gen(3))
+    assert int((mean.decode(mean.encode(x), 640) != 0).sum()) == 10 * 12
+    assert mean.payload_bytes(640) == math.ceil(120 * 6 / 8) + math.ceil(120 * 2 / 8) + 4 * 10
+
+
+def test_gossip_with_error_feedback_conserves_the_sum_of_replicas() -> None:
+    """4 virtual ranks, random pairwise rounds of top-k differences from the anchor, an exact-mean refresh every 5th
+    round, no training in between. Both ends of a pair use the same decoded values and each replica keeps what it did
+    not send (its error-feedback residual ``e_i``), so a graph round keeps ``Σ_i x_i``; a refresh keeps
+    ``Σ_i x_i + n·R`` with ``R`` the owners' residuals of the mean. The replicas approach each other."""
     from torch import nn
 
     from lightning_dopt.engine import build_engine
     from lightning_dopt.inprocess import InProcessGroup
     from lightning_dopt.options import Options
 
-    options = Options(local_steps=1, topology="random", compression=TopKCodec(16, 4, 2), anchor_interval=10**6,
+    options = Options(local_steps=1, topology="random", compression=TopKCodec(16, 4, 2), anchor_interval=5,
                       anchor_tolerance=None)
     group = InProcessGroup(4, timeout=20.0)
     modules = [nn.Linear(8, 8) for _ in range(4)]
@@ -171,17 +187,31 @@ def test_gossip_with_error_feedback_conserves_replicas_plus_residuals() -> None:
     def flat(rank: int) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in modules[rank].parameters()]).double()
 
+    def compression(rank: int) -> Any:
+        return engines[rank].sync.round.compression
+
+    def mean_residual() -> torch.Tensor:  # R: each owner's residual of the mean, at its chunk
+        (numel,) = compression(0).state.group_sizes
+        placed = torch.zeros(numel, dtype=torch.float64)
+        for rank, (start, stop) in enumerate(compression(0)._chunks(numel)):
+            placed[start:stop] = compression(rank).mean_residual[0].double()
+        return placed
+
     def conserved() -> torch.Tensor:
-        residuals = [torch.cat(e.sync.round.compression.residual).double() for e in engines]
-        return sum(flat(rank) + residuals[rank] for rank in range(4))
+        return sum(flat(rank) for rank in range(4)) + 4 * mean_residual()
 
     def spread() -> float:
         mean = sum(flat(rank) for rank in range(4)) / 4
         return sum(float((flat(rank) - mean).norm()) for rank in range(4))
 
     before, spread_before = conserved(), spread()
-    for _ in range(30):
+    for round_index in range(30):
         group.run(lambda rank: engines[rank].after_step())
-        assert torch.allclose(conserved(), before, atol=1e-4)
-    assert spread() < 0.25 * spread_before  # 0.15 with these seeds
+        assert torch.allclose(conserved(), before, atol=1e-4), round_index
+        assert max(float(compression(rank).residual[0].abs().max()) for rank in range(4)) > 0  # feedback in use
+        if round_index % 5 == 4:  # after a refresh the replicas differ by their residuals alone
+            for rank in range(4):
+                kept = flat(rank) - compression(rank).anchor[0].double()
+                assert torch.allclose(kept, compression(rank).residual[0].double(), atol=1e-6)
+    assert spread() < 0.25 * spread_before
     group.close()

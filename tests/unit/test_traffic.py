@@ -63,6 +63,8 @@ CASES = [
     (Options(local_steps=2, topology="random", average_buffers=False, warmup_steps=1), 3),
     (Options(local_steps=1, topology="random", compression=TopKCodec(block_size=8, k=2, bits=2), anchor_interval=4,
              anchor_tolerance=None), 4),
+    (Options(local_steps=2, topology="complete", compression=TopKCodec(block_size=8, k=1, bits=4, mean_k=5),
+             anchor_tolerance=None), 4),
     (Options(local_steps=2, topology="complete", outer_optimizer="diloco", warmup_steps=1), 3),
     (Options(local_steps=2, topology="random", outer_optimizer="diloco"), 5),
     (Options(local_steps=3, topology="ring", outer_optimizer="diloco", average_buffers=False), 4),
@@ -87,6 +89,10 @@ def test_formula_pieces() -> None:
     # 1000 values over 3 ranks: chunks of 2, 2 and 0 blocks (512, 488 and 0 values)
     assert compressed_mean_bytes(1000, int8, 0, 3) == int8.payload_bytes(488) + 2 * int8.payload_bytes(512)
     assert compressed_mean_bytes(1000, int8, 2, 3) == int8.payload_bytes(512) + int8.payload_bytes(488)
+    topk = TopKCodec(block_size=8, k=1, bits=4, mean_k=5)  # 100 values, 4 ranks: chunks of 32, 32, 32, 4
+    assert compressed_mean_bytes(100, topk, 3, 4) == 3 * topk.payload_bytes(32) + 3 * topk.mean_codec.payload_bytes(4)
+    assert compressed_mean_bytes(100, topk, 0, 4) == (2 * topk.payload_bytes(32) + topk.payload_bytes(4)
+                                                      + 3 * topk.mean_codec.payload_bytes(32))
     assert round_bytes(1000, 0, 4, 0, "ring") == 2 * 4000
     assert round_bytes(1000, 0, 4, 0, "complete") == ring_allreduce_bytes(4000, 4)
     assert round_bytes(1000, 0, 4, 0, "random", codec=int8) == int8.payload_bytes(1000)
