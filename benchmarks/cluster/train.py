@@ -37,7 +37,7 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "sparse_diloco_m09", "sparse_local_sgd_k256", "sparse_local_sgd_k256_h2",
               "sparse_local_sgd_k256_h2_overlap", "sparse_local_sgd_k256_b8_h2",
               "sparse_local_sgd_k256_h1", "sparse_local_sgd_k384_h2", "sparse_local_sgd_k128_m384_h1",
-              "sparse_local_sgd_k128_m384_h2", "noloco", "noloco_int8", "adacons", "no_sync")
+              "sparse_local_sgd_k128_m384_h2", "sparse_local_sgd_k128_m384_h3", "noloco", "noloco_int8", "adacons", "no_sync")
 SPARSE_PRESET = PRESETS["sparse_local_sgd"][0]
 SPARSE_K256 = {**SPARSE_PRESET, "compression": TopKCodec(k=256, bits=4)}  # the preset until 2026-12-06
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
@@ -57,10 +57,11 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "sparse_local_sgd": {"topology": "complete", "compression": TopKCodec()},
                    "sparse_local_sgd_k256": {"topology": "complete", "compression": TopKCodec(k=256, bits=4)},
                    # the preset sparse_local_sgd (128 of 4,096 values of the ranks' chunks, 384 of the means, 4 bits,
-                   # H = 2) and at H = 1; the earlier preset (k = 256 for both) and variants of it: overlap, 8-bit
+                   # H = 2) and at H = 1 and 3; the earlier preset (k = 256 for both) and variants of it: overlap, 8-bit
                    # values (1.25x its bytes), H = 1, 384 of every 4,096 values (1.5x its bytes)
                    "sparse_local_sgd_k128_m384_h2": SPARSE_PRESET,
                    "sparse_local_sgd_k128_m384_h1": {**SPARSE_PRESET, "local_steps": 1},
+                   "sparse_local_sgd_k128_m384_h3": {**SPARSE_PRESET, "local_steps": 3},
                    "sparse_local_sgd_k256_h2": SPARSE_K256,
                    "sparse_local_sgd_k256_h2_overlap": {**SPARSE_K256, "overlap": True},
                    "sparse_local_sgd_k256_b8_h2": {**SPARSE_K256, "compression": TopKCodec(k=256, bits=8)},
