@@ -12,8 +12,8 @@ from typing import Any
 
 from harness import REPO_ROOT, Column, new_results, plot_lines, recipe_args, report, run_recipe
 
-STRATEGIES = ("ddp", "gossip_local", "gossip_local_warmup", "gossip_local_int8", "post_local_int8", "post_local_int8_outer",
-              "sparse_local_sgd", "local_sgd", "adacons", "scaled_adam", "noloco")
+STRATEGIES = ("ddp", "gossip_local", "gossip_local_warmup", "gossip_local_int8", "post_local_int8",
+              "post_local_int8_outer", "sparse_local_sgd", "local_sgd", "adacons", "scaled_adam", "noloco")
 COLUMNS = [Column("strategy", "strategy"), Column("steps", "steps", "d"), Column("val_bleu", "val BLEU", ".2f"),
            Column("val_chrf", "val chrF", ".2f"), Column("test_bleu", "test BLEU", ".2f"),
            Column("test_chrf", "test chrF", ".2f"), Column("sent", "MB sent per rank (training)", ",.1f", 1e6),

@@ -37,9 +37,11 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "sparse_diloco_m09", "sparse_local_sgd_k256", "sparse_local_sgd_k256_h2",
               "sparse_local_sgd_k256_h2_overlap", "sparse_local_sgd_k256_b8_h2",
               "sparse_local_sgd_k256_h1", "sparse_local_sgd_k384_h2", "sparse_local_sgd_k128_m384_h1",
-              "sparse_local_sgd_k128_m384_h2", "sparse_local_sgd_k128_m384_h3", "noloco", "noloco_int8", "adacons", "no_sync")
+              "sparse_local_sgd_k128_m384_h2", "sparse_local_sgd_k128_m384_h3", "noloco", "noloco_int8", "adacons",
+              "no_sync")
 SPARSE_PRESET = PRESETS["sparse_local_sgd"][0]
-SPARSE_K256 = {**SPARSE_PRESET, "compression": TopKCodec(k=256, bits=4)}  # the preset until 2026-12-06
+# the preset until 2026-12-06 (no mean_k)
+SPARSE_K256 = {**SPARSE_PRESET, "compression": TopKCodec(k=256, bits=4)}
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
