@@ -170,11 +170,6 @@ class AnchoredCompression:
             return self.codec.encode(values, self.generator)
         return self._encode(values, residual, out=out, scratch=scratch, residual_in_values=self.keeps_unsent)[0]
 
-    def _keep_unsent_(self, mine: Tensor, index: int) -> None:
-        """``x_i += e_i`` for group ``index`` when the replica keeps its unsent residual (nothing otherwise)."""
-        if self.keeps_unsent:
-            mine.add_(self.residual[index].to(mine.dtype))
-
     def _decode(self, payload: Tensor, numel: int, device: torch.device, out: Tensor | None = None,
                 codec: Codec | None = None) -> Tensor:
         if numel == 0:
@@ -228,12 +223,11 @@ class AnchoredCompression:
                 own.add_(neighbours)
             if not self.anchored:
                 mine.copy_(own)
-                continue
-            if mine.dtype == torch.float32:
+            elif mine.dtype == torch.float32:
                 torch.add(anchor, own, out=mine)
             else:
                 mine.copy_(anchor.float() + own)
-            self._keep_unsent_(mine, index)
+        self.keep_unsent_(work)
         if self.measure_noise:
             self.relative_error = torch.where(drift > 0, (noise / drift.clamp_min(1e-300)).sqrt(), 0.0)
             if received:
@@ -256,7 +250,7 @@ class AnchoredCompression:
                            torch.where(noise > 0, torch.inf, 0.0))
 
     @torch.no_grad()
-    def average_round(self, work: list[Tensor], comm: Any = None) -> None:
+    def average_round(self, work: list[Tensor], comm: Any = None, keep_unsent: bool = True) -> None:
         """Compressed exact-mean round over ``comm`` (default: the construction's); ``work`` becomes the new anchor
         on every rank.
 
@@ -265,7 +259,8 @@ class AnchoredCompression:
         decodes for the residual in ``m``) and exchanged; the own chunk of ``d`` sums the peers' decoded chunks
         (decoded into ``s``) and is divided by ``n``; its mean, encoded with the codec's ``mean_codec``, is decoded
         into the own chunk of ``m``, the peers' into theirs; ``a ← a + m``, ``x ← a + e`` (``e``: what a sparse
-        codec did not send of ``d``, class docstring).
+        codec did not send of ``d``, class docstring; ``keep_unsent=False`` leaves ``x ← a`` for a caller that sets
+        the replica itself and then calls :meth:`keep_unsent_`).
         """
         comm = comm or self.comm
         rank, world_size = comm.rank, comm.world_size
@@ -318,14 +313,16 @@ class AnchoredCompression:
             else:
                 anchor.copy_(anchor.float() + mean)
             mine.copy_(anchor)
-            self._keep_unsent_(mine, index)
+        if keep_unsent:
+            self.keep_unsent_(work)
 
     @torch.no_grad()
     def keep_unsent_(self, work: list[Tensor]) -> None:
-        """``x_i += e_i``: add this rank's unsent residual to the packed replica ``work`` (for rounds that set the
-        replica themselves after :meth:`average_round`, such as an outer step)."""
-        for index, mine in enumerate(work):
-            self._keep_unsent_(mine, index)
+        """``x_i += e_i``: add this rank's unsent residual to the packed replica ``work`` when the replica keeps it
+        (a sparse codec, class docstring); nothing otherwise."""
+        if self.keeps_unsent:
+            for mine, residual in zip(work, self.residual):
+                mine.add_(residual.to(mine.dtype))
 
     def _chunks(self, numel: int) -> list[tuple[int, int]]:
         return aligned_chunks(numel, getattr(self.codec, "block_size", 1), self.comm.world_size)
@@ -466,7 +463,7 @@ class CompressedOuterRound(Round):
         replica, _ = self.state.split(work)
         previous = self._previous
         torch._foreach_copy_(previous, self._anchor_params)
-        self.compression.average_round(replica, comm)  # anchor = replica = a + m on every rank
+        self.compression.average_round(replica, comm, keep_unsent=False)  # anchor = replica = a + m on every rank
         for anchor, before in zip(self._anchor_params, previous):
             anchor.grad = before - anchor  # Δ̂ = a − (a + m)
             anchor.copy_(before)

@@ -69,6 +69,7 @@ class TopKCodec(Codec):
         self.index_bits = max(1, math.ceil(math.log2(block_size)))
         self.levels = 2**bits
         self.name = "topk"
+        self._mean_codec = self if self.mean_k == k else TopKCodec(block_size, self.mean_k, bits)
 
     def __repr__(self) -> str:
         mean = f", mean_k={self.mean_k}" if self.mean_k != self.k else ""
@@ -76,8 +77,8 @@ class TopKCodec(Codec):
 
     @property
     def mean_codec(self) -> TopKCodec:
-        """This codec with ``k = mean_k`` (itself when they are equal)."""
-        return self if self.mean_k == self.k else TopKCodec(self.block_size, self.mean_k, self.bits)
+        """This codec with ``k = mean_k`` (itself when they are equal), built once."""
+        return self._mean_codec
 
     def _layout(self, numel: int) -> tuple[int, int, int]:
         """Chunks, bytes of the packed positions, bytes of the packed codes."""
