@@ -30,6 +30,7 @@ from helpers import run_ranks
 from lightning_dopt.comm import Communicator, FlatState
 from lightning_dopt.compress import make_codec
 from lightning_dopt.compressed_rounds import aligned_chunks
+from lightning_dopt.group_max import GroupMaxCodec
 from lightning_dopt.replica import ReplicaSync
 from lightning_dopt.topk import TopKCodec
 from lightning_dopt.topology import random_matching
@@ -301,7 +302,8 @@ def run_world(rank: int, world_size: int) -> dict[str, Any]:
     out["bytes_legacy"] = scenario_bytes_legacy()
     out["ring"] = scenario_ring(Communicator())
     out["swap"] = scenario_swap(Communicator())
-    out["sparse4:main"] = scenario_sparse(Communicator(), "main")
+    for name in SPARSE_CODECS:
+        out[f"sparse4:main:{name}"] = scenario_sparse(Communicator(), "main", name)
     if rank < 2:
         for kind in AVERAGE_KINDS:
             for codec in AVERAGE_CODECS:
@@ -312,20 +314,22 @@ def run_world(rank: int, world_size: int) -> dict[str, Any]:
                 out[f"average3:{kind}:{codec}"] = scenario_average(Communicator(trio), kind, codec)
         for codec in ("int8", "bf16"):
             out[f"rest:{codec}"] = scenario_rest(Communicator(trio), codec)
-        out["sparse3:odd"] = scenario_sparse(Communicator(trio), "odd")
+        for name in SPARSE_CODECS:
+            out[f"sparse3:odd:{name}"] = scenario_sparse(Communicator(trio), "odd", name)
     out["seconds"] = time.perf_counter() - start
     return out
 
 
-SPARSE_CODEC = TopKCodec(block_size=64, k=4, bits=4, mean_k=12)
+SPARSE_CODECS = {"topk": TopKCodec(block_size=64, k=4, bits=4, mean_k=12),
+                 "groupmax": GroupMaxCodec(group=16, bits=4, block_size=64, mean_group=4)}
 SPARSE_ROUNDS = 4
 
 
-def scenario_sparse(comm: Communicator, kind: str) -> dict[str, Any]:
-    """``complete`` rounds of a sparse codec whose means keep more values (``mean_k``), each after a new per-rank
-    perturbation (the local steps), then a checkpoint round trip."""
+def scenario_sparse(comm: Communicator, kind: str, codec: str) -> dict[str, Any]:
+    """``complete`` rounds of a sparse codec whose means keep more values (``mean_k``, ``mean_group``), each after a
+    new per-rank perturbation (the local steps), then a checkpoint round trip."""
     model = make_model(kind, START_SEED + comm.rank)
-    sync = ReplicaSync(model, comm, "complete", seed=TOPOLOGY_SEED, codec=SPARSE_CODEC)
+    sync = ReplicaSync(model, comm, "complete", seed=TOPOLOGY_SEED, codec=SPARSE_CODECS[codec])
     sync.broadcast_(0)
     compression = sync.compression
     assert compression is not None
@@ -663,16 +667,17 @@ def test_checkpoint_round_trip_restores_anchor_generator_and_residuals(world: li
             print(f"\n{codec}: the un-serialized state_dict()['residual'] follows later rounds: {aliased}")
 
 
+@pytest.mark.parametrize("codec", sorted(SPARSE_CODECS))
 @pytest.mark.parametrize(("key", "world_size"), [("sparse4:main", 4), ("sparse3:odd", 3)])
-def test_sparse_rounds_keep_the_unsent_part_in_the_replica(world: list[dict[str, Any]], key: str,
-                                                           world_size: int) -> None:
-    """``complete`` rounds of ``TopKCodec(mean_k > k)``: every rank steps the same anchor; each replica is that anchor
-    plus its own error-feedback residual (zero on the chunk it owns); ``Σ_i x_i + n·R`` (``R``: the owners' residuals
-    of the mean) is what the round conserves; bytes follow the formula with the mean's codec; a state round trip
-    replays the next rounds bitwise."""
-    recs = records(world, key, world_size)
+def test_sparse_rounds_keep_the_unsent_part_in_the_replica(world: list[dict[str, Any]], key: str, world_size: int,
+                                                           codec: str) -> None:
+    """``complete`` rounds of ``TopKCodec(mean_k > k)`` and ``GroupMaxCodec(mean_group < group)``: every rank steps
+    the same anchor; each replica is that anchor plus its own error-feedback residual (zero on the chunk it owns);
+    ``Σ_i x_i + n·R`` (``R``: the owners' residuals of the mean) is what the round conserves; bytes follow the formula
+    with the mean's codec; a state round trip replays the next rounds bitwise."""
+    recs = records(world, f"{key}:{codec}", world_size)
     numel = recs[0]["numel"]
-    chunks = aligned_chunks(numel, SPARSE_CODEC.block_size, world_size)
+    chunks = aligned_chunks(numel, SPARSE_CODECS[codec].block_size, world_size)
 
     def placed_mean_residuals(steps: list[dict[str, Any]]) -> np.ndarray:
         placed = np.zeros(numel)
@@ -689,7 +694,7 @@ def test_sparse_rounds_keep_the_unsent_part_in_the_replica(world: list[dict[str,
             residual = step["residual"]
             assert not residual[slice(*chunks[rank])].any()  # the own chunk enters the mean exactly
             np.testing.assert_allclose(step["after"] - anchor, residual, rtol=0, atol=1e-6)
-            assert step["sent"] == compressed_mean_bytes(numel, SPARSE_CODEC, rank, world_size)
+            assert step["sent"] == compressed_mean_bytes(numel, SPARSE_CODECS[codec], rank, world_size)
         assert max(float(np.abs(step["residual"]).max()) for step in steps) > 0  # some values were held back
         mean_residuals = placed_mean_residuals(steps)
         before = sum(step["before"].astype(np.float64) for step in steps) + world_size * previous

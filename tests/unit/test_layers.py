@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 ENGINE_MODULES = ("engine", "options", "combinations", "replica", "rounds", "compressed_rounds", "inprocess",
-                  "gradients", "scaling", "pacing", "topology", "compress", "topk", "aggregate", "comm", "traffic",
-                  "hierarchy")
+                  "gradients", "scaling", "pacing", "topology", "compress", "topk", "group_max", "aggregate", "comm",
+                  "traffic", "hierarchy")
 KERNEL_MODULES = ("quant_kernels",)  # engine layer too, but they import Triton: checked where it is installed
 PACKAGE = Path(__file__).resolve().parents[2] / "lightning_dopt"
 
