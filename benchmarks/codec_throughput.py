@@ -5,8 +5,10 @@ fp32 tensor ``x.clone()``, ``encode``, ``decode`` into a reused buffer (as round
 bytes / median time; ``vs clone`` = clone time / (encode + decode) time. ``--baseline REV`` adds the codecs of
 ``lightning_dopt/compress.py`` at git revision ``REV``. CUDA rows are added when CUDA is available, with the int8/int4
 codecs also timed as fused Triton kernels (``int8 fused``: ``BlockQuantCodec(fused=True)``) where Triton imports.
-The sparse codec of the ``sparse_local_sgd`` preset (``topk``: ``TopKCodec(k=128, bits=4, mean_k=384)``, whose rounds
-also encode with ``mean_k = 384``) is timed too; it is not part of ``--baseline``, which covers ``compress.py`` only.
+The sparse codecs are timed too (not part of ``--baseline``, which covers ``compress.py`` only): the ``sparse_local_sgd``
+preset's (``groupmax``: ``GroupMaxCodec(group=16, bits=4, mean_group=8)``) and its mean codec (``groupmax mean``:
+group 8), and the preset's TopK codec before it (``topk``: ``TopKCodec(k=128, bits=4)``, the same bytes as
+``groupmax``) with its mean codec (``topk mean``: ``k = 384``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils import benchmark
 from harness import REPO_ROOT, Column, new_results, report
 from lightning_dopt.compress import CODECS, BlockQuantCodec, Codec, fused_kernels_available, make_codec
 from lightning_dopt.options import PRESETS
+from lightning_dopt.topk import TopKCodec
 
 BLOCK_SIZE = 256
 COLUMNS = [Column("device", "device"), Column("codec", "codec"), Column("numel", "elements", ",.0f"),
@@ -90,7 +93,8 @@ def main() -> None:
     results = new_results("codec_throughput", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     devices = [torch.device(d) for d in args.devices if d == "cpu" or torch.cuda.is_available()]
     codecs = {name: make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}
-    codecs["topk"] = PRESETS["sparse_local_sgd"][0]["compression"]
+    preset, topk = PRESETS["sparse_local_sgd"][0]["compression"], TopKCodec(k=128, bits=4, mean_k=384)
+    codecs |= {"groupmax": preset, "groupmax mean": preset.mean_codec, "topk": topk, "topk mean": topk.mean_codec}
     if args.baseline:
         baseline = compress_module_at(args.baseline)
         codecs |= {f"{name}@{args.baseline}": baseline.make_codec(name, block_size=BLOCK_SIZE) for name in CODECS}

@@ -24,7 +24,7 @@ from lightning_dopt.hierarchy import check_hierarchy
 from lightning_dopt.pacing import check_min_work
 from lightning_dopt.rounds import OuterOptimizerFactory, diloco_outer_optimizer
 from lightning_dopt.scaling import SCALINGS, check_relative_floor, make_preconditioner
-from lightning_dopt.topk import TopKCodec
+from lightning_dopt.group_max import GroupMaxCodec
 from lightning_dopt.topology import validate_topology
 
 EVAL_MODELS = ("average", "local")
@@ -49,11 +49,11 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
                     "noloco whose anchors and pseudo-gradients travel as int8 (0.26x noloco's bytes; "
                     "docs/scaling.md)"),
     "sparse_local_sgd": ({"local_steps": 2, "topology": "complete",
-                          "compression": TopKCodec(k=128, bits=4, mean_k=384)},
-                         "H = 2 local steps, then the compressed exact mean of TopK-coded differences from the shared "
-                         "anchor: 128 of every 4,096 values of each rank's chunks and 384 of the owners' means, 4 "
-                         "bits each, error feedback, the unsent part kept in the replica (at 4 ranks 0.031 of fp32's "
-                         "bytes; docs/benchmarks.md)"),
+                          "compression": GroupMaxCodec(group=16, bits=4, mean_group=8)},
+                         "H = 2 local steps, then the compressed exact mean of group-max-coded differences from the "
+                         "shared anchor: the largest of every 16 values of each rank's chunks and of every 8 of the "
+                         "owners' means, 4 bits each, error feedback, the unsent part kept in the replica (at 4 ranks "
+                         "0.022 of fp32's bytes; docs/benchmarks.md)"),
     "gossip_node": ({"local_steps": 4, "topology": "random", "compression": "int8", "hierarchy": "node"},
                     "nodes of several GPUs: one replica per node, int8 gossip between random pairs of nodes every "
                     "4 steps, each GPU exchanging its shard (docs/launch.md)"),

