@@ -40,16 +40,13 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_dopt.compress import Codec, _check_encode_input, _check_generator, _check_out, _check_numel, check_finite
-from lightning_dopt.topk import GROUP_VALUES, LEVEL_BITS, _pack_bits, _unpack_bits
+from lightning_dopt.compress import _check_encode_input, _check_generator, _check_out
+from lightning_dopt.topk import GROUP_VALUES, LEVEL_BITS, BlockSparseCodec
 
 
-class GroupMaxCodec(Codec):
+class GroupMaxCodec(BlockSparseCodec):
     """The largest magnitude of every group of ``group`` values, with ``bits``-bit values scaled per block of
     ``block_size`` values (module docstring)."""
-
-    unbiased = False
-    sparse = True
 
     def __init__(self, group: int = 32, bits: int = 4, block_size: int = 4096, mean_group: int | None = None) -> None:
         for name, value in (("group", group), ("bits", bits), ("block_size", block_size),
@@ -66,7 +63,7 @@ class GroupMaxCodec(Codec):
         self.group, self.bits, self.block_size = group, bits, block_size
         self.mean_group = group if mean_group is None else mean_group
         self.index_bits = int(math.log2(group))
-        self.levels = 2**bits
+        self.kept_per_block = block_size // group
         self.name = "groupmax"
         self._mean_codec = self if self.mean_group == group else GroupMaxCodec(self.mean_group, bits, block_size)
 
@@ -79,16 +76,6 @@ class GroupMaxCodec(Codec):
         """This codec with ``group = mean_group`` (itself when they are equal), built once."""
         return self._mean_codec
 
-    def _layout(self, numel: int) -> tuple[int, int, int]:
-        """Blocks, bytes of the packed positions, bytes of the packed codes."""
-        blocks = -(-numel // self.block_size)
-        kept = blocks * (self.block_size // self.group)
-        return blocks, -(-kept * self.index_bits // 8), -(-kept * self.bits // 8)
-
-    def payload_bytes(self, numel: int) -> int:
-        blocks, index_bytes, code_bytes = self._layout(_check_numel(numel))
-        return index_bytes + code_bytes + 4 * blocks if blocks else 0
-
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``generator`` is accepted for a uniform interface and ignored (the codec is deterministic)."""
@@ -96,8 +83,8 @@ class GroupMaxCodec(Codec):
         _check_generator(generator, self.name)
         blocks = self._layout(x.numel())[0]
         group, whole = self.group, x.numel() // self.group
-        positions = torch.zeros(blocks * (self.block_size // group), 1, dtype=torch.int64, device=x.device)
-        kept = torch.zeros(blocks * (self.block_size // group), 1, dtype=torch.float32, device=x.device)
+        positions = torch.zeros(blocks * self.kept_per_block, 1, dtype=torch.int64, device=x.device)
+        kept = torch.zeros(blocks * self.kept_per_block, 1, dtype=torch.float32, device=x.device)
         step = max(1, GROUP_VALUES // group)  # cache-sized pieces: no temporary of the input's size
         for start in range(0, whole, step):
             stop = min(start + step, whole)
@@ -106,15 +93,8 @@ class GroupMaxCodec(Codec):
             padded = torch.zeros(1, group, dtype=x.dtype, device=x.device)
             padded[0, :tail] = x[whole * group:]
             self._select(padded, positions[whole:whole + 1], kept[whole:whole + 1])
-        kept = kept.view(blocks, -1)  # the groups after the input's end keep their zeros (position 0, value 0)
-        largest = kept.abs().amax(dim=1, keepdim=True)
-        if not bool(torch.isfinite(largest).all()):  # the one host sync of encode: NaN/Inf are among the largest
-            check_finite(x, f"{self.name} encode input")
-        span = self.levels - 1
-        scaled = torch.where(largest > 0, kept / largest.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        codes = ((scaled * span + span) / 2).round_().clamp_(0, span).to(torch.uint8)
-        return torch.cat([_pack_bits(positions.view(-1), self.index_bits), _pack_bits(codes.view(-1), self.bits),
-                          largest.view(-1).view(torch.uint8)])
+        # the groups after the input's end keep their zeros (position 0, value 0)
+        return self._pack(x, positions, kept.view(blocks, -1))
 
     @staticmethod
     def _select(groups: Tensor, positions: Tensor, kept: Tensor) -> None:
@@ -128,14 +108,7 @@ class GroupMaxCodec(Codec):
     def decode(self, payload: Tensor, numel: int, out: Tensor | None = None) -> Tensor:
         numel = self._check_payload(payload, numel)
         out = _check_out(out, numel, payload.device, self.name)
-        blocks, index_bytes, code_bytes = self._layout(numel)
-        per_block = self.block_size // self.group
-        kept = blocks * per_block
-        positions = _unpack_bits(payload[:index_bytes], self.index_bits, kept).view(-1, 1)
-        codes = _unpack_bits(payload[index_bytes:index_bytes + code_bytes], self.bits, kept).view(blocks, per_block)
-        largest = payload[index_bytes + code_bytes:].clone().view(torch.float32).view(blocks, 1)
-        span = self.levels - 1
-        values = (2 * codes - span).to(torch.float32).div_(span).mul_(largest).view(-1, 1)
+        positions, values = (part.view(-1, 1) for part in self._unpack(payload, numel))
         whole = numel // self.group  # groups entirely inside the input
         out.zero_()
         out[:whole * self.group].view(whole, self.group).scatter_(1, positions[:whole], values[:whole])

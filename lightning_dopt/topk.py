@@ -46,11 +46,58 @@ GROUP_VALUES = 1 << 19
 """Values per piece that encode selects from at a time (about 2 MB of fp32)."""
 
 
-class TopKCodec(Codec):
-    """The ``k`` largest magnitudes of every chunk of ``block_size`` values, with ``bits``-bit values (module docstring)."""
+class BlockSparseCodec(Codec):
+    """What the sparse codecs share: ``kept_per_block`` values of every block of ``block_size`` values are sent, each
+    as a position of ``index_bits`` bits and a ``bits``-bit code on ``L = 2^bits`` levels over ``[−m, m]`` (``m``: the
+    block's largest kept magnitude); the payload holds the packed positions, the packed codes, then every block's
+    ``m`` as fp32 (module docstring). Subclasses choose the kept values (``encode``) and place them (``decode``)."""
 
     unbiased = False
     sparse = True
+    block_size: int
+    bits: int
+    index_bits: int
+    kept_per_block: int
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    def _layout(self, numel: int) -> tuple[int, int, int]:
+        """Blocks, bytes of the packed positions, bytes of the packed codes."""
+        blocks = -(-numel // self.block_size)
+        kept = blocks * self.kept_per_block
+        return blocks, -(-kept * self.index_bits // 8), -(-kept * self.bits // 8)
+
+    def payload_bytes(self, numel: int) -> int:
+        blocks, index_bytes, code_bytes = self._layout(_check_numel(numel))
+        return index_bytes + code_bytes + 4 * blocks if blocks else 0
+
+    def _pack(self, x: Tensor, positions: Tensor, kept: Tensor) -> Tensor:
+        """The payload of the values ``kept`` (``blocks × kept_per_block``) at ``positions`` (as many) of input ``x``
+        (read only to name a NaN/Inf, which is among the kept values when present)."""
+        largest = kept.abs().amax(dim=1, keepdim=True)
+        if not bool(torch.isfinite(largest).all()):  # the one host sync of encode
+            check_finite(x, f"{self.name} encode input")
+        span = self.levels - 1
+        scaled = torch.where(largest > 0, kept / largest.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        codes = ((scaled * span + span) / 2).round_().clamp_(0, span).to(torch.uint8)
+        return torch.cat([_pack_bits(positions.reshape(-1), self.index_bits), _pack_bits(codes.reshape(-1), self.bits),
+                          largest.reshape(-1).view(torch.uint8)])
+
+    def _unpack(self, payload: Tensor, numel: int) -> tuple[Tensor, Tensor]:
+        """Positions (int64) and decoded values (fp32) of a checked payload, both ``blocks × kept_per_block``."""
+        blocks, index_bytes, code_bytes = self._layout(numel)
+        kept = blocks * self.kept_per_block
+        positions = _unpack_bits(payload[:index_bytes], self.index_bits, kept).view(blocks, -1)
+        codes = _unpack_bits(payload[index_bytes:index_bytes + code_bytes], self.bits, kept).view(blocks, -1)
+        largest = payload[index_bytes + code_bytes:].clone().view(torch.float32).view(blocks, 1)
+        span = self.levels - 1
+        return positions, (2 * codes - span).to(torch.float32).div_(span).mul_(largest)
+
+
+class TopKCodec(BlockSparseCodec):
+    """The ``k`` largest magnitudes of every chunk of ``block_size`` values, with ``bits``-bit values (module docstring)."""
 
     def __init__(self, block_size: int = 4096, k: int = 64, bits: int = 2, mean_k: int | None = None) -> None:
         for name, value in (("block_size", block_size), ("k", k), ("bits", bits),
@@ -67,7 +114,7 @@ class TopKCodec(Codec):
         self.block_size, self.k, self.bits = block_size, k, bits
         self.mean_k = k if mean_k is None else mean_k
         self.index_bits = max(1, math.ceil(math.log2(block_size)))
-        self.levels = 2**bits
+        self.kept_per_block = k
         self.name = "topk"
         self._mean_codec = self if self.mean_k == k else TopKCodec(block_size, self.mean_k, bits)
 
@@ -79,16 +126,6 @@ class TopKCodec(Codec):
     def mean_codec(self) -> TopKCodec:
         """This codec with ``k = mean_k`` (itself when they are equal), built once."""
         return self._mean_codec
-
-    def _layout(self, numel: int) -> tuple[int, int, int]:
-        """Chunks, bytes of the packed positions, bytes of the packed codes."""
-        chunks = -(-numel // self.block_size)
-        kept = chunks * self.k
-        return chunks, -(-kept * self.index_bits // 8), -(-kept * self.bits // 8)
-
-    def payload_bytes(self, numel: int) -> int:
-        chunks, index_bytes, code_bytes = self._layout(_check_numel(numel))
-        return index_bytes + code_bytes + 4 * chunks if chunks else 0
 
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -106,14 +143,7 @@ class TopKCodec(Codec):
             torch.topk(magnitudes, self.k, dim=1, sorted=False,
                        out=(kept[start:stop].view(torch.int32), positions[start:stop]))
             torch.gather(rows, 1, positions[start:stop], out=kept[start:stop])
-        largest = kept.abs().amax(dim=1, keepdim=True)
-        if not bool(torch.isfinite(largest).all()):  # the one host sync of encode: NaN/Inf are among the largest
-            check_finite(x, f"{self.name} encode input")
-        span = self.levels - 1
-        scaled = torch.where(largest > 0, kept / largest.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        codes = ((scaled * span + span) / 2).round_().clamp_(0, span).to(torch.uint8)
-        return torch.cat([_pack_bits(positions.reshape(-1), self.index_bits), _pack_bits(codes.reshape(-1), self.bits),
-                          largest.reshape(-1).view(torch.uint8)])
+        return self._pack(x, positions, kept)
 
     def _row_groups(self, x: Tensor) -> Iterator[tuple[int, Tensor]]:
         """``x`` as ``(first chunk, chunks × block_size rows)`` pieces of about :data:`GROUP_VALUES` values: views of
@@ -132,18 +162,12 @@ class TopKCodec(Codec):
     def decode(self, payload: Tensor, numel: int, out: Tensor | None = None) -> Tensor:
         numel = self._check_payload(payload, numel)
         out = _check_out(out, numel, payload.device, self.name)
-        chunks, index_bytes, code_bytes = self._layout(numel)
-        kept = chunks * self.k
-        positions = _unpack_bits(payload[:index_bytes], self.index_bits, kept).view(chunks, self.k)
-        codes = _unpack_bits(payload[index_bytes:index_bytes + code_bytes], self.bits, kept).view(chunks, self.k)
-        largest = payload[index_bytes + code_bytes:].clone().view(torch.float32).view(chunks, 1)
-        span = self.levels - 1
-        values = (2 * codes - span).to(torch.float32).div_(span).mul_(largest)
+        positions, values = self._unpack(payload, numel)
         block, whole = self.block_size, numel // self.block_size
         out.zero_()
         if whole:
             out[:whole * block].view(whole, block).scatter_(1, positions[:whole], values[:whole])
-        if whole < chunks:  # the last chunk was padded: positions past the end held zeros and are dropped
+        if whole < positions.shape[0]:  # the last chunk was padded: positions past the end held zeros and are dropped
             inside = positions[whole] < numel - whole * block
             out[whole * block:].scatter_(0, positions[whole][inside], values[whole][inside])
         return out
