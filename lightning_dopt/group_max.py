@@ -112,7 +112,8 @@ class GroupMaxCodec(BlockSparseCodec):
         whole = numel // self.group  # groups entirely inside the input
         out.zero_()
         out[:whole * self.group].view(whole, self.group).scatter_(1, positions[:whole], values[:whole])
-        if tail := numel - whole * self.group:  # the group the input ends in; positions past the end held zeros
-            if (position := int(positions[whole])) < tail:
-                out[whole * self.group + position] = values[whole, 0]
+        if tail := numel - whole * self.group:  # the group the input ends in, decoded whole (no host sync), cut
+            last = torch.zeros(self.group, dtype=torch.float32, device=out.device).scatter_(0, positions[whole],
+                                                                                            values[whole])
+            out[whole * self.group:] = last[:tail]
         return out

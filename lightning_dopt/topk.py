@@ -41,7 +41,7 @@ from torch import Tensor
 from lightning_dopt.compress import Codec, _check_encode_input, _check_generator, _check_out, _check_numel, check_finite
 
 LEVEL_BITS = (1, 2, 4, 8)
-"""Bits per kept value that :class:`TopKCodec` accepts."""
+"""Bits per kept value that the sparse codecs (:class:`TopKCodec`, ``GroupMaxCodec``) accept."""
 GROUP_VALUES = 1 << 19
 """Values per piece that encode selects from at a time (about 2 MB of fp32)."""
 
@@ -187,9 +187,9 @@ def _pack_bits(values: Tensor, bits: int) -> Tensor:
     """Non-negative integers below ``2^bits`` -> ``ceil(len·bits / 8)`` bytes, least significant bit first.
 
     Widths dividing 8 are or-ed into their bytes in uint8 (:func:`_pack_bits_bytewise`). Other widths: consecutive
-    values are packed ``lcm(bits, 8) / bits`` at a time into one int64 word, which is cut into its little-endian
-    bytes. Either way the same byte stream as concatenating every value's bits (:func:`_pack_bits_stream`, used when a
-    group exceeds :data:`WORD_BITS`: odd ``bits`` above 8), with one int64 per value instead of one per bit."""
+    values are packed ``lcm(bits, 8) / bits`` at a time into one int64 word (one int64 per value instead of one per
+    bit), which is cut into its little-endian bytes. Either way the same byte stream as concatenating every value's
+    bits (:func:`_pack_bits_stream`, used when a group exceeds :data:`WORD_BITS`: odd ``bits`` above 8)."""
     if 8 % bits == 0:
         return _pack_bits_bytewise(values, bits)
     group, group_bytes = _byte_group(bits)
