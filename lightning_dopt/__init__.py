@@ -23,6 +23,6 @@ if SimulatedStrategy.strategy_name not in StrategyRegistry:
     SimulatedStrategy.register_strategies(StrategyRegistry)
 
 __version__ = "0.1.0"
-__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "Engine", "GossipLocalStrategy", "GroupMaxCodec", "InProcessCommunicator",
-           "InProcessGroup", "NonFiniteReplicaError", "Options", "PeerFailure", "SimulatedStrategy", "TOPOLOGIES",
-           "TopKCodec", "make_codec", "sidecar_path", "__version__"]
+__all__ = ["CODECS", "Codec", "CommStats", "EVAL_MODELS", "Engine", "GossipLocalStrategy", "GroupMaxCodec",
+           "InProcessCommunicator", "InProcessGroup", "NonFiniteReplicaError", "Options", "PeerFailure",
+           "SimulatedStrategy", "TOPOLOGIES", "TopKCodec", "make_codec", "sidecar_path", "__version__"]

@@ -71,11 +71,6 @@ class GroupMaxCodec(BlockSparseCodec):
         mean = f", mean_group={self.mean_group}" if self.mean_group != self.group else ""
         return f"GroupMaxCodec(group={self.group}, bits={self.bits}, block_size={self.block_size}{mean})"
 
-    @property
-    def mean_codec(self) -> GroupMaxCodec:
-        """This codec with ``group = mean_group`` (itself when they are equal), built once."""
-        return self._mean_codec
-
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``generator`` is accepted for a uniform interface and ignored (the codec is deterministic)."""

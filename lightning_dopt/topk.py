@@ -59,9 +59,17 @@ class BlockSparseCodec(Codec):
     index_bits: int
     kept_per_block: int
 
+    _mean_codec: BlockSparseCodec
+
     @property
     def levels(self) -> int:
         return 2**self.bits
+
+    @property
+    def mean_codec(self) -> BlockSparseCodec:
+        """The codec of the owners' means: this one with more values kept (``mean_k``, ``mean_group``), or itself;
+        built once by the subclass."""
+        return self._mean_codec
 
     def _layout(self, numel: int) -> tuple[int, int, int]:
         """Blocks, bytes of the packed positions, bytes of the packed codes."""
@@ -121,11 +129,6 @@ class TopKCodec(BlockSparseCodec):
     def __repr__(self) -> str:
         mean = f", mean_k={self.mean_k}" if self.mean_k != self.k else ""
         return f"TopKCodec(block_size={self.block_size}, k={self.k}, bits={self.bits}{mean})"
-
-    @property
-    def mean_codec(self) -> TopKCodec:
-        """This codec with ``k = mean_k`` (itself when they are equal), built once."""
-        return self._mean_codec
 
     @torch.no_grad()
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
